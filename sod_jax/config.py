@@ -1,0 +1,515 @@
+"""Typed configuration tree: YAML files, dotted overrides, validation.
+
+The tree is a set of frozen-free dataclasses, one per section (``model``, ``teacher``, ``data``,
+``rollout``, ``tool``, ``sandbox``, ``reward``, ``algo``, ``optim``, ``train``, ``mesh``,
+``checkpoint``, ``logging``, ``eval``). Every field has a default reproducing the paper's SOD run
+(DESIGN §1.1) and a help string; ``python -m sod_jax.config`` prints the reference.
+
+Loading order: defaults <- YAML file(s) <- ``section.key=value`` overrides. Any unknown key, wrong
+type or impossible combination raises :class:`ConfigError` whose message names the key, where it
+came from (file or command line) and, for unknown keys, the nearest valid key.
+
+This module is a leaf: it imports nothing from the rest of ``sod_jax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best in the field list
+    """A dataclass field with a default and a help string (lists/dicts get a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The student policy."""
+
+    path: Optional[str] = _f(None, "HF checkpoint directory (or Hub id when online) of the cold-start SFT student.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of activations and matmuls.")
+    param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of the master weights.")
+    scan_layers: bool = _f(True, "Run the decoder layers with lax.scan over stacked weights (flat compile time).")
+    remat: Literal["none", "full", "dots"] = _f("full", "Rematerialisation per layer in the backward pass: none, full, or save only matmul outputs (dots).")
+    logprob_chunk: int = _f(1024, "Sequence chunk for sampled-token log-probs; never materialises [B, T, V].")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher used by opd / sod / gated_opd."""
+
+    path: Optional[str] = _f(None, "HF checkpoint directory of the teacher (the paper: a GRPO-trained Qwen3-4B).")
+    param_dtype: Literal["float32", "bfloat16"] = _f("bfloat16", "Dtype the frozen teacher weights are stored in.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of the teacher forward pass.")
+
+
+@dataclass
+class DataConfig:
+    """Prompt data (parquet/jsonl)."""
+
+    train_files: list[str] = _f([], "RL training parquet/jsonl files (Open-AgentRL-30K style rows).")
+    val_files: list[str] = _f([], "Validation files (Open-AgentRL-Eval style rows).")
+    prompt_key: str = _f("prompt", "Column holding the chat messages of the prompt.")
+    max_prompt_length: int = _f(2560, "Prompts longer than this many tokens are dropped (counted in metrics).")
+    prompt_templates: Optional[str] = _f(None, "YAML file of per-data_source prompt templates (None: use the rows as given).")
+    shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
+    seed: int = _f(0, "Seed of the data order.")
+    worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
+
+
+@dataclass
+class RolloutConfig:
+    """The slot sampler that produces trajectories."""
+
+    n: int = _f(16, "Rollouts per prompt (the GRPO group size).")
+    temperature: float = _f(1.0, "Sampling temperature for training rollouts.")
+    top_p: float = _f(1.0, "Nucleus mass for training rollouts (1.0: off).")
+    top_k: int = _f(-1, "Top-k for training rollouts (-1: off).")
+    max_response_length: int = _f(20480, "Response budget per trajectory: assistant plus tool tokens.")
+    max_assistant_turns: int = _f(16, "Assistant turns per trajectory.")
+    enable_thinking: bool = _f(True, "Render prompts with Qwen3 thinking mode on.")
+    num_slots: int = _f(256, "Concurrent decode slots (each holds one trajectory's KV cache).")
+    decode_steps: int = _f(32, "Tokens generated per slot per device call.")
+    prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
+    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: no check).")
+    stop_strings: list[str] = _f([], "Extra strings that end an assistant turn.")
+    val_n: int = _f(32, "Samples per prompt at validation (avg@32).")
+    val_temperature: float = _f(1.0, "Validation temperature.")
+    val_top_p: float = _f(0.6, "Validation nucleus mass.")
+
+
+@dataclass
+class ToolConfig:
+    """How tool calls are parsed, executed and shown back to the model."""
+
+    name: str = _f("code_interpreter", "The one tool the agent may call.")
+    extract_code_block: bool = _f(True, "Run the first fenced python block when the argument contains one.")
+    print_last_expression: bool = _f(True, "Print the value of a final top-level expression (decided with ast).")
+    max_output_chars: int = _f(256, "Tool text kept per call: head and tail around a truncation marker.")
+    max_parallel_calls: int = _f(1, "Tool calls executed per assistant turn; the rest are reported as not executed.")
+    on_parse_error: Literal["observe", "end"] = _f("observe", "Malformed call: feed an error observation (observe) or end the episode like the reference (end).")
+
+
+@dataclass
+class SandboxConfig:
+    """Where model-written code runs."""
+
+    backend: Literal["local", "fusion"] = _f("local", "local: isolated worker pool; fusion: SandboxFusion-compatible HTTP server.")
+    url: str = _f("http://127.0.0.1:8080", "Base URL of the fusion server.")
+    workers: int = _f(8, "Local executor worker processes.")
+    max_concurrency: int = _f(64, "Global bound on sandbox calls in flight.")
+    run_timeout: float = _f(10.0, "Wall-clock seconds per execution.")
+    memory_limit_mb: int = _f(1024, "Address-space limit per execution.")
+    retries: int = _f(3, "fusion: retries on connection errors, 429 and 5xx (never on other 4xx).")
+    allow_unconfined: bool = _f(False, "Run without isolation when no mechanism works (unsafe: only for trusted code).")
+
+
+@dataclass
+class RewardConfig:
+    """Outcome rewards."""
+
+    overlong_buffer: bool = _f(True, "Apply the DAPO overlong penalty.")
+    overlong_buffer_len: int = _f(1024, "Penalty ramp length: expected = max_response_length - buffer.")
+    overlong_penalty_factor: float = _f(1.0, "Scale of the overlong penalty.")
+    math_verify: bool = _f(False, "Use math_verify equivalence instead of strict last-\\boxed{} match.")
+    workers: int = _f(8, "Reward process-pool size.")
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage mode and PPO loss (DESIGN §1.1-1.2)."""
+
+    name: Literal["grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint"] = _f("sod", "Advantage mode.")
+    grpo_term: bool = _f(True, "opd/sod: include the GRPO outcome advantage (false: pure OPD).")
+    opd_coef: float = _f(1.0, "c: scale of the distillation term.")
+    eps: float = _f(1e-6, "SOD: epsilon in (d_1+eps)/(d_k+eps).")
+    delta: float = _f(0.2, "SOD: step weights are clipped to 1+delta.")
+    adv_eps: float = _f(1e-6, "GRPO: added to the group std.")
+    clip_low: float = _f(0.2, "PPO ratio clip below 1.")
+    clip_high: float = _f(0.28, "PPO ratio clip above 1 (clip-higher).")
+    dual_clip: float = _f(3.0, "Dual-clip bound for negative advantages (0: off).")
+    log_ratio_clamp: float = _f(20.0, "log(ratio) is clamped to +-this before exp.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = _f("token-mean", "Loss aggregation over the mini-batch.")
+    beta_min: float = _f(0.0, "gated_opd: smallest distillation weight.")
+    beta_max: float = _f(1.0, "gated_opd: largest distillation weight.")
+    gamma: float = _f(1.0, "gated_opd: sigmoid slope on -A_i.")
+    opsd_template: str = _f("{prompt}\n\nReference: {privileged}", "opsd_*: how privileged text joins the last user message.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = _f(1e-6, "Learning rate.")
+    schedule: Literal["constant", "cosine"] = _f("constant", "Learning-rate schedule after warmup.")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    b1: float = _f(0.9, "Adam beta1.")
+    b2: float = _f(0.999, "Adam beta2.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay.")
+    grad_clip: float = _f(1.0, "Global-norm gradient clip.")
+
+
+@dataclass
+class TrainConfig:
+    """The RL loop."""
+
+    prompts_per_step: int = _f(64, "Prompts per RL step (x rollout.n trajectories).")
+    mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each).")
+    epochs: int = _f(1, "Passes over each step's rollouts.")
+    total_steps: int = _f(1000, "RL steps to run.")
+    seed: int = _f(0, "Seed of sampling and initialisation.")
+    out_dir: str = _f("runs/sod", "Run directory: metrics.jsonl, resolved config, plots, checkpoints.")
+    eval_every: int = _f(0, "Validate every N steps (0: never).")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh (DESIGN §4 Scale-out). -1 fills the remaining devices."""
+
+    data: int = _f(1, "Pure data parallelism (replicated params).")
+    fsdp: int = _f(-1, "Fully sharded data parallelism (params sharded on the embed axis).")
+    tensor: int = _f(1, "Tensor parallelism (heads, mlp and vocab axes).")
+
+
+@dataclass
+class CheckpointConfig:
+    """orbax checkpoints."""
+
+    dir: Optional[str] = _f(None, "Checkpoint directory (None: <train.out_dir>/checkpoints).")
+    save_every: int = _f(50, "Save every N steps.")
+    keep: int = _f(3, "Keep the last N checkpoints.")
+    resume: bool = _f(True, "Resume from the newest checkpoint in dir.")
+    async_save: bool = _f(True, "Save in the background.")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    log_every: int = _f(1, "Log every N steps.")
+    tensorboard: bool = _f(False, "Also write TensorBoard events.")
+    wandb: bool = _f(False, "Also log to Weights & Biases.")
+    project: str = _f("sod_jax", "wandb project.")
+    plots: bool = _f(True, "Write PNG learning curves and step-weight plots.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (avg@k, pass@k, maj@k)."""
+
+    files: list[str] = _f([], "Eval parquet files (Open-AgentRL-Eval rows).")
+    n: int = _f(32, "Samples per prompt.")
+    ks: list[int] = _f([1, 4, 8, 16, 32], "k values reported for pass@k / maj@k.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(0.6, "Nucleus mass.")
+    max_response_length: int = _f(20480, "Response budget per sample.")
+
+
+@dataclass
+class Config:
+    """The whole tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tool: ToolConfig = field(default_factory=ToolConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+TEACHER_MODES = ("opd", "sod", "gated_opd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking and coercion
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats only."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, inner) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    for sec, (_, sec_tp) in _fields(Config).items():
+        keys.append(sec)
+        keys.extend(f"{sec}.{name}" for name in _fields(sec_tp))
+    return keys
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid sections: {', '.join(_fields(Config))}"
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        if len(parts) == 1 and parts[0] in _fields(Config):
+            raise ConfigError(f"config key '{key}' in {source} is a section; set its fields, e.g. '{key}.<field>'")
+        raise _unknown(key, source)
+    sec, name = parts
+    sections = _fields(Config)
+    if sec not in sections:
+        raise _unknown(key, source)
+    sec_obj = getattr(cfg, sec)
+    fields = _fields(type(sec_obj))
+    if name not in fields:
+        raise _unknown(key, source)
+    tp = fields[name][1]
+    try:
+        setattr(sec_obj, name, _coerce(value, tp))
+    except TypeError:
+        raise ConfigError(
+            f"config key '{key}' in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _apply_mapping(cfg: Config, data: Any, source: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections, got {type(data).__name__}")
+    for sec, body in data.items():
+        if sec not in _fields(Config):
+            raise _unknown(str(sec), source)
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section '{sec}' in {source} must be a mapping of fields, got {body!r}")
+        for name, value in body.items():
+            _set(cfg, f"{sec}.{name}", value, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (``0.5``, ``true``, ``[1, 2]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' (command line) must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file(s) in order <- dotted overrides; then :func:`validate`."""
+    cfg = Config()
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        _apply_mapping(cfg, data, f"file '{p}'")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(cfg, key, value, f"override '{text}' (command line)")
+    sources = [f"file '{p}'" for p in paths] + (["command-line overrides"] if overrides else [])
+    validate(cfg, " + ".join(sources) or "defaults")
+    return cfg
+
+
+def from_dict(data: dict, source: str = "dict") -> Config:
+    """Build and validate a Config from a nested mapping (e.g. a saved resolved config)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Reject values and combinations that cannot run; each message names the key(s) and ``source``."""
+    problems = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    a, r, t = cfg.algo, cfg.rollout, cfg.train
+    need(not (a.name in TEACHER_MODES and not cfg.teacher.path),
+         f"algo.name={a.name} needs a teacher: set teacher.path (or use algo.name=grpo / opsd_gt / opsd_hint)")
+    need(a.eps > 0, f"algo.eps must be > 0, got {a.eps}")
+    need(a.delta >= 0, f"algo.delta must be >= 0, got {a.delta}")
+    need(0 <= a.clip_low < 1, f"algo.clip_low must be in [0, 1), got {a.clip_low}")
+    need(a.clip_high >= 0, f"algo.clip_high must be >= 0, got {a.clip_high}")
+    need(a.dual_clip == 0 or a.dual_clip > 1, f"algo.dual_clip must be 0 (off) or > 1, got {a.dual_clip}")
+    need(a.beta_min <= a.beta_max, f"algo.beta_min ({a.beta_min}) must be <= algo.beta_max ({a.beta_max})")
+    need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
+    need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
+    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    need(r.top_k == -1 or r.top_k >= 1, f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}")
+    need(r.max_response_length >= 1, f"rollout.max_response_length must be >= 1, got {r.max_response_length}")
+    need(r.max_assistant_turns >= 1, f"rollout.max_assistant_turns must be >= 1, got {r.max_assistant_turns}")
+    need(r.num_slots >= 1, f"rollout.num_slots must be >= 1, got {r.num_slots}")
+    need(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}")
+    need(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
+         f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches})")
+    need(cfg.model.logprob_chunk >= 1, f"model.logprob_chunk must be >= 1, got {cfg.model.logprob_chunk}")
+    need(cfg.reward.overlong_buffer_len < r.max_response_length,
+         f"reward.overlong_buffer_len ({cfg.reward.overlong_buffer_len}) must be < rollout.max_response_length ({r.max_response_length})")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        need(v == -1 or v >= 1, f"mesh.{name} must be -1 (fill) or >= 1, got {v}")
+    need([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "at most one of mesh.data/fsdp/tensor may be -1")
+    need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
+    need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
+    need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    if problems:
+        raise ConfigError(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
+
+
+def reference_markdown() -> str:
+    """The config reference (one table per section) for the README."""
+    lines = []
+    for sec, (_, sec_tp) in _fields(Config).items():
+        lines.append(f"**`{sec}`**: {sec_tp.__doc__.strip()}\n")
+        lines.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for name, (f, tp) in _fields(sec_tp).items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{sec}.{name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def add_config_args(parser) -> None:
+    """Standard ``--config FILE [key=value ...] [--print-config]`` arguments for a CLI."""
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file (repeatable; later files override earlier ones).")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="Dotted overrides applied after the files, e.g. algo.delta=0.5 mesh.fsdp=4.")
+    parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
+
+
+def config_from_args(args) -> Config:
+    """Resolve a Config from parsed :func:`add_config_args` arguments; exits with the message on error."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sod_jax.config",
+        description="Resolve and print a sod_jax config, or print the reference of every key.")
+    add_config_args(parser)
+    parser.add_argument("--reference", action="store_true", help="Print the markdown reference of every key.")
+    args = parser.parse_args(argv)
+    if args.reference:
+        print(reference_markdown())
+        return
+    args.print_config = True
+    config_from_args(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Device mesh, logical-axis sharding rules, and placement helpers.
+
+Mesh axes: ``data`` (replicated params, split batch), ``fsdp`` (params sharded on their ``embed``
+axis, batch split too) and ``tensor`` (heads, mlp and vocab axes split). Parameters name their
+dimensions with logical axes (``("layers", "embed", "heads", "head_dim")``); :data:`DEFAULT_RULES`
+map each logical name to mesh axes. A mesh axis that does not divide a dimension (e.g. 1 kv head
+over tensor=2) is dropped for that dimension, so any model runs on any mesh, just less sharded.
+
+Activation constraints (:func:`constrain`) apply only inside ``with use_mesh(mesh):``; elsewhere
+they are no-ops, so model code runs unchanged on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+AxisRule = tuple[str, Union[None, str, tuple[str, ...]]]
+
+DEFAULT_RULES: tuple[AxisRule, ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("seq", None),
+)
+
+_CURRENT: list[tuple[Mesh, tuple[AxisRule, ...]]] = []
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """Fill the one ``-1`` entry so that data * fsdp * tensor == n_devices; explain any mismatch."""
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one of mesh.data/fsdp/tensor may be -1")
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh: {n_devices} devices cannot be split with "
+                             f"data={data}, fsdp={fsdp}, tensor={tensor} (product of the fixed axes {known} "
+                             f"does not divide {n_devices})")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {n_devices} devices are available; "
+                         "set one of mesh.data/fsdp/tensor to -1 to fill")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all). ``tensor`` is innermost so
+    tensor-parallel collectives stay within the fastest links."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """Build the mesh of a :class:`sod_jax.config.MeshConfig`."""
+    return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices)
+
+
+def logical_to_spec(
+    axes: Sequence[Optional[str]],
+    shape: Optional[Sequence[int]] = None,
+    mesh: Optional[Mesh] = None,
+    rules: Sequence[AxisRule] = DEFAULT_RULES,
+) -> P:
+    """PartitionSpec of a tensor whose dims are named ``axes``.
+
+    With ``shape`` and ``mesh``, a mesh axis is kept for a dimension only if the dimension's size is
+    divisible by it; a mesh axis is never used twice, and size-1 mesh axes are dropped.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(axes):
+        target = table.get(name) if name is not None else None
+        mesh_axes = [] if target is None else ([target] if isinstance(target, str) else list(target))
+        kept = []
+        for ax in mesh_axes:
+            if ax in used:
+                continue
+            if mesh is not None:
+                size = mesh.shape[ax]
+                if size == 1:
+                    continue
+                if shape is not None and shape[i] % (math.prod(mesh.shape[a] for a in kept) * size):
+                    continue
+            kept.append(ax)
+        used.update(kept)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*out)
+
+
+def _logical_axes(var: Any) -> Optional[tuple]:
+    try:
+        return var.get_metadata().get("logical_axes")
+    except AttributeError:
+        return None
+
+
+def param_specs(state: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
+    """Tree of PartitionSpecs matching an nnx ``State`` (variables without axes are replicated)."""
+    from flax import nnx
+
+    def spec(var):
+        axes = _logical_axes(var)
+        if axes is None:
+            return P()
+        return logical_to_spec(axes, var.shape, mesh, rules)
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
+    """Tree of NamedShardings matching an nnx ``State``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_module(module: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
+    """Move an nnx module's variables to the shardings their logical axes name (in place)."""
+    from flax import nnx
+
+    state = nnx.state(module)
+    shardings = param_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
+    return module
+
+
+def batch_spec(ndim: int, rules: Sequence[AxisRule] = DEFAULT_RULES) -> P:
+    """Batch-major arrays: the leading axis is split over the batch mesh axes."""
+    return P(dict(rules)["batch"], *([None] * (ndim - 1)))
+
+
+def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
+    """Place host arrays (a pytree) with their leading axis split over ``data`` x ``fsdp``."""
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, logical_to_spec(("batch",) + (None,) * (np.ndim(a) - 1), np.shape(a), mesh, rules))), x)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Iterator[Mesh]:
+    """Activate ``mesh`` for :func:`constrain` (and as jax's context mesh) inside the block."""
+    _CURRENT.append((mesh, tuple(rules)))
+    try:
+        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+            yield mesh
+    finally:
+        _CURRENT.pop()
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axes under :func:`use_mesh`; identity otherwise."""
+    if not _CURRENT:
+        return x
+    mesh, rules = _CURRENT[-1]
+    spec = logical_to_spec(axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """Multi-controller start-up: ``jax.distributed.initialize`` (TPU pods and SLURM auto-detect
+    their arguments; local multi-process runs pass them). Call before any other JAX work."""
+    if num_processes is not None and num_processes <= 1:
+        return
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+                                     process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
