@@ -52,7 +52,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of the master weights.")
     scan_layers: bool = _f(True, "Run the decoder layers with lax.scan over stacked weights (flat compile time).")
     remat: Literal["none", "full", "dots"] = _f("full", "Rematerialisation per layer in the backward pass: none, full, or save only matmul outputs (dots).")
-    logprob_chunk: int = _f(1024, "Sequence chunk for sampled-token log-probs; never materialises [B, T, V].")
+    logprob_chunk: int = _f(256, "Sequence chunk for sampled-token log-probs; never materialises [B, T, V].")
 
 
 @dataclass

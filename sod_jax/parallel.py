@@ -153,11 +153,10 @@ def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Iterator[Mesh]:
-    """Activate ``mesh`` for :func:`constrain` (and as jax's context mesh) inside the block."""
+    """Activate ``mesh`` for :func:`constrain` inside the block (also valid while tracing under jit)."""
     _CURRENT.append((mesh, tuple(rules)))
     try:
-        with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
-            yield mesh
+        yield mesh
     finally:
         _CURRENT.pop()
 

@@ -34,7 +34,7 @@ def token_logprobs_and_entropy(
     hidden: jax.Array,  # [B, T, D]
     lm_head: jax.Array,  # [D, V]
     targets: jax.Array,  # [B, T] int
-    chunk: int = 512,
+    chunk: int = 256,
     with_entropy: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """(log p(targets) ``[B, T]``, entropy of the full distribution ``[B, T]``), both fp32."""
@@ -59,7 +59,7 @@ def token_logprobs(
     hidden: jax.Array,  # [B, T, D]
     lm_head: jax.Array,  # [D, V]
     targets: jax.Array,  # [B, T] int
-    chunk: int = 512,
+    chunk: int = 256,
 ) -> jax.Array:
     """log p(targets) ``[B, T]`` (fp32) without ever building ``[B, T, V]``; differentiable."""
     return token_logprobs_and_entropy(hidden, lm_head, targets, chunk=chunk, with_entropy=False)[0]

@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **runtime: Any) -> Qwen3Config:
-    """:class:`Qwen3Config` of a named preset; ``runtime`` sets dtype, scan_layers, remat, ..."""
+    """:class:`Qwen3Config` of a named preset; keyword arguments override any field (dtype, layers, ...)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset '{name}'; known: {', '.join(PRESETS)}")
-    return Qwen3Config(**PRESETS[name], **runtime)
+    return Qwen3Config(**{**PRESETS[name], **runtime})
