@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_QWEN3 = REPO.parent / "shared" / "reference" / "qwen3"
+# Qwen3 facts (the real tokenizer_config.json with its chat template, config presets), kept with the tests.
+QWEN3_FACTS = REPO / "tests" / "fixtures" / "qwen3"
 
 # Tiny Qwen3 architectures covering tied/untied heads, GQA ratios 1/2/4, head_dim != hidden/heads
 # and two rope_theta values.
@@ -90,7 +91,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 600) -> Path:
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED])
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    template = json.loads((SHARED_QWEN3 / "tokenizer_config.json").read_text())["chat_template"]
+    template = json.loads((QWEN3_FACTS / "tokenizer_config.json").read_text())["chat_template"]
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
             "bos_token": None, "unk_token": None, "add_bos_token": False, "clean_up_tokenization_spaces": False,
             "model_max_length": 131072, "chat_template": template}

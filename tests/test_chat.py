@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from conftest import SHARED_QWEN3
+from conftest import QWEN3_FACTS
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTemplate, ChatTokenizer, load_template_source, parse_tool_calls
 
 
@@ -61,7 +61,7 @@ def test_enable_thinking_false_adds_empty_think_block(ours):
 
 
 def test_real_qwen3_tokenizer_config_template(theirs):
-    source = load_template_source(SHARED_QWEN3 / "tokenizer_config.json")
+    source = load_template_source(QWEN3_FACTS / "tokenizer_config.json")
     tmpl = ChatTemplate(source, {"eos_token": "<|im_end|>"})
     for msgs, tools in ((PLAIN, None), (TOOLS_MULTI, [CODE_INTERPRETER_TOOL])):
         assert tmpl.render(msgs, tools, True) == theirs.apply_chat_template(
