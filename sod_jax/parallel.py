@@ -112,14 +112,13 @@ def _logical_axes(var: Any) -> Optional[tuple]:
 
 
 def param_specs(state: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
-    """Tree of PartitionSpecs matching an nnx ``State`` (variables without axes are replicated)."""
+    """PartitionSpecs for an nnx ``State``, with the same tree structure (each Variable holds its spec;
+    variables without logical axes are replicated)."""
     from flax import nnx
 
     def spec(var):
         axes = _logical_axes(var)
-        if axes is None:
-            return P()
-        return logical_to_spec(axes, var.shape, mesh, rules)
+        return var.replace(P() if axes is None else logical_to_spec(axes, var.shape, mesh, rules))
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -54,7 +54,14 @@ def ppo_token_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, clip_lo
 def ppo_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Array, *, clip_low: float = 0.2,
              clip_high: float = 0.28, dual_clip: float = 3.0, log_ratio_clamp: float = 20.0,
              loss_agg: str = "token-mean") -> tuple[jax.Array, dict]:
-    """Scalar PPO loss over masked tokens and its diagnostics. All inputs ``[B, T]``."""
+    """Scalar PPO loss over masked tokens and its diagnostics. All inputs ``[B, T]``.
+
+    Off-mask entries of ``old_logp`` and ``adv`` are replaced before use (not just masked after): a
+    NaN or inf there would otherwise leak into the gradient through ``where``'s unselected branch.
+    """
+    on = mask > 0
+    old_logp = jnp.where(on, old_logp, 0.0)
+    adv = jnp.where(on, adv, 0.0)
     loss_tok, ratio, took_clip, took_dual = ppo_token_loss(logp, old_logp, adv, clip_low, clip_high, dual_clip,
                                                            log_ratio_clamp)
     loss = aggregate(loss_tok, mask, loss_agg)
