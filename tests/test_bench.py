@@ -15,3 +15,20 @@ def test_bench_memory_prints_json_lines():
         assert (r["T"], r["V"]) == (8192, 151936)
         assert r["ours_over_one_fp32_TxV"] < 1 / 8
         assert r["ratio"] == round(r["ours"] / r["baseline"], 5)
+
+
+def run_bench(*args):
+    out = subprocess.run([sys.executable, "-m", "sod_jax.bench", *args], capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_bench_sod_weights_small():
+    (row,) = run_bench("sod-weights", "--batch", "4", "--seq", "256", "--steps", "3", "--repeats", "2")
+    assert row["bench"] == "sod-weights" and row["ours"] > 0 and row["baseline"] > 0
+    assert abs(row["ratio"] - row["ours"] / row["baseline"]) < 0.05 * row["ratio"] + 0.1
+
+
+def test_bench_train_step_small():
+    (row,) = run_bench("train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1")
+    assert row["bench"] == "train-step" and row["unit"] == "tokens/s"
+    assert row["ours"] > 0 and row["baseline"] > 0 and 0 < row["mfu"] and row["update_gflop"] > 0
