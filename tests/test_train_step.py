@@ -218,3 +218,26 @@ def test_distillation_reduces_reverse_kl(mode):
         assert int(met["skipped_updates"]) == 0
     kl1 = measured_kl(params)
     assert kl1 < 0.7 * kl0, (kl0, kl1)
+
+
+def test_opsd_teacher_is_the_student_on_a_privileged_context():
+    from sod_jax.algo.losses import masked_mean
+    from sod_jax.train_step import sequence_logprobs
+
+    update, graph, params, _, _, opt = setup("opsd_gt", mini_batches=2)
+    B, P = 8, 5
+    ids = random_ids(B)
+    priv = np.random.RandomState(7).randint(3, 32, (B, P))
+    t_ids = np.concatenate([priv, ids], axis=1)
+    batch = make_batch(ids, np.zeros(B), np.repeat(np.arange(4), 2))._replace(
+        teacher_input_ids=jnp.asarray(t_ids), teacher_attention_mask=jnp.ones((B, L + P), jnp.int32),
+        teacher_positions=jnp.broadcast_to(jnp.arange(L + P), (B, L + P)),
+        teacher_index=jnp.broadcast_to(jnp.arange(L) + P, (B, L)))
+    s, _ = sequence_logprobs(graph, params, batch.input_ids, batch.positions, batch.attention_mask, 16)
+    q, _ = sequence_logprobs(graph, params, batch.teacher_input_ids, batch.teacher_positions,
+                             batch.teacher_attention_mask, 16)
+    m = batch.response_mask
+    expected = float(masked_mean(s - q[:, P:], m))
+    _, _, met = update(params, opt, None, batch)  # no separate teacher params: the student teaches
+    assert abs(expected) > 1e-3  # the privileged prefix really changes the log-probs
+    np.testing.assert_allclose(float(met["kl_k1"]), expected, rtol=1e-4)
