@@ -122,14 +122,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     a query row with no visible key (padding) gets a uniform, finite distribution.
     """
     B, T, N, H = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (H**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.float32(-1e30))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(B, T, N, H)
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    # Heads-major layout with the G query heads of a kv head folded into the row axis: two plain
+    # batched matmuls [B*K] x [G*T, H] x [H, S] (XLA:CPU runs this ~1.7x faster than a 5-D einsum).
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    scores = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * (H**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.float32(-1e30))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, vt)
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def layer_qkv(cfg: Qwen3Config, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array):
