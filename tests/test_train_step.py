@@ -241,3 +241,11 @@ def test_opsd_teacher_is_the_student_on_a_privileged_context():
     _, _, met = update(params, opt, None, batch)  # no separate teacher params: the student teaches
     assert abs(expected) > 1e-3  # the privileged prefix really changes the log-probs
     np.testing.assert_allclose(float(met["kl_k1"]), expected, rtol=1e-4)
+
+
+def test_bf16_teacher():
+    t_bf16 = dataclasses.replace(TEACHER, param_dtype="bfloat16", dtype="bfloat16")
+    update, _, params, _, t_params, opt = setup("sod", teacher=t_bf16)
+    assert t_params["embed"][...].dtype == jnp.bfloat16
+    _, _, met = update(params, opt, t_params, make_batch(random_ids(8), np.zeros(8), np.repeat(np.arange(4), 2)))
+    assert int(met["skipped_updates"]) == 0 and np.isfinite(float(met["kl_k3"])) and float(met["kl_k3"]) > 0
