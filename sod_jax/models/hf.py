@@ -388,26 +388,25 @@ def save_pretrained(model: Qwen3, path: Union[str, os.PathLike], dtype: Optional
     is_writer = jax.process_index() == 0
     if is_writer:
         root.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    # Bounded host memory: a shard is written to a temporary file as soon as it is full.
+    shard: dict[str, np.ndarray] = {}
     size = 0
-    # Bounded host memory: a shard is flushed to a temporary file as soon as it is full.
     written: list[tuple[str, list[str]]] = []
 
-    def flush(final: bool) -> None:
-        nonlocal size
-        if shards[-1] and is_writer:
+    def flush() -> None:
+        nonlocal shard, size
+        if shard and is_writer:
             tmp = f"shard-{len(written):05d}.tmp"
-            save_file(shards[-1], str(root / tmp), metadata={"format": "pt"})
-            written.append((tmp, list(shards[-1])))
-        shards[-1] = {}
-        size = 0
+            save_file(shard, str(root / tmp), metadata={"format": "pt"})
+            written.append((tmp, list(shard)))
+        shard, size = {}, 0
 
     for name, arr in _hf_tensors(model, np_dtype):
         if size and size + arr.nbytes > max_shard_bytes:
-            flush(False)
-        shards[-1][name] = arr
+            flush()
+        shard[name] = arr
         size += arr.nbytes
-    flush(True)
+    flush()
     if is_writer:
         for stale in list(root.glob("model*.safetensors")) + list(root.glob("model.safetensors.index.json")):
             stale.unlink()
