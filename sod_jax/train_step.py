@@ -76,10 +76,10 @@ class UpdateSpec:
     report_steps: int = 16
 
     @classmethod
-    def from_config(cfg: Any, config: Any) -> "UpdateSpec":
+    def from_config(cls, config: Any) -> "UpdateSpec":
         """From a :class:`sod_jax.config.Config`."""
         a = config.algo
-        return cfg(mode=a.name, grpo_term=a.grpo_term, opd_coef=a.opd_coef, eps=a.eps, delta=a.delta,
+        return cls(mode=a.name, grpo_term=a.grpo_term, opd_coef=a.opd_coef, eps=a.eps, delta=a.delta,
                    adv_eps=a.adv_eps, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
                    log_ratio_clamp=a.log_ratio_clamp, loss_agg=a.loss_agg, beta_min=a.beta_min,
                    beta_max=a.beta_max, gamma=a.gamma, mini_batches=config.train.mini_batches,
@@ -195,8 +195,9 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
             q = jax.lax.stop_gradient(q.astype(jnp.float32))
         # 3) weights and advantages (constants for the whole update).
         groups = grpo_advantages(b.rewards, b.group_ids, spec.num_groups, spec.adv_eps)
-        st = step_stats(old_logp, q if q is not None else old_logp, b.response_mask, spec.eps, spec.delta)
-        adv = token_advantages(spec.mode, groups.advantage, m, old_logp, q, st.weights, grpo_term=spec.grpo_term,
+        st = None if q is None else step_stats(old_logp, q, b.response_mask, spec.eps, spec.delta)
+        adv = token_advantages(spec.mode, groups.advantage, m, old_logp, q, None if st is None else st.weights,
+                               grpo_term=spec.grpo_term,
                                opd_coef=spec.opd_coef, beta_min=spec.beta_min, beta_max=spec.beta_max,
                                gamma=spec.gamma)
 

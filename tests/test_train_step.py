@@ -6,7 +6,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -249,3 +248,19 @@ def test_bf16_teacher():
     assert t_params["embed"][...].dtype == jnp.bfloat16
     _, _, met = update(params, opt, t_params, make_batch(random_ids(8), np.zeros(8), np.repeat(np.arange(4), 2)))
     assert int(met["skipped_updates"]) == 0 and np.isfinite(float(met["kl_k3"])) and float(met["kl_k3"]) > 0
+
+
+def test_update_spec_from_config():
+    from sod_jax.config import load_config
+
+    cfg = load_config(overrides=["teacher.path=/t", "algo.delta=0.5", "train.mini_batches=8", "algo.loss_agg=seq-mean-token-mean"])
+    spec = UpdateSpec.from_config(cfg)
+    assert (spec.mode, spec.delta, spec.mini_batches, spec.num_groups, spec.loss_agg) == (
+        "sod", 0.5, 8, 64, "seq-mean-token-mean")
+    assert spec.needs_teacher and not spec.self_teacher
+
+
+def test_grpo_mode_needs_no_teacher():
+    update, _, params, _, _, opt = setup("grpo")
+    _, _, met = update(params, opt, None, make_batch(random_ids(8), np.arange(8.0), np.repeat(np.arange(4), 2)))
+    assert int(met["skipped_updates"]) == 0 and "kl_k1" not in met

@@ -22,12 +22,12 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sod_jax import parallel
-from sod_jax.models.qwen3 import LAYER_AXES, Qwen3, Qwen3Config, as_dtype
+from sod_jax.models.qwen3 import Qwen3, Qwen3Config, as_dtype
 
 SUPPORTED_MODEL_TYPES = ("qwen3",)
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
