@@ -1,0 +1,160 @@
+"""The slot engine against transformers generate and our own training-path log-probs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from conftest import make_hf_model
+from sod_jax import parallel
+from sod_jax.models import load_pretrained
+from sod_jax.rollout import Engine, EngineError, Request, SamplingParams
+from sod_jax.rollout.engine import kv_cache_bytes
+from sod_jax.train_step import sequence_logprobs
+
+ARCH = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    hf = make_hf_model(seed=11, **ARCH)
+    d = tmp_path_factory.mktemp("engine_model")
+    hf.save_pretrained(d)
+    hf.generation_config.eos_token_id = None  # compare full 64-token continuations
+    return d, hf
+
+
+def prompts(k=5, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(3, 160, n).tolist() for n in (5, 11, 2, 17, 8, 23, 4)[:k]]
+
+
+def hf_greedy(hf, p, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, pad_token_id=0)
+    return out[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("mesh_shape", [None, dict(data=1, fsdp=4, tensor=2)])
+def test_greedy_equals_transformers_with_continuous_batching(ckpt, mesh_shape):
+    path, hf = ckpt
+    mesh = parallel.make_mesh(**mesh_shape) if mesh_shape else None
+    model = load_pretrained(path, mesh=mesh)
+    if mesh is not None:
+        assert model.layers.q[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    engine = Engine(model, num_slots=3, max_len=128, decode_steps=16, prefill_buckets=(8, 16, 32))
+    ps = prompts(7)
+    outs = engine.generate([Request(p, max_new_tokens=64, sampling=SamplingParams(greedy=True), id=i)
+                            for i, p in enumerate(ps)])  # 7 requests, 3 slots: slots are refilled
+    assert [o.request_id for o in outs] == list(range(7))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(hf, p, 64)
+        assert o.finish_reason == "length" and len(o.logprobs) == 64
+
+
+def test_extend_equals_full_prefill(ckpt):
+    path, hf = ckpt
+    model = load_pretrained(path)
+    engine = Engine(model, num_slots=2, max_len=96, decode_steps=8, prefill_buckets=(16, 32))
+    p = prompts(1)[0]
+    prefix = engine.prefill(p)
+    engine.insert(prefix, [1], [SamplingParams(greedy=True)], [jax.random.PRNGKey(0)], [12])
+    generated = [int(engine.state.next_token[1])]
+    while True:
+        tok, _, emitted, active = engine.step(4)
+        generated += tok[emitted[:, 1], 1].tolist()
+        if not active[1]:
+            break
+    assert len(generated) == 12
+    tool = [7, 8, 9, 10, 11]
+    _, _, _, logits = engine.extend(1, tool, budget=5, return_logits=True)
+    full = p + generated + tool
+    np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits), atol=1e-4)
+    with torch.no_grad():
+        ref = hf(torch.tensor([full])).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+    # and decoding continues from the extended cache exactly like a fresh prompt would
+    tok, _, emitted, _ = engine.step(4)
+    cont = tok[emitted[:, 1], 1].tolist()
+    first = int(np.argmax(logits))
+    assert [first] + cont[:-1] == hf_greedy(hf, full, 4)[: len(cont)]
+
+
+def test_sampler_logprobs_equal_training_path(ckpt):
+    path, _ = ckpt
+    model = load_pretrained(path)
+    engine = Engine(model, num_slots=4, max_len=64, decode_steps=8, prefill_buckets=(16,))
+    sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=40)
+    outs = engine.generate([Request(p, max_new_tokens=20, sampling=sp, seed=3, n=2) for p in prompts(3)])
+    graph, params = nnx.split(model)
+    for o in outs:
+        seq = o.prompt_ids + o.token_ids
+        ids = jnp.asarray([seq])
+        lp, _ = sequence_logprobs(graph, params, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 8)
+        np.testing.assert_allclose(np.asarray(lp)[0, len(o.prompt_ids):], o.logprobs, atol=1e-4)
+
+
+def test_same_seed_same_tokens_whatever_the_batch(ckpt):
+    path, _ = ckpt
+    model = load_pretrained(path)
+    sp = SamplingParams(temperature=1.0)
+    target = Request(prompts(1, seed=5)[0], max_new_tokens=24, sampling=sp, seed=42, n=2, id="t")
+    alone = Engine(model, num_slots=4, max_len=64, decode_steps=8).generate([target])
+    others = [Request(p, max_new_tokens=n, sampling=SamplingParams(temperature=0.8, top_p=0.7), seed=i)
+              for i, (p, n) in enumerate(zip(prompts(4, seed=9), (5, 30, 17, 9)))]
+    crowded = Engine(model, num_slots=4, max_len=64, decode_steps=5).generate(others[:3] + [target] + others[3:])
+    mine = [o for o in crowded if o.request_id == "t"]
+    assert [o.token_ids for o in mine] == [o.token_ids for o in alone]
+    assert alone[0].token_ids != alone[1].token_ids  # the two samples differ
+    other_seed = Engine(model, num_slots=4, max_len=64).generate([Request(target.prompt_ids, 24, sp, seed=43)])
+    assert other_seed[0].token_ids != alone[0].token_ids
+
+
+def test_stop_ids_and_budgets(ckpt):
+    path, hf = ckpt
+    model = load_pretrained(path)
+    p = prompts(1)[0]
+    ref = hf_greedy(hf, p, 30)
+    stop = ref[9]
+    first = ref.index(stop)
+    engine = Engine(model, num_slots=2, max_len=64, stop_ids=[stop])
+    out, = engine.generate([Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+    # the slot's cache is the context limit: never generates past it
+    small = Engine(model, num_slots=2, max_len=len(p) + 6)
+    out, = small.generate([Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
+    assert out.token_ids == ref[:6] and out.finish_reason == "context"
+
+
+def test_stop_strings(tokenizer_dir, tmp_path):
+    from sod_jax.chat import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    hf = make_hf_model(seed=2, **dict(ARCH, vocab_size=tok.vocab_size))
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    engine = Engine(model, num_slots=2, max_len=80, tokenizer=tok)
+    p = tok.encode("The answer is")
+    full, = engine.generate([Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True))])
+    stop = full.text[10:13]
+    cut, = engine.generate([Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True), stop_strings=[stop])])
+    assert cut.finish_reason == "stop_string" and stop in cut.text
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+    assert stop not in tok.decode(cut.token_ids[:-1])  # the shortest prefix that contains it
+
+
+def test_bad_requests_are_clear_errors(ckpt):
+    path, _ = ckpt
+    model = load_pretrained(path)
+    engine = Engine(model, num_slots=2, max_len=32)
+    with pytest.raises(EngineError, match="prompt has 40 tokens but a slot holds 32"):
+        engine.generate([Request(list(range(40)))])
+    with pytest.raises(EngineError, match="n=3 samples but there are only 2 decode slots"):
+        engine.generate([Request([1, 2, 3], n=3)])
+    need = kv_cache_bytes(model.config, 64, 4096, jnp.float32)
+    with pytest.raises(EngineError, match="KV cache needs .* but the budget is"):
+        Engine(model, num_slots=64, max_len=4096, kv_budget_bytes=need // 2)
