@@ -32,3 +32,11 @@ def test_bench_train_step_small():
     (row,) = run_bench("train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1")
     assert row["bench"] == "train-step" and row["unit"] == "tokens/s"
     assert row["ours"] > 0 and row["baseline"] > 0 and 0 < row["mfu"] and row["update_gflop"] > 0
+
+
+def test_bench_rollout_small():
+    rows = run_bench("rollout", "--prompts", "3", "--slots", "2", "--new-tokens", "8", "--min-prompt", "4",
+                     "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student")
+    assert [r["mode"] for r in rows] == ["greedy", "sampled"]
+    for r in rows:
+        assert r["bench"] == "rollout" and r["ours"] > 0 and r["baseline"] > 0 and r["new_tokens"] == 8

@@ -12,8 +12,6 @@ quantity the trainer recomputes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -56,25 +54,54 @@ def request_key(seed: int, sample_index: int = 0) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), sample_index)
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def _bisect(lo: jax.Array, hi: jax.Array, keep_lo, iters: int):
+    """Per-slot bisection: ``keep_lo(mid) [S] bool`` says whether ``mid`` may become the new ``lo``."""
+
+    def body(_, c):
+        lo, hi = c
+        mid = 0.5 * (lo + hi)
+        ok = keep_lo(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, iters, body, (lo, hi))
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, iters: int = 32) -> jax.Array:
     """Mask (to NEG_INF) tokens outside top-k, then outside the top-p nucleus of what is left.
 
     ``logits [S, V]`` already temperature-scaled; ``top_k [S]`` (<= 0: off), ``top_p [S]``.
     A token is kept by top-p when the probability mass ranked strictly above it is < p (so the most
-    likely token is always kept), the same rule as HF's TopPLogitsWarper.
+    likely token is always kept), the rule of HF's TopPLogitsWarper; ties at a cutoff are kept.
+
+    Both cutoffs are found by bisection on the logit value (O(V) per iteration, no sort): exact
+    unless two distinct logits are closer than (max - min) / 2**iters.
     """
     V = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)  # [S, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [S, 1]
-    logits = jnp.where(logits < kth, NEG_INF, logits)
-    sorted_desc = jnp.where(jnp.arange(V)[None, :] < k[:, None], sorted_desc, NEG_INF)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_above < top_p[:, None]
-    # smallest kept logit = cutoff; ties with it are kept too
-    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < cutoff, NEG_INF, logits)
+    lo0 = jnp.min(logits, axis=-1) - 1.0
+    hi0 = jnp.max(logits, axis=-1) + 1.0
+
+    def apply_top_k(logits):  # invariant count(l >= lo) >= k > count(l >= hi)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        lo, _ = _bisect(lo0, hi0, lambda t: jnp.sum(logits >= t[:, None], axis=-1) >= k, iters)
+        return jnp.where(logits >= lo[:, None], logits, NEG_INF)
+
+    def apply_top_p(logits):  # invariant mass(l > lo) >= p > mass(l > hi)
+        probs = jax.nn.softmax(logits, axis=-1)
+        mass_above = lambda t: jnp.sum(jnp.where(logits > t[:, None], probs, 0.0), axis=-1)  # noqa: E731
+        lo, hi = _bisect(lo0, hi0, lambda t: mass_above(t) >= top_p, iters)
+        # tokens >= hi are kept; the (tied) boundary tokens in (lo, hi) are kept when the mass above
+        # them, i.e. the mass at >= hi, is still < p.
+        boundary_kept = jnp.sum(jnp.where(logits >= hi[:, None], probs, 0.0), axis=-1) < top_p
+        keep = (logits >= hi[:, None]) | ((logits > lo[:, None]) & boundary_kept[:, None])
+        keep |= (top_p >= 1.0)[:, None]  # p = 1 is off (fp32 mass sums fall short of 1)
+        return jnp.where(keep, logits, NEG_INF)
+
+    # Each filter runs only when some slot uses it (a runtime branch, not a recompile).
+    logits = jax.lax.cond(jnp.any(top_k > 0), apply_top_k, lambda x: x, logits)
+    return jax.lax.cond(jnp.any(top_p < 1.0), apply_top_p, lambda x: x, logits)
+
+
+MODES = ("greedy", "sample", "filter")
 
 
 def sample(
@@ -84,23 +111,36 @@ def sample(
     top_k: jax.Array,  # [S] int
     top_p: jax.Array,  # [S]
     greedy: jax.Array,  # [S] bool
-    use_filters: bool = True,  # static: False skips the sort when no slot uses top-k/top-p
+    mode: str = "filter",  # static: "greedy" (every slot greedy), "sample" (no filters), "filter"
 ) -> tuple[jax.Array, jax.Array]:
-    """Next token ``[S]`` int32 and its raw-policy log-prob ``[S]`` float32."""
+    """Next token ``[S]`` int32 and its raw-policy log-prob ``[S]`` float32.
+
+    Draws by inverse CDF with one uniform per slot (cheaper than Gumbel-max, which needs V random
+    numbers per slot)."""
     logits = logits.astype(jnp.float32)
     raw_logp = jax.nn.log_softmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    if use_filters:
-        scaled = filter_logits(scaled, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    token = jnp.argmax(logits, axis=-1)
+    if mode != "greedy":
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        if mode == "filter":
+            scaled = filter_logits(scaled, top_k, top_p)
+        cdf = jnp.cumsum(jax.nn.softmax(scaled, axis=-1), axis=-1)  # [S, V]
+        u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+        drawn = jnp.sum(cdf <= u[:, None], axis=-1)  # first index whose cdf exceeds u: a positive-mass token
+        token = jnp.where(greedy, token, drawn)
+    token = token.astype(jnp.int32)
     return token, jnp.take_along_axis(raw_logp, token[:, None], axis=-1)[:, 0]
+
+
+def mode_of(params: "SamplingParams") -> str:
+    return "greedy" if params.greedy else ("filter" if params.filters else "sample")
+
+
+def widest_mode(modes) -> str:
+    """The static mode that serves every slot in ``modes``."""
+    return MODES[max((MODES.index(m) for m in modes), default=0)]
 
 
 def token_keys(base_keys: jax.Array, counters: jax.Array) -> jax.Array:
     """Per-slot key for the token each slot is about to generate: ``fold_in(base, counter)``."""
     return jax.vmap(jax.random.fold_in)(base_keys, counters)
-
-
-def any_filters(params: list[Optional[SamplingParams]]) -> bool:
-    return any(p is not None and p.filters for p in params)

@@ -73,7 +73,7 @@ def test_extend_equals_full_prefill(ckpt):
     tool = [7, 8, 9, 10, 11]
     _, _, _, logits = engine.extend(1, tool, budget=5, return_logits=True)
     full = p + generated + tool
-    np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits), atol=1e-4)
+    np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits)[0], atol=1e-4)
     with torch.no_grad():
         ref = hf(torch.tensor([full])).logits[0, -1].numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-4)
@@ -158,3 +158,18 @@ def test_bad_requests_are_clear_errors(ckpt):
     need = kv_cache_bytes(model.config, 64, 4096, jnp.float32)
     with pytest.raises(EngineError, match="KV cache needs .* but the budget is"):
         Engine(model, num_slots=64, max_len=4096, kv_budget_bytes=need // 2)
+
+
+def test_update_params_uses_the_new_arrays(ckpt):
+    path, _ = ckpt
+    model = load_pretrained(path)
+    engine = Engine(model, num_slots=2, max_len=48)
+    req = [Request(prompts(1)[0], 16, SamplingParams(greedy=True))]
+    before = engine.generate(req)[0].token_ids
+    other = load_pretrained(path)
+    other.layers.up[...] = other.layers.up[...] * -1.0  # a different policy
+    engine.update_params(other)
+    after = engine.generate(req)[0].token_ids
+    assert after != before
+    assert after == Engine(other, num_slots=2, max_len=48).generate(req)[0].token_ids
+    assert engine.params["layers"]["up"][...] is nnx.state(other)["layers"]["up"][...]  # no copy
