@@ -6,6 +6,8 @@ speed over the baseline's (higher is better); for ``memory`` it is our bytes ove
 (lower is better).
 
 Benches:
+  sandbox  executions/s and p50/p99 latency of ``print(1)`` at concurrency 8: the isolated local
+           executor and the same behind ``sandbox serve`` over HTTP, against a bare subprocess.
   rollout  generated tokens/s of the slot engine against transformers ``generate`` on the same
            random model (bench-student preset), same prompts, same number of new tokens, greedy and
            sampled (top-p 0.9).
@@ -326,10 +328,99 @@ def bench_rollout(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def bench_sandbox(args: argparse.Namespace) -> list[dict]:
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
+    from sod_jax.sandbox.fusion import FusionSandbox
+
+    N, C = args.runs, args.concurrency
+
+    async def measure(one) -> tuple[float, list[float]]:
+        sem = asyncio.Semaphore(C)
+        lat: list[float] = []
+
+        async def timed():
+            async with sem:
+                t = time.perf_counter()
+                await one()
+                lat.append(time.perf_counter() - t)
+
+        await asyncio.gather(*[timed() for _ in range(min(C, N))])  # warm-up
+        lat.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*[timed() for _ in range(N)])
+        return N / (time.perf_counter() - t0), lat
+
+    async def bare():
+        p = await asyncio.create_subprocess_exec(sys.executable, "-E", "-s", "-B", "-c", "print(1)",
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await p.communicate()
+
+    local = LocalSandbox(LocalSandboxConfig(workers=C))
+
+    async def via_local():
+        r = await local.run(run_request("print(1)"))
+        assert r["status"] == "Success", r
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers",
+                               str(C)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/v1/ping", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    rows = []
+    try:
+        async def run_all():
+            client = FusionSandbox(url, max_concurrency=C)
+
+            async def via_http():
+                r = await client.run(run_request("print(1)"))
+                assert r["status"] == "Success", r
+
+            out = {"bare": await measure(bare), "local": await measure(via_local), "server": await measure(via_http)}
+            await client.close()
+            return out
+
+        res = asyncio.run(run_all())
+    finally:
+        server.terminate()
+        server.wait(10)
+    base_rate, base_lat = res["bare"]
+    for name in ("local", "server"):
+        rate, lat = res[name]
+        rows.append({"bench": "sandbox", "backend": name, "concurrency": C, "runs": N, "ours": round(rate, 1),
+                     "baseline": round(base_rate, 1), "ratio": round(rate / base_rate, 3), "unit": "executions/s",
+                     "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 1),
+                     "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 1),
+                     "baseline_p50_ms": round(float(np.percentile(base_lat, 50)) * 1e3, 1),
+                     "baseline_p99_ms": round(float(np.percentile(base_lat, 99)) * 1e3, 1),
+                     "isolation_overhead_p50_ms": round(float(np.percentile(lat, 50) - np.percentile(base_lat, 50)) * 1e3, 1),
+                     "confined": local.confined})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sod_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    sb = sub.add_parser("sandbox", help="isolated executor and HTTP server vs a bare subprocess")
+    sb.add_argument("--runs", type=int, default=200)
+    sb.add_argument("--concurrency", type=int, default=8)
+    sb.set_defaults(fn=bench_sandbox)
     ro = sub.add_parser("rollout", help="slot engine vs transformers generate (higher ratio is better)")
     ro.add_argument("--preset", default="bench-student")
     ro.add_argument("--prompts", type=int, default=16)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -93,6 +92,14 @@ class LocalSandbox:
         if not self.confined and not self.cfg.allow_unconfined:
             raise SandboxUnavailable(f"no process isolation available: {problem}; {INSTALL_HINT}")
         self._is_root = os.geteuid() == 0
+        self._setpriv = shutil.which("setpriv")
+        self._prlimit = shutil.which("prlimit")
+        if self._prlimit is None:
+            raise SandboxUnavailable("util-linux's prlimit is needed to set resource limits (`apt-get install -y "
+                                     "util-linux`)")
+        if self.confined and self._is_root and self._setpriv is None:
+            raise SandboxUnavailable("running as root needs util-linux's setpriv to drop privileges inside the "
+                                     "sandbox (`apt-get install -y util-linux`)")
         self._free: Optional[asyncio.Queue] = None
         self._prefixes = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
                                                                  str(Path(self.cfg.python).resolve().parents[1]))})
@@ -109,18 +116,13 @@ class LocalSandbox:
         return sorted(out, key=len)  # parents before children
 
     def _argv(self, scratch: str, uid: Optional[int]) -> list[str]:
-        """The command line of one run. As root, bubblewrap runs privileged (no user namespace) and a
-        launcher inside drops to ``uid`` before exec'ing the program, so RLIMIT_NPROC binds (root is
-        exempt from it) and the program holds no capabilities."""
-        program = ["-E", "-s", "-B", "main.py"]
-        if uid is not None:
-            launcher = ("import os,resource,sys\n"
-                        f"os.setgroups([]);os.setgid({uid});os.setuid({uid})\n"
-                        f"resource.setrlimit(resource.RLIMIT_NPROC,({self.cfg.max_processes},{self.cfg.max_processes}))\n"
-                        f"os.execv(sys.executable,[sys.executable]+{program!r})")
-            python = [self.cfg.python, "-E", "-s", "-B", "-c", launcher]
-        else:
-            python = [self.cfg.python, *program]
+        """The command line of one run. As root, bubblewrap runs privileged (no user namespace) and
+        ``setpriv`` inside drops to ``uid`` before exec'ing the program, so RLIMIT_NPROC (set before,
+        inherited) binds (root is exempt from it) and the program holds no capabilities."""
+        python = [self.cfg.python, "-E", "-s", "-B", "main.py"]
+        if uid is not None:  # util-linux setpriv: drop to the worker's uid with no capabilities left
+            python = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+                      "--"] + python
         if not self.confined:
             return python
         argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
@@ -140,22 +142,16 @@ class LocalSandbox:
                  if self._is_root else ["--unshare-all"])
         return argv + ["--die-with-parent", "--new-session", "--hostname", "sandbox"] + python
 
-    def _preexec(self, memory_mb: int, cpu_s: int):
+    def _limits(self, memory_mb: int, cpu_s: int) -> list[str]:
+        """util-linux ``prlimit`` prefix setting the rlimits, then exec'ing the rest. (No
+        ``preexec_fn``: it forces a full fork of this, possibly huge, process for every run.)"""
         cfg = self.cfg
-        own_nproc = None if self._is_root else _user_process_count() + cfg.max_processes
-
-        def setup() -> None:  # runs in the child between fork and exec
-            os.setsid()
-            lim = lambda r, v: resource.setrlimit(r, (v, v))  # noqa: E731
-            lim(resource.RLIMIT_CPU, cpu_s)
-            lim(resource.RLIMIT_FSIZE, cfg.max_file_mb << 20)
-            lim(resource.RLIMIT_NOFILE, cfg.max_open_files)
-            lim(resource.RLIMIT_CORE, 0)
-            lim(resource.RLIMIT_AS, memory_mb << 20)
-            if own_nproc is not None:  # not root: the limit counts all of this user's processes
-                lim(resource.RLIMIT_NPROC, own_nproc)
-
-        return setup
+        # As root the process limit only binds after the drop to the worker uid; otherwise it counts all
+        # of this user's processes, so leave room for those.
+        nproc = cfg.max_processes if self._is_root else _user_process_count() + cfg.max_processes
+        lim = {"cpu": cpu_s, "fsize": cfg.max_file_mb << 20, "nofile": cfg.max_open_files, "core": 0,
+               "as": memory_mb << 20, "nproc": nproc}
+        return [self._prlimit] + [f"--{k}={v}:{v}" for k, v in lim.items()] + ["--"]
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -200,9 +196,9 @@ class LocalSandbox:
                    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(scratch, uid), cwd=scratch, env=env, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                preexec_fn=self._preexec(memory_mb, int(timeout) + 1))
+                *self._limits(memory_mb, int(timeout) + 1), *self._argv(scratch, uid), cwd=scratch, env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
             status, rc, out, err = await self._communicate(proc, (req.get("stdin") or "").encode(), timeout)
             if self.confined and rc == 1 and not out and err.startswith("bwrap:"):
                 return sandbox_error(f"isolation set-up failed: {err.strip()}")

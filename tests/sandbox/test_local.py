@@ -190,7 +190,8 @@ def test_bad_requests_are_sandbox_errors(sandbox):
 
 
 def test_refuses_without_isolation_unless_allowed(monkeypatch):
-    monkeypatch.setattr(local_mod.shutil, "which", lambda name: None)
+    real_which = local_mod.shutil.which
+    monkeypatch.setattr(local_mod.shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
     with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap"):
         LocalSandbox()
     sb = LocalSandbox(LocalSandboxConfig(allow_unconfined=True))
