@@ -1,0 +1,305 @@
+"""The multi-turn tool-integrated (TIR) agent loop, token in, token out.
+
+Each trajectory: the chat-template prompt (with the ``code_interpreter`` schema) -> an assistant
+turn generated to ``<|im_end|>`` or the budget -> its tool calls parsed; none: the trajectory ends;
+otherwise the code runs in the sandbox (asynchronously: other trajectories keep decoding), the
+``tool`` message is rendered and its ids appended to the trajectory (and to the slot's KV cache),
+and the next turn is generated. Ids are never re-tokenized: the response is exactly the sampled
+tokens plus the template's tool-response tokens.
+
+The loop talks to generation through :class:`TurnPolicy`, implemented over the slot engine by
+:class:`EnginePolicy` (tests use scripted doubles).
+
+Output per trajectory (:class:`Trajectory`): prompt ids, response ids, ``response_mask`` (1 = the
+model's tokens, 0 = tool tokens), turn spans, sampler log-probs, counts and the finish reason
+(``stop``: a final answer; ``length``: response budget; ``max_turns``; ``parse_error`` with
+``on_parse_error: end``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer, parse_tool_calls
+from sod_jax.rollout.engine import Engine
+from sod_jax.rollout.sampling import SamplingParams, request_key
+from sod_jax.rollout.tools import call_problem, prepare_code, tool_text
+from sod_jax.sandbox.protocol import Sandbox, run_request
+
+
+@dataclass
+class AgentConfig:
+    """Limits and tool handling (defaults reproduce the paper)."""
+
+    max_assistant_turns: int = 16
+    max_response_tokens: int = 20480  # assistant + tool tokens
+    max_parallel_calls: int = 1
+    on_parse_error: str = "observe"  # observe | end
+    tool_name: str = "code_interpreter"
+    extract_code_block: bool = True
+    print_last_expression: bool = True
+    max_output_chars: int = 256
+    run_timeout: float = 10.0
+    memory_limit_mb: int = 1024
+    enable_thinking: bool = True
+    max_concurrent_tools: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "AgentConfig":
+        t, r, s = cfg.tool, cfg.rollout, cfg.sandbox
+        return cls(max_assistant_turns=r.max_assistant_turns, max_response_tokens=r.max_response_length,
+                   max_parallel_calls=t.max_parallel_calls, on_parse_error=t.on_parse_error, tool_name=t.name,
+                   extract_code_block=t.extract_code_block, print_last_expression=t.print_last_expression,
+                   max_output_chars=t.max_output_chars, run_timeout=s.run_timeout, memory_limit_mb=s.memory_limit_mb,
+                   enable_thinking=r.enable_thinking, max_concurrent_tools=s.max_concurrency)
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    response_mask: list[int] = field(default_factory=list)  # 1 model token, 0 tool token
+    logprobs: list[float] = field(default_factory=list)  # sampler log-prob (0 on tool tokens)
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn
+    num_turns: int = 0
+    num_tool_calls: int = 0
+    num_tool_errors: int = 0  # malformed calls, failed or timed-out runs
+    finish_reason: str = ""
+    text: str = ""
+    request_id: Any = None
+    sample_index: int = 0
+
+
+@dataclass
+class AgentRequest:
+    messages: list[dict]
+    n: int = 1
+    seed: int = 0
+    id: Any = None
+
+
+class TurnPolicy(Protocol):
+    """Generation as the agent needs it. Handles are opaque; at most ``capacity`` live at once."""
+
+    capacity: int
+
+    def start(self, prompt_ids: list[int], n: int, seed: int, budget: int) -> list[Any]: ...
+
+    async def advance(self) -> dict[Any, tuple[list[int], list[float], Optional[str]]]:
+        """New tokens per handle since the last call; the third item is None while the turn goes on,
+        else why it ended: ``stop`` (a stop token, included in the tokens) or ``length``."""
+
+    def append(self, handle: Any, token_ids: list[int], budget: int) -> None: ...
+
+    def release(self, handle: Any) -> None: ...
+
+    def busy(self) -> bool:
+        """Whether any handle is generating (advance would make progress)."""
+
+
+class EnginePolicy:
+    """:class:`TurnPolicy` over the slot engine."""
+
+    def __init__(self, engine: Engine, sampling: SamplingParams):
+        self.engine, self.sampling = engine, sampling
+        self.capacity = engine.num_slots
+        self.free = list(range(engine.num_slots))
+        self._first: list = []  # (slots, device outputs) of inserts/extends not yet reported
+        self._active: set[int] = set()
+        self._stop = set(np.asarray(engine.stop_ids).tolist())
+
+    def start(self, prompt_ids, n, seed, budget):
+        slots = [self.free.pop(0) for _ in range(n)]
+        prefix = self.engine.prefill(prompt_ids)
+        out = self.engine.insert(prefix, slots, [self.sampling] * n, [request_key(seed, i) for i in range(n)],
+                                 [budget] * n)
+        self._first.append((slots, out))
+        self._active.update(slots)
+        return slots
+
+    def append(self, handle, token_ids, budget):
+        tok, lp, active = self.engine.extend(handle, token_ids, budget)
+        self._first.append(([handle], ([tok], [lp], [active])))
+        self._active.add(handle)
+
+    def release(self, handle):
+        self._active.discard(handle)
+        self.engine.release(handle)
+        self.free.append(handle)
+
+    def busy(self) -> bool:
+        return bool(self._active) or bool(self._first)
+
+    async def advance(self):
+        events: dict[int, list] = {}
+        first, self._first = self._first, []
+        step = self.engine.step_async() if self._active else None
+        fetched = await asyncio.get_running_loop().run_in_executor(None, jax.device_get, (first, step))
+        for slots, (tok, lp, active) in fetched[0]:
+            for j, s in enumerate(slots):
+                ev = events.setdefault(s, [[], [], True])
+                ev[0].append(int(tok[j]))
+                ev[1].append(float(lp[j]))
+                ev[2] = bool(active[j])
+        if fetched[1] is not None:
+            tok, lp, emitted, active = fetched[1]
+            for s in list(self._active):
+                ev = events.setdefault(s, [[], [], True])
+                sel = emitted[:, s]
+                ev[0].extend(int(t) for t in tok[sel, s])
+                ev[1].extend(float(x) for x in lp[sel, s])
+                ev[2] = bool(active[s])
+        out = {}
+        for s, (toks, lps, still) in events.items():
+            reason = None
+            if not still:
+                self._active.discard(s)
+                reason = "stop" if toks and toks[-1] in self._stop else "length"
+            out[s] = (toks, lps, reason)
+        return out
+
+
+class _Live:
+    """Book-keeping of one trajectory in flight."""
+
+    def __init__(self, traj: Trajectory, handle: Any, key: tuple[int, int]):
+        self.traj, self.handle, self.key = traj, handle, key
+        self.turn_start = 0
+
+
+class Agent:
+    """Runs TIR trajectories through a :class:`TurnPolicy` and a :class:`Sandbox`."""
+
+    def __init__(self, tokenizer: ChatTokenizer, sandbox: Sandbox, config: Optional[AgentConfig] = None):
+        self.tok, self.sandbox = tokenizer, sandbox
+        self.cfg = config or AgentConfig()
+        self.tools = [CODE_INTERPRETER_TOOL]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.tok.encode_chat(messages, self.tools, add_generation_prompt=True,
+                                    enable_thinking=self.cfg.enable_thinking)
+
+    # -- one finished turn ------------------------------------------------------------------------
+
+    async def _run_call(self, code: str) -> dict:
+        async with self._tool_sem:
+            return await self.sandbox.run(run_request(code, run_timeout=self.cfg.run_timeout,
+                                                      memory_limit_mb=self.cfg.memory_limit_mb))
+
+    async def _observations(self, live: _Live, text: str) -> Optional[list[str]]:
+        """Tool messages for the turn's calls, or None when the trajectory ends here."""
+        cfg, traj = self.cfg, live.traj
+        turn = parse_tool_calls(text)
+        if not turn.has_calls:
+            traj.finish_reason = "stop"
+            return None
+        if traj.num_turns >= cfg.max_assistant_turns:  # the last allowed turn's calls are not run
+            traj.finish_reason = "max_turns"
+            return None
+        if turn.errors and cfg.on_parse_error == "end":
+            traj.num_tool_errors += len(turn.errors)
+            traj.finish_reason = "parse_error"
+            return None
+        runnable, notes = [], []
+        for call in turn.calls:
+            problem = call_problem(call.name, call.arguments, cfg.tool_name)
+            if problem:
+                traj.num_tool_errors += 1
+                notes.append(f"Error: {problem}.")
+            elif len(runnable) < cfg.max_parallel_calls:
+                runnable.append(call)
+            else:
+                notes.append(f"Not executed: at most {cfg.max_parallel_calls} tool call(s) run per turn.")
+        for err in turn.errors:
+            traj.num_tool_errors += 1
+            notes.append(f"Error: malformed tool call ({err.kind}): {err.message}. Write "
+                         f"<tool_call>{{\"name\": \"{cfg.tool_name}\", \"arguments\": {{\"code\": \"...\"}}}}</tool_call>.")
+        codes = [prepare_code(c.arguments["code"], cfg.extract_code_block, cfg.print_last_expression) for c in runnable]
+        results = await asyncio.gather(*[self._run_call(c) for c in codes])
+        traj.num_tool_calls += len(runnable)
+        outputs = []
+        for r in results:
+            if r.get("status") != "Success":
+                traj.num_tool_errors += 1
+            outputs.append(tool_text(r, cfg.max_output_chars))
+        return outputs + notes
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, policy: TurnPolicy, requests: Sequence[AgentRequest]) -> list[Trajectory]:
+        """All trajectories of all requests (``n`` each), in request order."""
+        cfg = self.cfg
+        self._tool_sem = asyncio.Semaphore(cfg.max_concurrent_tools)
+        queue = list(range(len(requests)))
+        prompts = {i: self.prompt_ids(r.messages) for i, r in enumerate(requests)}
+        for i, r in enumerate(requests):
+            if r.n > policy.capacity:
+                raise ValueError(f"request {r.id!r} asks n={r.n} but the policy holds {policy.capacity} at once")
+        live: dict[Any, _Live] = {}
+        done: dict[tuple[int, int], Trajectory] = {}
+        tools: dict[asyncio.Task, _Live] = {}
+        used = 0
+
+        def finish(lv: _Live) -> None:
+            nonlocal used
+            t = lv.traj
+            t.text = self.tok.decode(t.response_ids)
+            done[lv.key] = t
+            live.pop(lv.handle, None)
+            policy.release(lv.handle)
+            used -= 1
+
+        while queue or live:
+            while queue and used + requests[queue[0]].n <= policy.capacity:
+                ri = queue.pop(0)
+                r = requests[ri]
+                handles = policy.start(prompts[ri], r.n, r.seed, cfg.max_response_tokens)
+                used += r.n
+                for i, h in enumerate(handles):
+                    live[h] = _Live(Trajectory(list(prompts[ri]), request_id=r.id, sample_index=i), h, (ri, i))
+            if policy.busy():
+                events = await policy.advance()
+            else:
+                events = {}
+                if tools:
+                    await asyncio.wait(list(tools), return_when=asyncio.FIRST_COMPLETED)
+            for h, (toks, lps, reason) in events.items():
+                lv = live[h]
+                t = lv.traj
+                t.response_ids += toks
+                t.response_mask += [1] * len(toks)
+                t.logprobs += lps
+                if reason is None:
+                    continue
+                t.turn_spans.append((lv.turn_start, len(t.response_ids)))
+                t.num_turns += 1
+                if reason == "length":
+                    t.finish_reason = "length"
+                    finish(lv)
+                    continue
+                text = self.tok.decode(t.response_ids[lv.turn_start:])
+                tools[asyncio.ensure_future(self._observations(lv, text))] = lv
+            for task in [tk for tk in tools if tk.done()]:
+                lv = tools.pop(task)
+                t = lv.traj
+                contents = task.result()
+                if contents is None:
+                    finish(lv)
+                    continue
+                ids = self.tok.tool_response_ids(contents, self.tools, enable_thinking=cfg.enable_thinking)
+                room = cfg.max_response_tokens - len(t.response_ids) - len(ids)
+                if room < 1:
+                    t.finish_reason = "length"
+                    finish(lv)
+                    continue
+                t.response_ids += ids
+                t.response_mask += [0] * len(ids)
+                t.logprobs += [0.0] * len(ids)
+                lv.turn_start = len(t.response_ids)
+                policy.append(lv.handle, ids, room)
+        return [done[(ri, i)] for ri in range(len(requests)) for i in range(requests[ri].n)]

@@ -1,0 +1,262 @@
+"""The TIR agent loop with a scripted policy (a double at the generation boundary) and real
+sandboxes, and once end to end with the real engine."""
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
+from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
+from sod_jax.sandbox.fusion import FusionSandbox
+
+TOOLS = [CODE_INTERPRETER_TOOL]
+QUESTION = [{"role": "user", "content": "Sum 1..10, then square it."}]
+
+
+class ScriptedPolicy:
+    """Emits given assistant turns (text, then <|im_end|>), honouring the token budget."""
+
+    def __init__(self, tok, scripts, capacity=4):
+        self.tok, self.scripts, self.capacity = tok, list(scripts), capacity
+        self.state = {}  # handle -> [turns left, budget, pending?]
+        self.appended = {}
+        self.next_handle = 0
+
+    def start(self, prompt_ids, n, seed, budget):
+        handles = []
+        for _ in range(n):
+            h = self.next_handle
+            self.next_handle += 1
+            self.state[h] = [list(self.scripts.pop(0)), budget, True]
+            self.appended[h] = []
+            handles.append(h)
+        return handles
+
+    def busy(self):
+        return any(st[2] for st in self.state.values())
+
+    async def advance(self):
+        out = {}
+        for h, st in self.state.items():
+            if not st[2]:
+                continue
+            st[2] = False
+            ids = self.tok.encode(st[0].pop(0)) + [self.tok.eos_id]
+            if len(ids) > st[1]:
+                out[h] = (ids[: st[1]], [-0.5] * st[1], "length")
+            else:
+                out[h] = (ids, [-0.5] * len(ids), "stop")
+        return out
+
+    def append(self, handle, token_ids, budget):
+        self.appended[handle].append(list(token_ids))
+        self.state[handle][1] = budget
+        self.state[handle][2] = True
+
+    def release(self, handle):
+        self.state.pop(handle)
+
+
+def turn(think, content, *codes, raw_calls=()):
+    """An assistant turn as the Qwen3 template renders it (what a model emits before <|im_end|>)."""
+    text = f"<think>\n{think}\n</think>\n\n{content}"
+    calls = [json.dumps({"name": "code_interpreter", "arguments": {"code": c}}) for c in codes] + list(raw_calls)
+    for i, c in enumerate(calls):
+        text += ("\n" if (i == 0 and content) or i > 0 else "") + f"<tool_call>\n{c}\n</tool_call>"
+    return text
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return ChatTokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return LocalSandbox(LocalSandboxConfig(workers=4))
+
+
+def run_agent(tok, sandbox, scripts, n=1, **cfg):
+    agent = Agent(tok, sandbox, AgentConfig(**cfg))
+    policy = ScriptedPolicy(tok, scripts)
+    trajs = asyncio.run(agent.run(policy, [AgentRequest(QUESTION, n=n, id="q")]))
+    return trajs, policy
+
+
+def test_three_turns_two_calls_equal_the_full_render(tok, sandbox):
+    t1 = turn("Use python.", "Let me compute.", "print(sum(range(11)))")
+    t2 = turn("Now square it.", "", "55 ** 2")  # the last expression is printed
+    t3 = "<think>\nDone.\n</think>\n\nThe answer is \\boxed{3025}."
+    (traj,), _ = run_agent(tok, sandbox, [[t1, t2, t3]])
+    assert traj.finish_reason == "stop" and traj.num_turns == 3 and traj.num_tool_calls == 2
+    assert traj.num_tool_errors == 0
+    messages = QUESTION + [
+        {"role": "assistant", "content": "<think>\nUse python.\n</think>\n\nLet me compute.",
+         "tool_calls": [{"type": "function", "function": {"name": "code_interpreter",
+                                                          "arguments": {"code": "print(sum(range(11)))"}}}]},
+        {"role": "tool", "content": "55\n"},
+        {"role": "assistant", "content": "<think>\nNow square it.\n</think>\n\n",
+         "tool_calls": [{"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": "55 ** 2"}}}]},
+        {"role": "tool", "content": "3025\n"},
+        {"role": "assistant", "content": t3},
+    ]
+    full = tok.render(messages, TOOLS)
+    assert full.endswith("<|im_end|>\n")
+    expected = tok.encode(full[:-1])  # the agent stops at <|im_end|>
+    assert traj.prompt_ids + traj.response_ids == expected
+    assert traj.prompt_ids == tok.encode_chat(QUESTION, TOOLS)
+    # mask: exactly the assistant turns are 1
+    lens = [len(tok.encode(t)) + 1 for t in (t1, t2, t3)]
+    spans = traj.turn_spans
+    assert [e - s for s, e in spans] == lens
+    ones = [i for i, m in enumerate(traj.response_mask) if m]
+    assert ones == [i for s, e in spans for i in range(s, e)]
+    for (s, e), (s2, _) in zip(spans, spans[1:]):
+        tool_ids = traj.response_ids[e:s2]
+        assert tok.decode(tool_ids).startswith("\n<|im_start|>user\n<tool_response>\n")
+    assert all(lp == 0.0 for lp, m in zip(traj.logprobs, traj.response_mask) if not m)
+    assert "\\boxed{3025}" in traj.text
+
+
+def test_budget_exhaustion_mid_turn(tok, sandbox):
+    t1 = turn("Compute.", "Running.", "print(1)")
+    t2 = "<think>\n" + "very long reasoning " * 60 + "\n</think>\n\nDone."
+    (traj,), policy = run_agent(tok, sandbox, [[t1, t2]], max_response_tokens=120)
+    assert traj.finish_reason == "length" and len(traj.response_ids) == 120
+    assert traj.turn_spans[-1][1] == 120 and traj.num_turns == 2
+    # a tool response that would not fit ends the trajectory before it is appended
+    (traj,), policy = run_agent(tok, sandbox, [[turn("x", "y", "print('z' * 200)"), "never"]],
+                                max_response_tokens=len(tok.encode(t1)) + 8)
+    assert traj.finish_reason == "length" and traj.num_turns == 1 and policy.appended[0] == []
+
+
+def test_turn_cap(tok, sandbox):
+    script = [turn(f"step {i}", "", f"print({i})") for i in range(20)]
+    (traj,), _ = run_agent(tok, sandbox, [script])
+    assert traj.num_turns == 16 and traj.finish_reason == "max_turns" and traj.num_tool_calls == 15
+
+
+@pytest.mark.parametrize("raw,problem", [
+    ('{"name": "code_interpreter", "arguments": {"code": "1"', "invalid_json"),
+    ('{"arguments": {"code": "1"}}', "missing_name"),
+    ('{"name": "code_interpreter"}', "missing_arguments"),
+    ('{"name": "bash", "arguments": {"code": "ls"}}', "unknown tool 'bash'"),
+    ('{"name": "code_interpreter", "arguments": {"src": "1"}}', "no \"code\""),
+])
+def test_malformed_calls_observe_and_end(tok, sandbox, raw, problem):
+    bad = turn("try", "Calling.", raw_calls=[raw])
+    final = "<think>\nok\n</think>\n\nDone."
+    (traj,), policy = run_agent(tok, sandbox, [[bad, final]])
+    assert traj.finish_reason == "stop" and traj.num_turns == 2 and traj.num_tool_errors == 1
+    observed = tok.decode(policy.appended[0][0])
+    assert problem in observed and "Error" in observed
+    (traj,), _ = run_agent(tok, sandbox, [[bad, final]], on_parse_error="end")
+    if problem in ("unknown tool 'bash'", "no \"code\""):  # well-formed JSON: reported, not an episode end
+        assert traj.finish_reason == "stop"
+    else:
+        assert traj.finish_reason == "parse_error" and traj.num_turns == 1
+
+
+def test_parallel_calls_beyond_the_limit_are_reported(tok, sandbox):
+    t1 = turn("two", "Both.", "print('first')", "print('second')")
+    (traj,), policy = run_agent(tok, sandbox, [[t1, "<think>\n\n</think>\n\nok"]])
+    observed = tok.decode(policy.appended[0][0])
+    assert "first" in observed and "second" not in observed and "Not executed: at most 1" in observed
+    assert traj.num_tool_calls == 1
+
+
+def test_sandbox_timeout_is_an_observation(tok, sandbox):
+    t1 = turn("loop", "Looping.", "while True:\n    pass")
+    (traj,), policy = run_agent(tok, sandbox, [[t1, "<think>\n\n</think>\n\nok"]], run_timeout=1)
+    assert "timed out" in tok.decode(policy.appended[0][0])
+    assert traj.num_tool_errors == 1 and traj.finish_reason == "stop"
+
+
+def test_sandbox_server_down_is_an_observation(tok):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = FusionSandbox(f"http://127.0.0.1:{port}", retries=1, backoff=0.01)
+    t1 = turn("run", "Running.", "print(1)")
+    (traj,), policy = run_agent(tok, down, [[t1, "<think>\n\n</think>\n\nok"]])
+    assert "Tool execution failed" in tok.decode(policy.appended[0][0])
+    assert traj.finish_reason == "stop" and traj.num_tool_errors == 1
+
+
+def test_real_engine_end_to_end(tok, sandbox, tmp_path):
+    """Plumbing with a tiny random model: masks, spans and log-probs line up with what was sampled."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from conftest import make_hf_model
+    from sod_jax.models import load_pretrained
+    from sod_jax.rollout import Engine, SamplingParams
+    from sod_jax.train_step import sequence_logprobs
+
+    make_hf_model(seed=5, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    engine = Engine(model, num_slots=4, max_len=512, decode_steps=8, stop_ids=tok.stop_ids)
+    agent = Agent(tok, sandbox, AgentConfig(max_response_tokens=48))
+    trajs = asyncio.run(agent.run(EnginePolicy(engine, SamplingParams(temperature=1.0)),
+                                  [AgentRequest(QUESTION, n=3, seed=1, id="a"), AgentRequest(QUESTION, n=2, id="b")]))
+    assert [t.request_id for t in trajs] == ["a"] * 3 + ["b"] * 2
+    graph, params = nnx.split(model)
+    for t in trajs:
+        assert t.finish_reason in ("stop", "length") and 1 <= len(t.response_ids) <= 48
+        assert len(t.response_mask) == len(t.response_ids) == len(t.logprobs)
+        seq = t.prompt_ids + t.response_ids
+        ids = jnp.asarray([seq])
+        lp, _ = sequence_logprobs(graph, params, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 64)
+        got = np.asarray(lp)[0, len(t.prompt_ids):]
+        m = np.asarray(t.response_mask, bool)
+        np.testing.assert_allclose(got[m], np.asarray(t.logprobs)[m], atol=1e-4)
+
+
+def test_engine_policy_tool_turn_round_trip(tok, tmp_path):
+    """Generate a turn, append tool tokens through EnginePolicy (cache extension), generate again:
+    every sampled token's log-prob equals the training path on the whole sequence."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from conftest import make_hf_model
+    from sod_jax.models import load_pretrained
+    from sod_jax.rollout import Engine, SamplingParams
+    from sod_jax.train_step import sequence_logprobs
+
+    make_hf_model(seed=6, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    policy = EnginePolicy(Engine(model, num_slots=2, max_len=512, decode_steps=4, stop_ids=[]),
+                          SamplingParams(temperature=0.9))
+    prompt = tok.encode_chat(QUESTION, TOOLS)
+    (h,) = policy.start(prompt, 1, 3, 10)
+    seq, mask, lps = list(prompt), [0] * len(prompt), [0.0] * len(prompt)
+
+    def drain():
+        while True:
+            ev = asyncio.run(policy.advance())
+            toks, lp, reason = ev.get(h, ([], [], None))
+            seq.extend(toks)
+            mask.extend([1] * len(toks))
+            lps.extend(lp)
+            if reason is not None:
+                return reason
+
+    assert drain() == "length" and sum(mask) == 10
+    tool_ids = tok.tool_response_ids(["55\n"], TOOLS)
+    policy.append(h, tool_ids, 7)
+    seq.extend(tool_ids)
+    mask.extend([0] * len(tool_ids))
+    lps.extend([0.0] * len(tool_ids))
+    assert drain() == "length" and sum(mask) == 17
+    graph, params = nnx.split(model)
+    ids = jnp.asarray([seq])
+    lp, _ = sequence_logprobs(graph, params, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 64)
+    m = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(lp)[0][m], np.asarray(lps)[m], atol=1e-4)
