@@ -1,8 +1,9 @@
 """``python -m sod_jax.generate``: chat with a Qwen3 checkpoint through the rollout engine.
 
 Renders the chat template (thinking mode on unless ``--no-thinking``), generates ``--n`` samples
-with the slot engine and prints each one. With ``--tools`` the ``code_interpreter`` tool schema is
-in the prompt and every tool call the model writes is listed after its text.
+with the slot engine and prints each one. With ``--tools`` the model gets the ``code_interpreter``
+tool and runs the full multi-turn loop: its calls execute in the isolated local sandbox and the
+outputs come back as tool turns, up to ``--max-turns`` assistant turns.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "tokenizer_config.json)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="an optional system message")
-    p.add_argument("--tools", action="store_true", help="offer the code_interpreter tool and list the calls made")
+    p.add_argument("--tools", action="store_true", help="run the multi-turn tool loop with the local sandbox")
+    p.add_argument("--max-turns", type=int, default=16, help="assistant turns with --tools")
+    p.add_argument("--allow-unconfined", action="store_true",
+                   help="with --tools: run code without isolation if bubblewrap is missing (trusted code only)")
     p.add_argument("--no-thinking", action="store_true", help="render with enable_thinking=False")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--greedy", action="store_true", help="argmax decoding")
@@ -37,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatError, ChatTokenizer, parse_tool_calls
+    from sod_jax.chat import ChatError, ChatTokenizer
     from sod_jax.models import CheckpointError, load_pretrained
     from sod_jax.rollout import Engine, EngineError, Request, SamplingParams
 
@@ -51,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
-    tools = [CODE_INTERPRETER_TOOL] if args.tools else None
-    prompt_ids = tok.encode_chat(messages, tools, add_generation_prompt=True, enable_thinking=not args.no_thinking)
+    if args.tools:
+        return _run_agent(args, tok, model, sampling, messages)
+    prompt_ids = tok.encode_chat(messages, None, add_generation_prompt=True, enable_thinking=not args.no_thinking)
     max_len = len(prompt_ids) + args.max_new_tokens + 1
     try:
         engine = Engine(model, num_slots=max(args.n, 1), max_len=max_len, stop_ids=tok.stop_ids, tokenizer=tok)
@@ -64,25 +69,53 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for o in outs:
         text = tok.decode(o.token_ids, skip_special_tokens=False)
-        calls = parse_tool_calls(text) if args.tools else None
         if args.json:
-            row = {"sample": o.sample_index, "text": text, "finish_reason": o.finish_reason,
-                   "tokens": len(o.token_ids), "mean_logprob": sum(o.logprobs) / max(len(o.logprobs), 1)}
-            if calls is not None:
-                row["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in calls.calls]
-                row["tool_call_errors"] = [{"kind": e.kind, "message": e.message} for e in calls.errors]
-            print(json.dumps(row, ensure_ascii=False))
+            print(json.dumps({"sample": o.sample_index, "text": text, "finish_reason": o.finish_reason,
+                              "tokens": len(o.token_ids),
+                              "mean_logprob": sum(o.logprobs) / max(len(o.logprobs), 1)}, ensure_ascii=False))
             continue
         if args.n > 1:
             print(f"--- sample {o.sample_index} ({o.finish_reason}, {len(o.token_ids)} tokens)")
         print(text)
-        if calls is not None:
-            for c in calls.calls:
-                print(f"[tool call] {c.name}({json.dumps(c.arguments, ensure_ascii=False)})")
-            for e in calls.errors:
-                print(f"[malformed tool call: {e.kind}] {e.message}")
     total = sum(len(o.token_ids) for o in outs)
     print(f"[{total} tokens in {dt:.2f} s, {total / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _run_agent(args, tok, model, sampling, messages) -> int:
+    """``--tools``: the TIR loop with the local sandbox."""
+    import asyncio
+
+    from sod_jax.rollout import Engine
+    from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, SandboxUnavailable
+
+    try:
+        sandbox = LocalSandbox(LocalSandboxConfig(workers=max(args.n, 1), allow_unconfined=args.allow_unconfined))
+    except SandboxUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = AgentConfig(max_assistant_turns=args.max_turns, max_response_tokens=args.max_new_tokens,
+                      enable_thinking=not args.no_thinking)
+    agent = Agent(tok, sandbox, cfg)
+    prompt_len = len(agent.prompt_ids(messages))
+    engine = Engine(model, num_slots=max(args.n, 1), max_len=prompt_len + args.max_new_tokens + 2,
+                    stop_ids=tok.stop_ids)
+    t0 = time.perf_counter()
+    trajs = asyncio.run(agent.run(EnginePolicy(engine, sampling), [AgentRequest(messages, args.n, args.seed)]))
+    dt = time.perf_counter() - t0
+    for t in trajs:
+        if args.json:
+            print(json.dumps({"sample": t.sample_index, "text": t.text, "finish_reason": t.finish_reason,
+                              "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+                              "tokens": len(t.response_ids), "model_tokens": sum(t.response_mask)},
+                             ensure_ascii=False))
+            continue
+        if args.n > 1:
+            print(f"--- sample {t.sample_index} ({t.finish_reason}, {t.num_turns} turns, {t.num_tool_calls} tool calls)")
+        print(t.text)
+    total = sum(sum(t.response_mask) for t in trajs)
+    print(f"[{total} generated tokens in {dt:.2f} s]", file=sys.stderr)
     return 0
 
 

@@ -40,3 +40,11 @@ def test_bench_rollout_small():
     assert [r["mode"] for r in rows] == ["greedy", "sampled"]
     for r in rows:
         assert r["bench"] == "rollout" and r["ours"] > 0 and r["baseline"] > 0 and r["new_tokens"] == 8
+
+
+def test_bench_sandbox_small():
+    rows = run_bench("sandbox", "--runs", "8", "--concurrency", "4")
+    assert [r["backend"] for r in rows] == ["local", "server"]
+    for r in rows:
+        assert r["bench"] == "sandbox" and r["ours"] > 0 and r["baseline"] > 0 and r["confined"] is True
+        assert r["p99_ms"] >= r["p50_ms"] > 0

@@ -28,17 +28,17 @@ def run(*args):
 
 
 def test_generate_greedy_matches_engine(model_dir):
-    from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
+    from sod_jax.chat import ChatTokenizer
     from sod_jax.models import load_pretrained
     from sod_jax.rollout import Engine, Request, SamplingParams
 
-    out = run("--model", str(model_dir), "--prompt", "What is 2+2?", "--greedy", "--max-new-tokens", "12", "--tools",
+    out = run("--model", str(model_dir), "--prompt", "What is 2+2?", "--greedy", "--max-new-tokens", "12",
               "--json", "--n", "2")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(rows) == 2 and rows[0]["text"] == rows[1]["text"] and "tool_calls" in rows[0]
+    assert len(rows) == 2 and rows[0]["text"] == rows[1]["text"]
     tok = ChatTokenizer.from_dir(model_dir)
-    ids = tok.encode_chat([{"role": "user", "content": "What is 2+2?"}], [CODE_INTERPRETER_TOOL])
+    ids = tok.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     ref, = Engine(load_pretrained(model_dir), num_slots=1, max_len=len(ids) + 13, stop_ids=tok.stop_ids).generate(
         [Request(ids, 12, SamplingParams(greedy=True))])
     assert rows[0]["text"] == tok.decode(ref.token_ids)
@@ -52,3 +52,11 @@ def test_generate_errors(model_dir, tmp_path):
     assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr
     out = run("--model", str(model_dir), "--prompt", "hi", "--greedy", "--temperature", "0.5")
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
+
+
+def test_generate_with_tools_runs_the_agent_loop(model_dir):
+    out = run("--model", str(model_dir), "--prompt", "What is 2+2?", "--tools", "--max-new-tokens", "20", "--json",
+              "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert row["turns"] >= 1 and row["finish_reason"] in ("stop", "length") and 0 < row["model_tokens"] <= 20
