@@ -260,3 +260,27 @@ def test_engine_policy_tool_turn_round_trip(tok, tmp_path):
     lp, _ = sequence_logprobs(graph, params, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 64)
     m = np.asarray(mask, bool)
     np.testing.assert_allclose(np.asarray(lp)[0][m], np.asarray(lps)[m], atol=1e-4)
+
+
+def test_other_trajectories_decode_while_a_tool_runs(tok, sandbox):
+    """A's tool call sleeps; B's three tool turns and answer all happen meanwhile."""
+    slow = [turn("wait", "Sleeping.", "import time\ntime.sleep(2)\nprint('slept')"), "<think>\n\n</think>\n\nA done"]
+    fast = [turn(f"b{i}", "", f"print({i})") for i in range(3)] + ["<think>\n\n</think>\n\nB done"]
+    agent = Agent(tok, sandbox, AgentConfig())
+    policy = ScriptedPolicy(tok, [slow, fast])
+    order = []
+    release = policy.release
+    policy.release = lambda h: (order.append(h), release(h))
+    trajs = asyncio.run(agent.run(policy, [AgentRequest(QUESTION, n=2, id="ab")]))
+    assert order == [1, 0]  # B (handle 1) finished first although it made four turns
+    assert [t.num_turns for t in trajs] == [2, 4] and "slept" in tok.decode(policy.appended[0][0])
+
+
+def test_agent_config_from_the_config_tree():
+    from sod_jax.config import load_config
+
+    cfg = load_config(overrides=["algo.name=grpo", "tool.on_parse_error=end", "rollout.max_assistant_turns=4",
+                                 "sandbox.run_timeout=3"])
+    a = AgentConfig.from_config(cfg)
+    assert (a.on_parse_error, a.max_assistant_turns, a.run_timeout, a.max_response_tokens, a.max_output_chars) == (
+        "end", 4, 3.0, 20480, 256)

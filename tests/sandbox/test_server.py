@@ -3,11 +3,8 @@ the client's retry / give-up behaviour against scripted servers."""
 
 import asyncio
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from aiohttp import web
@@ -23,23 +20,8 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if urllib.request.urlopen(f"{url}/v1/ping", timeout=1).read() == b"pong":
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("sandbox server did not start: " + proc.stdout.read().decode())
-    yield url
-    proc.terminate()
-    proc.wait(10)
+def server(sandbox_server):
+    return sandbox_server
 
 
 def call(url, req, **kw):
