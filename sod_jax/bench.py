@@ -9,8 +9,8 @@ Benches:
   sandbox  executions/s and p50/p99 latency of ``print(1)`` at concurrency 8: the isolated local
            executor and the same behind ``sandbox serve`` over HTTP, against a bare subprocess.
   rollout  generated tokens/s of the slot engine against transformers ``generate`` on the same
-           random model (bench-student preset), same prompts, same number of new tokens, greedy and
-           sampled (top-p 0.9).
+           random model, same prompts, same number of new tokens, greedy and
+           sampled (top-p 0.9); default preset cpu-tiny (4 layers, d=128, V=512).
   train-step   tokens/s of the whole RL update (student fwd + teacher fwd + student fwd/bwd + loss +
            AdamW) against the same update in PyTorch eager (transformers Qwen3), plus MFU against a
            measured matmul peak. Preset: student 256/4 layers, teacher 384/6, vocab 4096, B=16, T=512.
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     sb.add_argument("--concurrency", type=int, default=8)
     sb.set_defaults(fn=bench_sandbox)
     ro = sub.add_parser("rollout", help="slot engine vs transformers generate (higher ratio is better)")
-    ro.add_argument("--preset", default="bench-student")
+    ro.add_argument("--preset", default="cpu-tiny", help="model preset (cpu-tiny: the CPU demo size)")
     ro.add_argument("--prompts", type=int, default=16)
     ro.add_argument("--min-prompt", type=int, default=32)
     ro.add_argument("--max-prompt", type=int, default=128)

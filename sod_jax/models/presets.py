@@ -18,6 +18,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "qwen3-8b": dict(_QWEN3_COMMON, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # The CPU preset: the size of the CPU demo's models (DESIGN §8: 4 layers, d=128, small BPE).
+    "cpu-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
     # Benchmark presets (issue: train-step bench): student hidden 256 / 4 layers, teacher 384 / 6.
     "bench-student": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),

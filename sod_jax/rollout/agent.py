@@ -27,7 +27,7 @@ import numpy as np
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer, parse_tool_calls
 from sod_jax.rollout.engine import Engine
-from sod_jax.rollout.sampling import SamplingParams, request_key
+from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.rollout.tools import call_problem, prepare_code, tool_text
 from sod_jax.sandbox.protocol import Sandbox, run_request
 
@@ -116,8 +116,7 @@ class EnginePolicy:
     def start(self, prompt_ids, n, seed, budget):
         slots = [self.free.pop(0) for _ in range(n)]
         prefix = self.engine.prefill(prompt_ids)
-        out = self.engine.insert(prefix, slots, [self.sampling] * n, [request_key(seed, i) for i in range(n)],
-                                 [budget] * n)
+        out = self.engine.insert(prefix, slots, [self.sampling] * n, [seed] * n, list(range(n)), [budget] * n)
         self._first.append((slots, out))
         self._active.update(slots)
         return slots

@@ -274,14 +274,15 @@ class Engine:
             return _prefill_rows(nnx.merge(g, params), tokens, n_valid)
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode",))
-        def insert(params, st, k_rows, v_rows, logits, lengths, src, slots, keys, temp, top_k, top_p, greedy, budget,
-                   mode):
+        def insert(params, st, k_rows, v_rows, logits, lengths, src, slots, seeds, sample_idx, temp, top_k, top_p,
+                   greedy, budget, mode):
             """Slot ``slots[j]`` gets prompt ``src[j]``; out-of-range slots (padding) are dropped."""
             C = k_rows.shape[2]
             rows = lambda a: a[:, src].transpose(0, 1, 3, 2, 4).astype(st.k.dtype)  # noqa: E731 [L, n, K, C, H]
             k = st.k.at[:, slots, :, :C].set(rows(k_rows), mode="drop")
             v = st.v.at[:, slots, :, :C].set(rows(v_rows), mode="drop")
             n = slots.shape[0]
+            keys = jax.vmap(request_key)(seeds, sample_idx)  # on device: no per-request host dispatch
             tok, lp = sample(logits[src], token_keys(keys, jnp.zeros((n,), jnp.int32)), temp, top_k, top_p, greedy,
                              mode)
             length = lengths[src]
@@ -359,9 +360,11 @@ class Engine:
         return Prefix(k, v, logits, lens)
 
     def insert(self, prefix: Prefix, slots: Sequence[int], sampling: Sequence[SamplingParams],
-               keys: Sequence[jax.Array], budgets: Sequence[int], src: Optional[Sequence[int]] = None):
+               seeds: Sequence[int], sample_indices: Sequence[int], budgets: Sequence[int],
+               src: Optional[Sequence[int]] = None):
         """Copy prompt ``src[j]`` of ``prefix`` (default 0) into ``slots[j]`` and sample each slot's first
-        token. Returns device arrays (token, logprob, still active) per slot; no host sync."""
+        token; slot j samples with the key of sample ``sample_indices[j]`` of seed ``seeds[j]``. Returns
+        device arrays (token, logprob, still active) per slot; no host sync."""
         n = len(slots)
         if n > self.num_slots:
             raise EngineError(f"n={n} samples exceed the {self.num_slots} decode slots; raise rollout.num_slots")
@@ -372,7 +375,7 @@ class Engine:
         self.state, out = self._insert(
             self.params, self.state, prefix.k, prefix.v, prefix.logits,
             arr(prefix.lengths + [1] * (prefix.k.shape[1] - len(prefix.lengths)), np.int32), arr(src, np.int32),
-            arr(slots, np.int32), jnp.stack([jnp.asarray(k) for k in keys]),
+            arr(slots, np.int32), arr(seeds, np.uint32), arr(sample_indices, np.int32),
             arr([p.temperature for p in sampling], np.float32), arr([p.top_k for p in sampling], np.int32),
             arr([p.top_p for p in sampling], np.float32), arr([p.greedy for p in sampling], bool),
             arr(budgets, np.int32), mode=widest_mode(mode_of(p) for p in sampling))
@@ -486,17 +489,18 @@ class Engine:
             inserted = []
             for grp in groups.values():
                 prefix = self.prefill([requests[ri].prompt_ids for ri, _ in grp])
-                all_slots, src, sps, keys, budgets = [], [], [], [], []
+                all_slots, src, sps, seeds, idx, budgets = [], [], [], [], [], []
                 for g_i, (ri, slots) in enumerate(grp):
                     r = requests[ri]
                     for i, s in enumerate(slots):
                         all_slots.append(s)
                         src.append(g_i)
                         sps.append(r.sampling)
-                        keys.append(request_key(r.seed, i))
+                        seeds.append(r.seed)
+                        idx.append(i)
                         budgets.append(min(r.max_new_tokens, self.max_len - len(r.prompt_ids)))
                         live[s] = {"req": ri, "idx": i, "tokens": [], "logprobs": []}
-                inserted.append((all_slots, self.insert(prefix, all_slots, sps, keys, budgets, src)))
+                inserted.append((all_slots, self.insert(prefix, all_slots, sps, seeds, idx, budgets, src)))
             for all_slots, (tok, lp, act) in jax.device_get(inserted):
                 for j, s in enumerate(all_slots):
                     live[s]["tokens"].append(int(tok[j]))

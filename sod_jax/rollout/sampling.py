@@ -49,8 +49,8 @@ class SamplingParams:
         return cls(**options)
 
 
-def request_key(seed: int, sample_index: int = 0) -> jax.Array:
-    """Base key of sample ``sample_index`` of a request with ``seed`` (raw uint32[2])."""
+def request_key(seed, sample_index=0) -> jax.Array:
+    """Base key of sample ``sample_index`` of a request with ``seed`` (raw uint32[2]); traceable."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), sample_index)
 
 

@@ -62,7 +62,7 @@ def test_extend_equals_full_prefill(ckpt):
     engine = Engine(model, num_slots=2, max_len=96, decode_steps=8, prefill_buckets=(16, 32))
     p = prompts(1)[0]
     prefix = engine.prefill(p)
-    engine.insert(prefix, [1], [SamplingParams(greedy=True)], [jax.random.PRNGKey(0)], [12])
+    engine.insert(prefix, [1], [SamplingParams(greedy=True)], [0], [0], [12])
     generated = [int(engine.state.next_token[1])]
     while True:
         tok, _, emitted, active = engine.step(4)
