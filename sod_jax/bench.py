@@ -275,15 +275,15 @@ def _torch_update_time(s_cfg, t_cfg, ids, resp, rewards, groups, M: int, repeats
 
 
 def bench_rollout(args: argparse.Namespace) -> list[dict]:
+    import tempfile
+
     import jax
     import numpy as np
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    from sod_jax.models import init_model, preset
-    from sod_jax.models.hf import save_pretrained, load_pretrained
+    from sod_jax.models import init_model, load_pretrained, preset, save_pretrained
     from sod_jax.rollout import Engine, Request, SamplingParams
-    import tempfile
 
     cfg = preset(args.preset)
     rng = np.random.RandomState(0)

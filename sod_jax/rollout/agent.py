@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
 import jax
-import numpy as np
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer, parse_tool_calls
 from sod_jax.rollout.engine import Engine
@@ -111,7 +110,7 @@ class EnginePolicy:
         self.free = list(range(engine.num_slots))
         self._first: list = []  # (slots, device outputs) of inserts/extends not yet reported
         self._active: set[int] = set()
-        self._stop = set(np.asarray(engine.stop_ids).tolist())
+        self._stop = engine.stop_set
 
     def start(self, prompt_ids, n, seed, budget):
         slots = [self.free.pop(0) for _ in range(n)]

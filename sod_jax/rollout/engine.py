@@ -236,6 +236,7 @@ class Engine:
         self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
         self.buckets = sorted(set(int(b) for b in prefill_buckets))
         self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        self.stop_set = frozenset(int(i) for i in stop_ids)
         self.tokenizer = tokenizer
         self.cache_dtype = as_dtype(cache_dtype or cfg.dtype)
         self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype)
@@ -455,7 +456,7 @@ class Engine:
 
         def reason_for(slot: int, rec: dict) -> str:
             r = requests[rec["req"]]
-            if rec["tokens"] and int(rec["tokens"][-1]) in set(np.asarray(self.stop_ids).tolist()):
+            if rec["tokens"] and int(rec["tokens"][-1]) in self.stop_set:
                 return "stop"
             if len(rec["tokens"]) >= r.max_new_tokens:
                 return "length"
