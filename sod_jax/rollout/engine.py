@@ -131,14 +131,16 @@ def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     return jnp.einsum("skgm,skmh->skgh", probs, v).astype(q.dtype).reshape(S, 1, N, H)
 
 
-def _decode_one(model: Qwen3, st: SlotState, stop_ids: jax.Array, mode: str):
+def _decode_one(model: Qwen3, st: SlotState, stop_ids: jax.Array, mode: str, window: int):
     """Feed every active slot's pending token, sample the next one. Returns new state and
-    (token [S], logprob [S], emitted [S])."""
+    (token [S], logprob [S], emitted [S]). Attention reads only the first ``window`` cache positions
+    (the caller guarantees every active slot stays below it during the call)."""
     cfg = model.config
     S, M = st.lengths.shape[0], st.k.shape[3]
+    W = window
     pos = st.lengths  # where the pending token goes
     cos, sin = rope_tables(pos[:, None], cfg.head_dim, cfg.rope_theta)
-    mask = jnp.arange(M)[None, :] <= pos[:, None]  # [S, M]
+    mask = jnp.arange(W)[None, :] <= pos[:, None]  # [S, W]
     write_at = jnp.where(st.active, pos, M)  # out of range: dropped (inactive slots write nothing)
     x = model.embed_tokens(st.next_token[:, None])  # [S, 1, D]
     layers = model.layers.arrays(as_dtype(cfg.dtype))
@@ -149,7 +151,9 @@ def _decode_one(model: Qwen3, st: SlotState, stop_ids: jax.Array, mode: str):
         q, k, v = layer_qkv(cfg, p, x, cos, sin)
         k_all = k_all.at[i, rows, :, write_at].set(k[:, 0].astype(k_all.dtype), mode="drop")
         v_all = v_all.at[i, rows, :, write_at].set(v[:, 0].astype(v_all.dtype), mode="drop")
-        x = layer_out(cfg, p, x, _decode_attention(q, k_all[i], v_all[i], mask))
+        k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)[:, :, :W]
+        v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)[:, :, :W]
+        x = layer_out(cfg, p, x, _decode_attention(q, k_l, v_l, mask))
         return (x, k_all, v_all, i + 1), None
 
     (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, st.k, st.v, 0), layers)
@@ -297,10 +301,10 @@ class Engine:
                 top_k=put(st.top_k, top_k), top_p=put(st.top_p, top_p), greedy=put(st.greedy, greedy))
             return st, (tok, lp, active)
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
-        def step(params, st, steps, mode):
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "window"))
+        def step(params, st, steps, mode, window):
             model = nnx.merge(g, params)
-            st, out = jax.lax.scan(lambda s, _: _decode_one(model, s, self.stop_ids, mode), st, None,
+            st, out = jax.lax.scan(lambda s, _: _decode_one(model, s, self.stop_ids, mode, window), st, None,
                                    length=steps)
             return st, out + (st.active,)  # a copy of the flags: the state itself is donated next call
 
@@ -326,6 +330,8 @@ class Engine:
 
         self._prefill, self._insert, self._step, self._extend, self._set_slot = prefill, insert, step, extend, set_slot
         self._modes = ["greedy"] * self.num_slots  # per slot: the static sampling mode it needs
+        # per slot: an upper bound on its cache length (host side, no sync), sizing the decode window
+        self._bound = np.zeros(self.num_slots, np.int64)
 
     # -- low-level protocol ----------------------------------------------------------------------
 
@@ -370,8 +376,9 @@ class Engine:
         if n > self.num_slots:
             raise EngineError(f"n={n} samples exceed the {self.num_slots} decode slots; raise rollout.num_slots")
         src = [0] * n if src is None else list(src)
-        for s, p in zip(slots, sampling):
+        for s, p, j in zip(slots, sampling, src):
             self._modes[s] = mode_of(p)
+            self._bound[s] = prefix.lengths[j] + 1
         arr = lambda xs, dt: jnp.asarray(np.asarray(xs, dt))  # noqa: E731
         self.state, out = self._insert(
             self.params, self.state, prefix.k, prefix.v, prefix.logits,
@@ -385,9 +392,16 @@ class Engine:
     def step_async(self, steps: Optional[int] = None):
         """Dispatch one decode call (``steps`` tokens for every active slot) and return its device
         outputs without waiting: tokens/logprobs/emitted ``[steps, S]`` and active flags ``[S]``."""
-        self.state, out = self._step(self.params, self.state, steps=steps or self.decode_steps,
-                                     mode=widest_mode(self._modes))
+        steps = steps or self.decode_steps
+        self._bound = np.minimum(self._bound + steps, self.max_len)  # no slot can grow further in this call
+        self.state, out = self._step(self.params, self.state, steps=steps, mode=widest_mode(self._modes),
+                                     window=self.window(int(self._bound.max())))
         return out
+
+    def window(self, n: int) -> int:
+        """Cache positions a decode call must read for lengths up to ``n``: the next power of two
+        (at least 64), at most ``max_len``; a handful of compiled variants."""
+        return min(self.max_len, max(64, 1 << max(n - 1, 1).bit_length()))
 
     def step(self, steps: Optional[int] = None):
         """:meth:`step_async` and wait: host numpy arrays."""
@@ -409,6 +423,7 @@ class Engine:
         tokens[:len(ids)] = ids
         self.state, out = self._extend(self.params, self.state, jnp.int32(slot), jnp.asarray(tokens),
                                        jnp.int32(len(ids)), jnp.int32(budget), mode=self._modes[slot])
+        self._bound[slot] = start + len(ids) + 1
         tok, lp, active, logits = out
         res = (int(tok), float(lp), bool(active))
         return res + (np.asarray(logits),) if return_logits else res
@@ -416,11 +431,13 @@ class Engine:
     def finish(self, slot: int, length: Optional[int] = None) -> None:
         """Stop a slot (e.g. a stop string was seen); optionally roll its cache back to ``length``."""
         ln = int(jax.device_get(self.state.lengths[slot])) if length is None else length
+        self._bound[slot] = ln + 1
         self.state = self._set_slot(self.state, jnp.int32(slot), jnp.int32(ln), jnp.bool_(False))
 
     def release(self, slot: int) -> None:
         """Forget a finished slot (its sampling mode no longer widens the decode call)."""
         self._modes[slot] = "greedy"
+        self._bound[slot] = 0
 
     # -- continuous batching -----------------------------------------------------------------------
 
