@@ -330,16 +330,14 @@ def bench_rollout(args: argparse.Namespace) -> list[dict]:
 
 def bench_sandbox(args: argparse.Namespace) -> list[dict]:
     import asyncio
-    import socket
-    import subprocess
     import sys
     import time
-    import urllib.request
 
     import numpy as np
 
     from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
     from sod_jax.sandbox.fusion import FusionSandbox
+    from sod_jax.sandbox.server import spawn
 
     N, C = args.runs, args.concurrency
 
@@ -370,18 +368,7 @@ def bench_sandbox(args: argparse.Namespace) -> list[dict]:
         r = await local.run(run_request("print(1)"))
         assert r["status"] == "Success", r
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers",
-                               str(C)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/v1/ping", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
+    server, url = spawn(workers=C)
     rows = []
     try:
         async def run_all():

@@ -107,27 +107,9 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sandbox_server():
     """`python -m sod_jax.sandbox serve` on a free loopback port; yields its URL."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from sod_jax.sandbox.server import spawn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            if urllib.request.urlopen(f"{url}/v1/ping", timeout=1).read() == b"pong":
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("sandbox server did not start: " + proc.stdout.read().decode())
+    proc, url = spawn(workers=4)
     yield url
     proc.terminate()
     proc.wait(10)
