@@ -67,9 +67,11 @@ class SlotState(NamedTuple):
     greedy: jax.Array  # [S] bool
 
 
-def _lm_logits(model: Qwen3, h: jax.Array) -> jax.Array:
+def _lm_logits(model: Qwen3, h: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
+    """Final norm and output projection: ``h [..., D] -> [..., V]`` fp32 logits. ``head`` ``[D, V]``
+    may be passed in already materialised (the decode loop takes it once per call)."""
     h = rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
-    return jnp.dot(h, model.lm_head_weight(), preferred_element_type=jnp.float32)
+    return jnp.dot(h, model.lm_head_weight() if head is None else head, preferred_element_type=jnp.float32)
 
 
 def _chunk_forward(model: Qwen3, k_row, v_row, start, tokens, n_valid):
@@ -134,15 +136,22 @@ def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     return jnp.einsum("skgm,skmh->skgh", probs, v).astype(q.dtype).reshape(S, 1, N, H)
 
 
-def _layer_list(model: Qwen3) -> list[dict]:
-    """Each layer's weights, cast to the compute dtype, as separate arrays. Taken once per decode
-    call, outside the token loop, so the loop neither re-slices nor re-casts the stacked weights
-    (the price: one transient copy of the weights per call of ``decode_steps`` tokens)."""
+class DecodeWeights(NamedTuple):
+    """The weights one decode call reads, laid out for the token loop."""
+
+    layers: list[dict]  # per layer: its weights in the compute dtype
+    head: jax.Array  # [D, V] output projection (the tied embedding already transposed)
+
+
+def _decode_weights(model: Qwen3) -> DecodeWeights:
+    """Taken once per decode call, outside the token loop, so the loop neither re-slices, re-casts
+    nor re-transposes weights (the price: one transient copy of them per ``decode_steps`` tokens)."""
     stacked = model.layers.arrays(as_dtype(model.config.dtype))
-    return [{name: a[i] for name, a in stacked.items()} for i in range(model.config.num_hidden_layers)]
+    layers = [{name: a[i] for name, a in stacked.items()} for i in range(model.config.num_hidden_layers)]
+    return DecodeWeights(layers, model.lm_head_weight())
 
 
-def _decode_one(model: Qwen3, layers: list[dict], st: SlotState, stop_ids: jax.Array, mode: str, window: int):
+def _decode_one(model: Qwen3, w: DecodeWeights, st: SlotState, stop_ids: jax.Array, mode: str, window: int):
     """Feed every active slot's pending token, sample the next one. Returns new state and
     (token [S], logprob [S], emitted [S]). Attention reads only the first ``window`` cache positions
     (the caller guarantees every active slot stays below it during the call)."""
@@ -159,12 +168,12 @@ def _decode_one(model: Qwen3, layers: list[dict], st: SlotState, stop_ids: jax.A
     k_all, v_all = st.k, st.v
     # A static loop over layers: the weights arrive sliced per layer (once per call) and every cache
     # slice has a constant layer index, so the token loop does no dynamic slicing.
-    for i, p in enumerate(layers):
+    for i, p in enumerate(w.layers):
         q, k, v = layer_qkv(cfg, p, x, cos, sin)
         k_all = k_all.at[i, rows, :, :, write_at].set(k[:, 0].astype(k_all.dtype), mode="drop")
         v_all = v_all.at[i, rows, :, write_at].set(v[:, 0].astype(v_all.dtype), mode="drop")
         x = layer_out(cfg, p, x, _decode_attention(q, k_all[i, ..., :W], v_all[i, :, :, :W], mask))
-    logits = _lm_logits(model, x[:, 0])
+    logits = _lm_logits(model, x[:, 0], w.head)
     keys = token_keys(st.base_keys, st.counters)
     tok, lp = sample(logits, keys, st.temperature, st.top_k, st.top_p, st.greedy, mode)
     act = st.active
@@ -312,13 +321,13 @@ class Engine:
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "window"))
         def step(params, st, steps, mode, window):
             model = nnx.merge(g, params)
-            layers = _layer_list(model)
+            weights = _decode_weights(model)
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
 
             def body(carry):
                 i, st, (toks, lps, emitted) = carry
-                st, (tok, lp, act) = _decode_one(model, layers, st, self.stop_ids, mode, window)
+                st, (tok, lp, act) = _decode_one(model, weights, st, self.stop_ids, mode, window)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
