@@ -175,14 +175,15 @@ def test_update_params_uses_the_new_arrays(ckpt):
     assert engine.params["layers"]["up"][...] is nnx.state(other)["layers"]["up"][...]  # no copy
 
 
-def test_decode_window_follows_the_live_lengths(ckpt):
+def test_cache_capacity_follows_the_live_lengths(ckpt):
     path, hf = ckpt
     engine = Engine(load_pretrained(path), num_slots=2, max_len=1000, decode_steps=8)
-    assert [engine.window(n) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
+    assert [engine.capacity_for(n) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
     p = prompts(1)[0]
     seen = []
     real = engine._step
-    engine._step = lambda *a, **k: (seen.append(k["window"]), real(*a, **k))[1]
+    engine._step = lambda *a, **k: (seen.append(engine.capacity), real(*a, **k))[1]
     out, = engine.generate([Request(p, max_new_tokens=70, sampling=SamplingParams(greedy=True))])
-    assert out.token_ids == hf_greedy(hf, p, 70)  # windows grow from 64 to 128 mid-generation
+    assert out.token_ids == hf_greedy(hf, p, 70)  # the cache grows from 64 to 128 mid-generation
     assert seen[0] == 64 and seen[-1] == 128 and max(seen) < 1000
+    assert engine.capacity == 64 and engine.state.v[0].shape[2] == 64  # every slot free: small again
