@@ -154,7 +154,7 @@ def _update_flops(student, teacher, tokens: int, seq: int) -> float:
         D, F, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
         N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         proj = D * H * (N + 2 * K) + N * H * D + 3 * D * F
-        attn = 2 * seq * N * H  # QK^T and PV over the full (masked) length, as computed
+        attn = seq * N * H  # QK^T and PV over the causal half: seq / 2 keys per query on average
         return 2.0 * (L * (proj + attn) + D * V)
 
     return tokens * (fwd_per_token(student) * 4 + fwd_per_token(teacher))
@@ -182,8 +182,9 @@ def bench_train_step(args: argparse.Namespace) -> list[dict]:
     from sod_jax.train_step import RLBatch, UpdateSpec, build_update, init_optimizer, make_optimizer
 
     B, T, M = args.batch, args.seq, args.mini_batches
-    s_cfg = preset("bench-student", scan_layers=True, remat="none")
-    t_cfg = preset("bench-teacher", scan_layers=True, remat="none")
+    blk = args.attention_block
+    s_cfg = preset("bench-student", scan_layers=True, remat="none", attention_block=blk)
+    t_cfg = preset("bench-teacher", scan_layers=True, remat="none", attention_block=blk)
     rng = np.random.RandomState(0)
     ids = rng.randint(0, s_cfg.vocab_size, (B, T)).astype(np.int32)
     resp = np.zeros((B, T), np.int32)  # prompt T/4, then 3 assistant turns split by tool outputs
@@ -208,10 +209,9 @@ def bench_train_step(args: argparse.Namespace) -> list[dict]:
         jax.block_until_ready(met)
 
     ours_step()  # compile
-    ours = _time(ours_step, args.repeats)
-
-    # --- PyTorch eager, identical shapes and math
-    base = _torch_update_time(s_cfg, t_cfg, ids, resp, rewards, groups, M, args.repeats)
+    # --- PyTorch eager, identical shapes and math; the two run alternately
+    torch_step = _torch_update_step(s_cfg, t_cfg, ids, resp, rewards, groups, M)
+    ours, base = _time_pair(ours_step, torch_step, args.repeats)
 
     tokens = B * T
     flops = _update_flops(s_cfg, t_cfg, tokens, T)
@@ -223,8 +223,8 @@ def bench_train_step(args: argparse.Namespace) -> list[dict]:
              "matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].platform}]
 
 
-def _torch_update_time(s_cfg, t_cfg, ids, resp, rewards, groups, M: int, repeats: int) -> float:
-    """The same SOD update in PyTorch eager with transformers' Qwen3 (the baseline)."""
+def _torch_update_step(s_cfg, t_cfg, ids, resp, rewards, groups, M: int) -> Callable:
+    """The same SOD update in PyTorch eager with transformers' Qwen3 (the baseline), warmed up."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -285,7 +285,7 @@ def _torch_update_time(s_cfg, t_cfg, ids, resp, rewards, groups, M: int, repeats
                 opt.step()
 
     step()  # warm-up
-    return _time(step, repeats)
+    return step
 
 
 def bench_rollout(args: argparse.Namespace) -> list[dict]:
@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     ts.add_argument("--seq", type=int, default=512)
     ts.add_argument("--mini-batches", type=int, default=4)
     ts.add_argument("--repeats", type=int, default=3)
+    ts.add_argument("--attention-block", type=int, default=128,
+                    help="causal attention block (model.attention_block; 0 = dense [T, T])")
     ts.set_defaults(fn=bench_train_step)
     sw = sub.add_parser("sod-weights", help="jitted step weights vs a per-token Python loop (higher ratio is better)")
     sw.add_argument("--batch", type=int, default=64)

@@ -53,6 +53,7 @@ class ModelConfig:
     scan_layers: bool = _f(True, "Run the decoder layers with lax.scan over stacked weights (flat compile time).")
     remat: Literal["none", "full", "dots"] = _f("full", "Rematerialisation per layer in the backward pass: none, full, or save only matmul outputs (dots).")
     logprob_chunk: int = _f(256, "Sequence chunk for sampled-token log-probs; never materialises [B, T, V].")
+    attention_block: int = _f(512, "Sequences longer than this run causal attention in blocks of this many tokens (O(T x block) memory, masked blocks skipped; student and teacher); 0 = always dense [T, T].")
 
 
 @dataclass
@@ -452,6 +453,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
          f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches})")
     need(cfg.model.logprob_chunk >= 1, f"model.logprob_chunk must be >= 1, got {cfg.model.logprob_chunk}")
+    need(cfg.model.attention_block >= 0, f"model.attention_block must be >= 0, got {cfg.model.attention_block}")
     need(cfg.reward.overlong_buffer_len < r.max_response_length,
          f"reward.overlong_buffer_len ({cfg.reward.overlong_buffer_len}) must be < rollout.max_response_length ({r.max_response_length})")
     for name in ("data", "fsdp", "tensor"):

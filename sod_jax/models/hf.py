@@ -307,8 +307,8 @@ def load_pretrained(
     """Load an HF Qwen3 checkpoint directory into a :class:`Qwen3`.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; ``mesh`` (optional) places
-    each weight directly in the sharding its logical axes name. ``runtime`` passes ``scan_layers``
-    and ``remat`` through to :class:`Qwen3Config`.
+    each weight directly in the sharding its logical axes name. ``runtime`` passes ``scan_layers``,
+    ``remat`` and ``attention_block`` through to :class:`Qwen3Config`.
     """
     root = resolve_checkpoint_dir(path)
     cfg = read_config(root, dtype=dtype, param_dtype=param_dtype, **runtime)

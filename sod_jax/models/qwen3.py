@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sod_jax.models.blocked_attention import blocked_attention
 from sod_jax.parallel import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -55,6 +56,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # dtype weights are stored in
     scan_layers: bool = True  # lax.scan over the stacked layer weights
     remat: str = "none"  # none | full | dots: what the backward pass may keep per layer
+    attention_block: int = 512  # full-sequence attention beyond this many tokens runs in causal blocks
 
     def replace(self, **kw) -> "Qwen3Config":
         return dataclasses.replace(self, **kw)
@@ -157,10 +159,24 @@ def layer_out(cfg: Qwen3Config, p: dict, x: jax.Array, attn: jax.Array) -> jax.A
     return constrain(x, ("batch", None, None))
 
 
+class SelfMask(NamedTuple):
+    """Causal self-attention mask as ``[B, T]`` vectors, for :func:`blocked_attention` (the dense
+    ``[B, T, T]`` mask would be O(T^2))."""
+
+    valid: jax.Array  # [B, T] bool
+    segment_ids: Optional[jax.Array]  # [B, T] or None
+    block: int
+
+
 def decoder_layer(cfg: Qwen3Config, p: dict, x: jax.Array, cos, sin, mask) -> jax.Array:
-    """One full-sequence decoder layer (no cache): ``x [B, T, D]`` -> ``[B, T, D]``."""
+    """One full-sequence decoder layer (no cache): ``x [B, T, D]`` -> ``[B, T, D]``. ``mask`` is a
+    dense ``[B, T, T]`` mask or a :class:`SelfMask` (blocked attention)."""
     q, k, v = layer_qkv(cfg, p, x, cos, sin)
-    return layer_out(cfg, p, x, attention(q, k, v, mask))
+    if isinstance(mask, SelfMask):
+        attn = blocked_attention(q, k, v, mask.valid, mask.segment_ids, mask.block)
+    else:
+        attn = attention(q, k, v, mask)
+    return layer_out(cfg, p, x, attn)
 
 
 _REMAT = {
@@ -290,8 +306,10 @@ class Qwen3(nnx.Module):
         if positions is None:
             positions = default_positions(input_ids, attention_mask, segment_ids)
         valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-        idx = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
-        mask = attention_mask_from(idx, valid, segment_ids)
+        if cfg.attention_block and T > cfg.attention_block:
+            mask = SelfMask(valid, segment_ids, cfg.attention_block)  # O(T x block) memory
+        else:
+            mask = attention_mask_from(jnp.broadcast_to(jnp.arange(T)[None], (B, T)), valid, segment_ids)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
         x = self.embed_tokens(input_ids)
         x = run_layers(cfg, self.layers.arrays(as_dtype(cfg.dtype)), x, cos, sin, mask)
