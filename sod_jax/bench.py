@@ -216,8 +216,8 @@ def bench_train_step(args: argparse.Namespace) -> list[dict]:
     tokens = B * T
     flops = _update_flops(s_cfg, t_cfg, tokens, T)
     peak = _matmul_peak()
-    return [{"bench": "train-step", "B": B, "T": T, "mini_batches": M, "ours": round(tokens / ours),
-             "baseline": round(tokens / base), "ratio": round(base / ours, 2), "unit": "tokens/s",
+    return [{"bench": "train-step", "B": B, "T": T, "mini_batches": M, "attention_block": blk,
+             "ours": round(tokens / ours), "baseline": round(tokens / base), "ratio": round(base / ours, 2), "unit": "tokens/s",
              "ours_s": round(ours, 4), "baseline_s": round(base, 4), "mfu": round(flops / ours / peak, 3),
              "baseline_mfu": round(flops / base / peak, 3), "update_gflop": round(flops / 1e9, 2),
              "matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].platform}]
