@@ -56,7 +56,8 @@ def test_greedy_equals_transformers_with_continuous_batching(ckpt, mesh_shape):
         assert o.finish_reason == "length" and len(o.logprobs) == 64
 
 
-def test_extend_equals_full_prefill(ckpt):
+@pytest.mark.parametrize("tool_len", [5, 40])  # 40: the extension grows the cache from 64 to 96 positions
+def test_extend_equals_full_prefill(ckpt, tool_len):
     path, hf = ckpt
     model = load_pretrained(path)
     engine = Engine(model, num_slots=2, max_len=96, decode_steps=8, prefill_buckets=(16, 32))
@@ -70,8 +71,10 @@ def test_extend_equals_full_prefill(ckpt):
         if not active[1]:
             break
     assert len(generated) == 12
-    tool = [7, 8, 9, 10, 11]
+    tool = [7 + i % 100 for i in range(tool_len)]
+    assert engine.capacity == 64
     _, _, _, logits = engine.extend(1, tool, budget=5, return_logits=True)
+    assert engine.capacity == (64 if tool_len == 5 else 96)
     full = p + generated + tool
     np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits)[0], atol=1e-4)
     with torch.no_grad():
@@ -173,6 +176,22 @@ def test_update_params_uses_the_new_arrays(ckpt):
     assert after != before
     assert after == Engine(other, num_slots=2, max_len=48).generate(req)[0].token_ids
     assert engine.params["layers"]["up"][...] is nnx.state(other)["layers"]["up"][...]  # no copy
+
+
+def test_host_knows_when_budgets_are_spent(ckpt):
+    """may_generate turns False exactly when every slot's budget is spent, without a device sync;
+    a decode call whose slots all stop early ends there (no tokens emitted after the stop)."""
+    path, _ = ckpt
+    engine = Engine(load_pretrained(path), num_slots=2, max_len=96, decode_steps=8)
+    prefix = engine.prefill(prompts(2))
+    engine.insert(prefix, [0, 1], [SamplingParams(greedy=True)] * 2, [0, 0], [0, 0], [6, 11], src=[0, 1])
+    calls = 0
+    while engine.may_generate():
+        tok, _, emitted, active = engine.step(4)
+        calls += 1
+    assert calls == 3  # 10 more tokens for slot 1 need 3 calls of 4; slot 0 (5 more) is done after 2
+    assert not active.any() and emitted[2:, 1].sum() == 0 and emitted[:2, 1].all()
+    assert engine.may_generate([0]) is False
 
 
 def test_cache_capacity_follows_the_live_lengths(ckpt):
