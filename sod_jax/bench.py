@@ -17,7 +17,8 @@ Benches:
   sod-weights  jitted segment-sum SOD step weights versus a per-token Python loop (the reference's
            approach) on B=64, T=8192 with ~8 steps per row.
   memory   compiled temporary memory of chunked sampled-token log-probs (value and gradient)
-           versus the naive [T, V] log-softmax gather, at Qwen3's vocabulary.
+           versus the naive [T, V] log-softmax gather, at Qwen3's vocabulary; and of one layer's
+           blocked causal attention (forward and backward) versus dense [T, T] scores.
 """
 
 from __future__ import annotations
@@ -53,7 +54,33 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
         rows.append({"bench": "memory", "mode": mode, "T": T, "V": V, "D": D, "chunk": chunk,
                      "ours": o, "baseline": b, "ratio": round(o / b, 5),
                      "ours_over_one_fp32_TxV": round(o / logits_bytes, 5), "unit": "bytes (compiled temp)"})
+    rows.append(_attention_memory(T, args.attention_block))
     return rows
+
+
+def _attention_memory(T: int, block: int) -> dict:
+    """Compiled temp bytes of one layer's causal attention, forward and backward, at Qwen3-1.7B's
+    head layout (16 query heads, 8 kv heads, head dim 128): blocked versus dense ``[T, T]`` scores."""
+    import jax
+    import jax.numpy as jnp
+
+    from sod_jax.models.blocked_attention import blocked_attention
+    from sod_jax.models.qwen3 import attention, attention_mask_from
+
+    N, K, H = 16, 8, 128
+    q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, T, K, H), jnp.float32)
+    valid = jnp.ones((1, T), bool)
+
+    def temp(fn: Callable) -> int:
+        g = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
+        return int(jax.jit(g).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes)
+
+    mask = lambda: attention_mask_from(jnp.arange(T)[None], valid, None)  # noqa: E731
+    o = temp(lambda q, k, v: blocked_attention(q, k, v, valid, None, block))
+    b = temp(lambda q, k, v: attention(q, k, v, mask()))
+    return {"bench": "memory", "mode": "attention_value_and_grad", "T": T, "heads": f"{N}/{K}x{H}",
+            "block": block, "ours": o, "baseline": b, "ratio": round(o / b, 5), "unit": "bytes (compiled temp)"}
 
 
 def _time(fn: Callable, repeats: int) -> float:
@@ -450,6 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--vocab", type=int, default=151936, help="vocabulary size V (Qwen3: 151936)")
     mem.add_argument("--hidden", type=int, default=64, help="hidden size D")
     mem.add_argument("--chunk", type=int, default=256, help="tokens per log-prob chunk")
+    mem.add_argument("--attention-block", type=int, default=512, help="blocked attention block (model.attention_block)")
     mem.set_defaults(fn=bench_memory)
     args = parser.parse_args(argv)
     for row in args.fn(args):
