@@ -9,9 +9,9 @@ the positions that can be live, straight from the cache buffers, without slicing
   standalone cache row and returns it with the next-token logits.
 * :meth:`Engine.insert` copies that row into one or many slots at once (a GRPO group shares one
   prefill) and samples each slot's first token with the slot's own key.
-* :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call
-  (``lax.scan``); stop ids, per-slot token budgets and the cache capacity are checked on device, so
-  the host syncs once per call, not per token.
+* :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call (a
+  ``lax.while_loop`` that ends early once no slot is active); stop ids, per-slot token budgets and
+  the cache capacity are checked on device, so the host syncs once per call, not per token.
 * :meth:`Engine.extend` appends tokens (a tool response) to a finished slot's cache row without
   re-running its context and samples the next token: the multi-turn agent's fast path.
 * :meth:`Engine.generate` is the continuous-batching scheduler over whole requests: finished slots
@@ -88,7 +88,7 @@ def _chunk_forward(model: Qwen3, k_row: list, v_row: list, start, tokens, n_vali
     mask = (key_idx <= positions[:, :, None]) & (key_idx < start + n_valid)  # [1, C, cap]
     x = model.embed_tokens(tokens[None])
     k_out, v_out = [], []
-    for p, k_l, v_l in zip(_decode_weights(model).layers, k_row, v_row):
+    for p, k_l, v_l in zip(_layer_list(model), k_row, v_row):
         q, k, v = layer_qkv(cfg, p, x, cos, sin)
         k_l = jax.lax.dynamic_update_slice(k_l, k[0].transpose(1, 2, 0).astype(k_l.dtype), (0, 0, start))
         v_l = jax.lax.dynamic_update_slice(v_l, v[0].transpose(1, 0, 2).astype(v_l.dtype), (0, start, 0))
@@ -145,9 +145,13 @@ class DecodeWeights(NamedTuple):
 def _decode_weights(model: Qwen3) -> DecodeWeights:
     """Taken once per decode call, outside the token loop, so the loop neither re-slices, re-casts
     nor re-transposes weights (the price: one transient copy of them per ``decode_steps`` tokens)."""
+    return DecodeWeights(_layer_list(model), model.lm_head_weight())
+
+
+def _layer_list(model: Qwen3) -> list[dict]:
+    """Each layer's weights, sliced from the stacked arrays and cast to the compute dtype."""
     stacked = model.layers.arrays(as_dtype(model.config.dtype))
-    layers = [{name: a[i] for name, a in stacked.items()} for i in range(model.config.num_hidden_layers)]
-    return DecodeWeights(layers, model.lm_head_weight())
+    return [{name: a[i] for name, a in stacked.items()} for i in range(model.config.num_hidden_layers)]
 
 
 def _decode_one(model: Qwen3, w: DecodeWeights, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int):
