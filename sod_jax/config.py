@@ -270,6 +270,11 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"mapping of {_type_name(k)} to {_type_name(v)}"
+    if tp is Any:
+        return "any"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -292,6 +297,13 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError
         return [_coerce(v, inner) for v in value]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise TypeError
+        return {_coerce(k, k_tp): _coerce(v, v_tp) for k, v in value.items()}
+    if tp is Any:
+        return value
     if tp is type(None):
         if value is None:
             return None

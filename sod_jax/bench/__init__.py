@@ -1,0 +1,1 @@
+"""Benchmarks against baselines run in the same process: ``python -m sod_jax.bench --help``."""
