@@ -63,6 +63,8 @@ class TeacherConfig:
     path: Optional[str] = _f(None, "HF checkpoint directory of the teacher (the paper: a GRPO-trained Qwen3-4B).")
     param_dtype: Literal["float32", "bfloat16"] = _f("bfloat16", "Dtype the frozen teacher weights are stored in.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of the teacher forward pass.")
+    logprob_chunk: int = _f(256, "Sequence chunk for the teacher's sampled-token log-probs (its own, as the teacher may be larger than the student).")
+    attention_block: int = _f(512, "Teacher sequences longer than this run causal attention in blocks of this many tokens; 0 = always dense [T, T].")
 
 
 @dataclass
@@ -176,7 +178,8 @@ class TrainConfig:
     """The RL loop."""
 
     prompts_per_step: int = _f(64, "Prompts per RL step (x rollout.n trajectories).")
-    mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each).")
+    mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each); rows are dealt to them in turn (row r to mini-batch r % mini_batches).")
+    micro_batch_size: int = _f(0, "Trajectories per micro-batch across the whole mesh (gradients accumulated over a mini-batch's micro-batches, same result as unsplit); 0 = one micro-batch per mini-batch. Also bounds the old-policy and teacher forward passes.")
     epochs: int = _f(1, "Passes over each step's rollouts.")
     total_steps: int = _f(1000, "RL steps to run.")
     seed: int = _f(0, "Seed of sampling and initialisation.")

@@ -10,15 +10,16 @@ independent of T, for values and gradients alike.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 
-def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, with_entropy: bool):
+def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, with_entropy: bool, temperature: float):
     """h ``[C, D]``, w ``[D, V]``, y ``[C]`` -> (log p(y) ``[C]``, entropy ``[C]`` or zeros)."""
     logits = jnp.dot(h, w, preferred_element_type=jnp.float32)  # [C, V]
+    if temperature != 1.0:  # in fp32, after the matmul: logits / T as the sampler applies it
+        logits = logits / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
     picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
     if with_entropy:
@@ -29,15 +30,17 @@ def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, with_entropy: bool):
     return picked - lse, ent
 
 
-@partial(jax.jit, static_argnames=("chunk", "with_entropy"))
+@partial(jax.jit, static_argnames=("chunk", "with_entropy", "temperature"))
 def token_logprobs_and_entropy(
     hidden: jax.Array,  # [B, T, D]
     lm_head: jax.Array,  # [D, V]
     targets: jax.Array,  # [B, T] int
     chunk: int = 256,
     with_entropy: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(log p(targets) ``[B, T]``, entropy of the full distribution ``[B, T]``), both fp32."""
+    """(log p(targets) ``[B, T]``, entropy of the full distribution ``[B, T]``), both fp32, of
+    ``softmax(logits / temperature)``."""
     B, T, D = hidden.shape
     n = B * T
     chunk = max(1, min(chunk, n))
@@ -46,7 +49,7 @@ def token_logprobs_and_entropy(
     h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(n_chunks, chunk, D)
     y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(n_chunks, chunk)
 
-    body = jax.checkpoint(partial(_chunk_stats, with_entropy=with_entropy))
+    body = jax.checkpoint(partial(_chunk_stats, with_entropy=with_entropy, temperature=float(temperature)))
 
     def step(carry, xs):
         return carry, body(xs[0], lm_head, xs[1])
@@ -60,17 +63,14 @@ def token_logprobs(
     lm_head: jax.Array,  # [D, V]
     targets: jax.Array,  # [B, T] int
     chunk: int = 256,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """log p(targets) ``[B, T]`` (fp32) without ever building ``[B, T, V]``; differentiable."""
-    return token_logprobs_and_entropy(hidden, lm_head, targets, chunk=chunk, with_entropy=False)[0]
+    return token_logprobs_and_entropy(hidden, lm_head, targets, chunk=chunk, with_entropy=False,
+                                      temperature=temperature)[0]
 
 
 def naive_token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array) -> jax.Array:
     """Reference: full ``[B, T, V]`` log-softmax and gather. For tests and the memory benchmark only."""
     logits = jnp.einsum("btd,dv->btv", hidden, lm_head, preferred_element_type=jnp.float32)
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-
-
-def shift_targets(input_ids: jax.Array, pad_id: Optional[int] = 0) -> jax.Array:
-    """Next-token targets ``[B, T]``: position t predicts token t+1 (the last one gets ``pad_id``)."""
-    return jnp.concatenate([input_ids[:, 1:], jnp.full_like(input_ids[:, :1], pad_id)], axis=1)
