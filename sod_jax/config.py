@@ -14,6 +14,7 @@ This module is a leaf: it imports nothing from the rest of ``sod_jax``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -31,11 +32,16 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says what and where."""
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best in the field list
-    """A dataclass field with a default and a help string (lists/dicts get a factory)."""
+def _f(default: Any, help: str, implemented: bool = True) -> Any:  # noqa: A002 - `help` reads best in the field list
+    """A dataclass field with a default and a help string (lists, dicts and nested sections get a
+    factory). ``implemented=False``: the key is documented and accepted at its default, but any
+    other value fails with "not implemented yet" (never silently ignored)."""
+    meta = {"help": help, "implemented": implemented}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +54,7 @@ class ModelConfig:
     """The student policy."""
 
     path: Optional[str] = _f(None, "HF checkpoint directory (or Hub id when online) of the cold-start SFT student.")
+    tokenizer: Optional[str] = _f(None, "Directory with tokenizer.json / tokenizer_config.json (None: model.path).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of activations and matmuls.")
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of the master weights.")
     scan_layers: bool = _f(True, "Run the decoder layers with lax.scan over stacked weights (flat compile time).")
@@ -197,6 +204,16 @@ class MeshConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-controller start-up (``jax.distributed.initialize``). On TPU pods and under SLURM leave
+    all three unset: JAX detects them. Local multi-process runs set them."""
+
+    coordinator: Optional[str] = _f(None, "host:port of process 0's coordination service (None: auto-detect).")
+    num_processes: Optional[int] = _f(None, "Number of processes (None: auto-detect; 1: single process, no initialisation).")
+    process_id: Optional[int] = _f(None, "This process's index in [0, num_processes) (None: auto-detect).")
+
+
+@dataclass
 class CheckpointConfig:
     """orbax checkpoints."""
 
@@ -245,6 +262,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -278,12 +296,45 @@ def _type_name(tp: Any) -> str:
         return f"mapping of {_type_name(k)} to {_type_name(v)}"
     if tp is Any:
         return "any"
+    if dataclasses.is_dataclass(tp):
+        return f"{tp.__name__} mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+class _BadNested(TypeError):
+    """A problem inside a nested value: ``path`` (``.field``, ``[key]``, ``[0]``) and what is wrong."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(msg)
+        self.path, self.msg = path, msg
+
+
+def _coerce_in(value: Any, tp: Any, path: str) -> Any:
+    """:func:`_coerce` of an element at ``path``: errors say where inside the value they are."""
+    try:
+        return _coerce(value, tp)
+    except _BadNested as e:
+        raise _BadNested(path + e.path, e.msg) from None
+    except TypeError:
+        raise _BadNested(path, f"must be {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
 def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats only."""
+    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats only.
+    Nested dataclasses are built from mappings (unknown fields rejected, by name)."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise TypeError
+        known = _fields(tp)
+        out = tp()
+        for k, v in value.items():
+            if k not in known:
+                raise _BadNested(f".{k}", f"unknown field; valid fields: {', '.join(known)}")
+            setattr(out, k, _coerce_in(v, known[k][1], f".{k}"))
+        return out
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -299,12 +350,12 @@ def _coerce(value: Any, tp: Any) -> Any:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise TypeError
-        return [_coerce(v, inner) for v in value]
+        return [_coerce_in(v, inner, f"[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         k_tp, v_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise TypeError
-        return {_coerce(k, k_tp): _coerce(v, v_tp) for k, v in value.items()}
+        return {_coerce(k, k_tp): _coerce_in(v, v_tp, f"[{k!r}]") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is type(None):
@@ -371,6 +422,8 @@ def _set(cfg: Config, key: str, value: Any, source: str) -> None:
     tp = fields[name][1]
     try:
         setattr(sec_obj, name, _coerce(value, tp))
+    except _BadNested as e:
+        raise ConfigError(f"config key '{key}{e.path}' in {source}: {e.msg}") from None
     except TypeError:
         raise ConfigError(
             f"config key '{key}' in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
@@ -478,6 +531,27 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
     need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0 (0: no split), got {t.micro_batch_size}")
+    rows = t.prompts_per_step * r.n // max(t.mini_batches, 1)
+    need(t.micro_batch_size == 0 or rows % t.micro_batch_size == 0,
+         f"train.micro_batch_size ({t.micro_batch_size}) must divide the trajectories per mini-batch "
+         f"(train.prompts_per_step * rollout.n / train.mini_batches = {rows})")
+    need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    need(cfg.teacher.logprob_chunk >= 1, f"teacher.logprob_chunk must be >= 1, got {cfg.teacher.logprob_chunk}")
+    need(cfg.teacher.attention_block >= 0, f"teacher.attention_block must be >= 0, got {cfg.teacher.attention_block}")
+    d = cfg.distributed
+    need(d.num_processes is None or d.num_processes >= 1,
+         f"distributed.num_processes must be >= 1, got {d.num_processes}")
+    need(d.process_id is None or (d.process_id >= 0 and (d.num_processes is None or d.process_id < d.num_processes)),
+         f"distributed.process_id must be in [0, distributed.num_processes), got {d.process_id}")
+    need(not (d.num_processes and d.num_processes > 1 and d.process_id is not None and not d.coordinator),
+         "distributed.num_processes > 1 with an explicit process_id needs distributed.coordinator (host:port of process 0)")
+    for sec, (_, sec_tp) in _fields(Config).items():
+        for name, (f, _tp) in _fields(sec_tp).items():
+            if not f.metadata.get("implemented", True):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                need(getattr(getattr(cfg, sec), name) == default,
+                     f"{sec}.{name} is not implemented yet; remove it or leave it at its default {default!r}")
     if problems:
         raise ConfigError(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
 
@@ -486,11 +560,14 @@ def reference_markdown() -> str:
     """The config reference (one table per section) for the README."""
     lines = []
     for sec, (_, sec_tp) in _fields(Config).items():
-        lines.append(f"**`{sec}`**: {sec_tp.__doc__.strip()}\n")
+        lines.append(f"**`{sec}`**: {' '.join(sec_tp.__doc__.split())}\n")
         lines.append("| key | type | default | meaning |\n|---|---|---|---|")
         for name, (f, tp) in _fields(sec_tp).items():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{sec}.{name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata['help']} |")
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+            note = "" if f.metadata.get("implemented", True) else " (not implemented yet: only the default is accepted)"
+            lines.append(f"| `{sec}.{name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata['help']}{note} |")
         lines.append("")
     return "\n".join(lines)
 

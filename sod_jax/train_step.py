@@ -247,6 +247,9 @@ def sequence_logprobs(graphdef: Any, params: Any, input_ids, positions, attentio
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
                                  segment_ids=segment_ids)
+    # Batch-sharded hidden states (and, in the backward pass, their cotangent): the partitioner
+    # then never reshards them between the embed- and batch-split layouts.
+    hidden = parallel.constrain(hidden, ("batch", None, None))
     targets = input_ids[:, 1:]
     lp, ent = token_logprobs_and_entropy(hidden[:, :-1], model.lm_head_weight(), targets, chunk=chunk,
                                          with_entropy=with_entropy, temperature=temperature)
