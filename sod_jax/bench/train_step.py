@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable
-
 from sod_jax.bench.timing import best_time, best_time_pair
 
 
@@ -39,7 +37,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from flax import nnx
 
     from sod_jax.config import OptimConfig
-    from sod_jax.models import init_model, preset
+    from sod_jax.models import preset
     from sod_jax.train_step import RLBatch, UpdateSpec, build_update, init_train_state, make_optimizer
 
     B, T, M = args.batch, args.seq, args.mini_batches
@@ -54,9 +52,21 @@ def run(args: argparse.Namespace) -> list[dict]:
     rewards = rng.rand(B).astype(np.float32)
     groups = np.repeat(np.arange(B // 4), 4).astype(np.int32)
 
+    # Both sides start from the same random weights (transformers models, loaded into ours), so their
+    # first updates must agree: the bench reports both losses.
+    import tempfile
+
+    from sod_jax.models import load_pretrained
+
+    s_torch, t_torch = hf_qwen3(s_cfg, 0), hf_qwen3(t_cfg, 1)
+    runtime = dict(scan_layers=True, remat="none", attention_block=blk)
+    with tempfile.TemporaryDirectory() as tmp:
+        s_torch.save_pretrained(f"{tmp}/s")
+        t_torch.save_pretrained(f"{tmp}/t")
+        s_graph, s_params = nnx.split(load_pretrained(f"{tmp}/s", **runtime))
+        t_graph, t_params = nnx.split(load_pretrained(f"{tmp}/t", **runtime))
+
     # --- ours
-    s_graph, s_params = nnx.split(init_model(s_cfg, seed=0))
-    t_graph, t_params = nnx.split(init_model(t_cfg, seed=1))
     tx = make_optimizer(OptimConfig(lr=1e-6), total_steps=1000)
     state = {"s": init_train_state(tx, s_params, seed=0)}
     spec = UpdateSpec(mode="sod", mini_batches=M, num_groups=B // 4, logprob_chunk=1024)
@@ -66,12 +76,13 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     def ours_step():
         state["s"], met = update(state["s"], t_params, batch)
-        jax.block_until_ready(met)
+        return jax.block_until_ready(met)
 
-    ours_step()  # compile
+    first_ours = float(ours_step()["pg_loss"])  # also compiles
     # --- PyTorch eager, identical shapes and math; the two run alternately
-    torch_step = _torch_update_step(s_cfg, t_cfg, ids, resp, rewards, groups, M)
-    ours, base = best_time_pair(ours_step, torch_step, args.repeats)
+    torch_update = TorchUpdate(s_torch, t_torch, lr=1e-6)
+    first_base = float(np.mean([m["pg_loss"] for m in torch_update(ids, resp, rewards, groups, M)["metrics"]]))
+    ours, base = best_time_pair(ours_step, lambda: torch_update(ids, resp, rewards, groups, M), args.repeats)
 
     tokens = B * T
     flops = _update_flops(s_cfg, t_cfg, tokens, T)
@@ -80,7 +91,8 @@ def run(args: argparse.Namespace) -> list[dict]:
              "ours": round(tokens / ours), "baseline": round(tokens / base), "ratio": round(base / ours, 2), "unit": "tokens/s",
              "ours_s": round(ours, 4), "baseline_s": round(base, 4), "mfu": round(flops / ours / peak, 3),
              "baseline_mfu": round(flops / base / peak, 3), "update_gflop": round(flops / 1e9, 2),
-             "matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].platform}]
+             "matmul_peak_gflops": round(peak / 1e9, 1), "device": jax.devices()[0].platform,
+             "first_pg_loss_ours": first_ours, "first_pg_loss_baseline": first_base}]
 
 
 class TorchUpdate:
@@ -165,7 +177,7 @@ class TorchUpdate:
             if torch.isfinite(gn) and torch.isfinite(loss):
                 self.opt.step()
             on = mm > 0
-            metrics.append({"pg_loss": float(loss), "grad_norm": float(gn),
+            metrics.append({"pg_loss": float(loss.detach()), "grad_norm": float(gn),
                             "clip_frac": float(took_clip[on].float().mean()),
                             "clip_frac_low": float((took_clip & (ratio < 1))[on].float().mean()),
                             "clip_frac_high": float((took_clip & (ratio > 1))[on].float().mean()),
@@ -187,17 +199,6 @@ def hf_qwen3(c, seed: int = 0):
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
         tie_word_embeddings=c.tie_word_embeddings, rope_theta=c.rope_theta, attn_implementation="sdpa"))
-
-
-def _torch_update_step(s_cfg, t_cfg, ids, resp, rewards, groups, M: int) -> Callable:
-    """The baseline's step (warmed up): :class:`TorchUpdate` on random models of the same sizes."""
-    update = TorchUpdate(hf_qwen3(s_cfg, 0), hf_qwen3(t_cfg, 1), lr=1e-6)
-
-    def step():
-        update(ids, resp, rewards, groups, M)
-
-    step()  # warm-up
-    return step
 
 
 def add_parser(sub) -> None:
