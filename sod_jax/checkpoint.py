@@ -116,6 +116,9 @@ class Checkpointer:
         self.save_every = int(save_every)
         self.keep = int(keep)
         self.last_save_blocking_s: float = 0.0  # seconds the last save() that wrote held the caller
+        absl_log = logging.getLogger("absl")
+        if absl_log.level == logging.NOTSET:  # orbax reports every save step at INFO through absl
+            absl_log.setLevel(logging.WARNING)
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
@@ -254,6 +257,56 @@ class Checkpointer:
         step = steps[-1] if step is None else int(step)
         out = self._mngr.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.JsonRestore()}))
         return step, out[EXTRA_ITEM]
+
+
+# -------------------------------------------------------------------------------------------------
+# Continuing a run's files
+# -------------------------------------------------------------------------------------------------
+
+
+def trim_jsonl(path: Union[str, os.PathLike], last_step: int, key: str = "step") -> int:
+    """Drop the records of ``path`` (JSON lines) whose ``key`` is beyond ``last_step``; returns how many.
+
+    After a resume from step N, the steps after N are run again; their old records (written before a
+    kill) would otherwise appear twice. A torn last line (killed mid-write) is dropped too. Rewrites
+    the file atomically; a missing file is fine."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)) and rec[key] > last_step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(p)
+    return dropped
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       ignore: Sequence[str] = ("checkpoint.resume",)) -> list[str]:
+    """``key: saved -> current`` for every leaf that differs between two ``Config.to_dict()`` trees."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        name = f"{prefix}{k}"
+        a, b = saved.get(k, "<unset>"), current.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".", ignore)
+        elif a != b and name not in ignore:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
