@@ -68,6 +68,14 @@ class CheckpointWarning(UserWarning):
     """A checkpoint could not be used and another one was taken instead."""
 
 
+def quiet_orbax_logs() -> None:
+    """orbax reports every save/restore stage at INFO (and absent optional files as warnings) through
+    absl; keep only errors unless the user set the ``absl`` logger's level."""
+    absl_log = logging.getLogger("absl")
+    if absl_log.level == logging.NOTSET:
+        absl_log.setLevel(logging.ERROR)
+
+
 def abstract_like(tree: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves (shape, dtype, sharding) of a tree of arrays: the restore target."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -116,9 +124,7 @@ class Checkpointer:
         self.save_every = int(save_every)
         self.keep = int(keep)
         self.last_save_blocking_s: float = 0.0  # seconds the last save() that wrote held the caller
-        absl_log = logging.getLogger("absl")
-        if absl_log.level == logging.NOTSET:  # orbax reports every save step at INFO through absl
-            absl_log.setLevel(logging.WARNING)
+        quiet_orbax_logs()
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))

@@ -84,6 +84,9 @@ class SFTCheckpointHook(SFTHook):
     def _extra(self, trainer: Any) -> dict:
         # The step's own metrics are still on the device (fetched one step late); the history holds
         # the steps before it. Records past the restored step are dropped on resume.
-        return {"config": self.cfg.to_dict(), "history": list(trainer.history),
+        from sod_jax.models.hf import config_to_hf
+
+        return {"config": self.cfg.to_dict(), "hf_config": config_to_hf(trainer.model_config, self.cfg.model.param_dtype),
+                "history": list(trainer.history),
                 "best_val_loss": trainer.best_val_loss, "since_best": trainer._since_best,
                 "total_steps": trainer.plan.total_steps}
