@@ -332,6 +332,31 @@ def filter_by_length(rows: Sequence[dict], tokenizer: Any, max_len: int, tools: 
     return kept, len(rows) - len(kept)
 
 
+def load_prompt_rows(files: Union[str, Path, Sequence[Union[str, Path]]], data_cfg: Any, tokenizer: Any, *,
+                     kind: Literal["rl", "eval"] = "rl", reward_cfg: Any = None, tools: Optional[list[dict]] = None,
+                     enable_thinking: bool = True) -> tuple[list[dict], dict]:
+    """The RL / eval prompt pipeline of a run: :func:`load_rows` (``data.on_bad_row``,
+    ``data.prompt_key``, ``reward.sources``), a scorer check of every data_source (unknown: an error
+    naming it), :class:`PromptTemplates` from ``data.prompt_templates``, and :func:`filter_by_length`
+    at ``data.max_prompt_length`` with the agent's tool block (``tools`` default: the code
+    interpreter). ``stats`` gains ``too_long`` (rows dropped by length) and ``by_source`` (rows kept per
+    data_source)."""
+    from sod_jax.chat import CODE_INTERPRETER_TOOL
+    from sod_jax.rewards.registry import check_sources
+
+    sources = getattr(reward_cfg, "sources", None) if reward_cfg is not None else None
+    rows, stats = load_rows(files, kind, getattr(data_cfg, "on_bad_row", "error"),
+                            prompt_key=getattr(data_cfg, "prompt_key", "prompt"), sources=sources)
+    check_sources({r["data_source"] for r in rows}, reward_cfg)
+    rows = PromptTemplates.from_config(data_cfg).apply_rows(rows)
+    rows, too_long = filter_by_length(rows, tokenizer, data_cfg.max_prompt_length,
+                                      [CODE_INTERPRETER_TOOL] if tools is None else tools, enable_thinking)
+    stats["too_long"] = too_long
+    stats["rows"] = len(rows)
+    stats["by_source"] = dict(Counter(r["data_source"] for r in rows))
+    return rows, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # The prompt loader (grain)
 # ---------------------------------------------------------------------------------------------

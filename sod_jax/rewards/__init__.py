@@ -18,7 +18,7 @@ from sod_jax.rewards.registry import (BUILTIN_SOURCES, SCORERS, UnknownSourceErr
                                       source_map)
 
 __all__ = ["BUILTIN_SOURCES", "SCORERS", "RewardPool", "UnknownSourceError", "check_sources", "compute_score",
-           "extract_code", "last_boxed", "score_code", "score_math_verify", "score_strict", "scorer_of",
+           "extract_code", "last_boxed", "response_text", "score_code", "score_math_verify", "score_strict", "scorer_of",
            "source_map"]
 
 
@@ -33,6 +33,13 @@ def _run(coro):
     t.start()
     t.join()
     return box["v"]
+
+
+def response_text(tokenizer: Any, response_ids: Any) -> str:
+    """The text that is scored: the whole response (assistant and tool turns) decoded without special
+    tokens, as the reference does (``<think>``, ``<tool_call>`` and the like are ordinary added tokens
+    in Qwen3's vocabulary and stay; ``<|im_end|>``, ``<|im_start|>`` go)."""
+    return tokenizer.decode(list(response_ids), skip_special_tokens=True)
 
 
 def compute_score(data_source: str, solution: str, ground_truth: Any, extra_info: Optional[dict] = None, *,

@@ -301,3 +301,28 @@ def test_state_restores_exactly_in_a_fresh_process():
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == expected
+
+
+def test_prompt_pipeline_from_config_and_parquet_through_the_loader(tmp_path, tokenizer_dir):
+    from sod_jax.config import load_config
+
+    recs = rl_records(8)
+    recs[3]["prompt"] = [{"role": "user", "content": "long " * 400}]
+    recs[5]["reward_model"] = {"style": "rule"}  # no ground truth: skipped and counted
+    f = write_parquet(tmp_path / "train.parquet", recs)
+    cfg = load_config(None, ["algo.name=grpo", "data.on_bad_row=skip", "data.max_prompt_length=1000",
+                             "data.prompt_templates={math_dapo: math}"])
+    from sod_jax.data import load_prompt_rows
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    rows, stats = load_prompt_rows(f, cfg.data, tok, reward_cfg=cfg.reward)
+    assert stats["bad_rows"] == 1 and stats["too_long"] == 1 and stats["rows"] == 6
+    assert stats["by_source"] == {"mega-science": 4, "math_dapo": 2}
+    assert rows[1]["prompt"][-1]["content"].startswith("Solve the following problem")  # math_dapo templated
+    assert rows[0]["prompt"] == recs[0]["prompt"]  # mega-science passes through
+    batches = list(PromptLoader(rows, 3, seed=0, num_epochs=1, process_index=0, process_count=1))
+    assert sorted(r["index"] for b in batches for r in b) == [0, 1, 2, 4, 6, 7]
+    recs[0]["data_source"] = "unknown_set"
+    g = write_parquet(tmp_path / "unknown.parquet", recs[:1])
+    with pytest.raises(ValueError, match="'unknown_set'"):
+        load_prompt_rows(g, cfg.data, tok, reward_cfg=cfg.reward)

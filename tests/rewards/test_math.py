@@ -70,3 +70,13 @@ def test_registry():
         compute_score("zzz", "\\boxed{A}", "A")
     with pytest.raises(Exception, match="scorers are math, choice, code"):
         load_config(None, ["algo.name=grpo", "reward.sources={x: regex}"])
+
+
+def test_response_text_keeps_think_and_tool_tags(tokenizer_dir):
+    from sod_jax.chat import ChatTokenizer
+    from sod_jax.rewards import response_text
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    text = "<think>\nplan\n</think>\n\n<tool_call>\n{}\n</tool_call><|im_end|>\n<|im_start|>user\n\\boxed{4}<|im_end|>"
+    out = response_text(tok, tok.encode(text))
+    assert "</think>" in out and "<tool_call>" in out and "<|im_end|>" not in out and out.endswith("\\boxed{4}")
