@@ -32,7 +32,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class Trainer:
 
     def preflight(self) -> None:
         from sod_jax.algo.advantages import TEACHER_MODES
-        from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatError, ChatTokenizer
+        from sod_jax.chat import ChatError, ChatTokenizer
         from sod_jax.models.hf import CheckpointError, read_config, resolve_checkpoint_dir
         from sod_jax.train_step import check_compatible
 
@@ -127,33 +127,35 @@ class Trainer:
             if not Path(f).is_file():
                 raise SetupError(f"data file '{f}' does not exist (data.train_files / data.val_files)")
         on_bad = getattr(cfg.data, "on_bad_row", "error")
+        kw = dict(on_bad_row=on_bad, prompt_key=cfg.data.prompt_key, sources=getattr(cfg.reward, "sources", None))
         try:
-            train_rows, self.train_stats = data_mod.load_rows(cfg.data.train_files, "rl", on_bad_row=on_bad)
-            val_rows, self.val_stats = (data_mod.load_rows(cfg.data.val_files, "eval", on_bad_row=on_bad)
+            train_rows, self.train_stats = data_mod.load_rows(cfg.data.train_files, "rl", **kw)
+            val_rows, self.val_stats = (data_mod.load_rows(cfg.data.val_files, "eval", **kw)
                                         if cfg.data.val_files else ([], {}))
-        except (ValueError, KeyError) as e:
+        except ValueError as e:
             raise SetupError(str(e)) from None
         try:
             check_sources({r["data_source"] for r in train_rows + val_rows}, cfg.reward)
         except ValueError as e:
             raise SetupError(str(e)) from None
-        templates = data_mod.PromptTemplates.from_config(cfg.data)
+        try:
+            templates = data_mod.PromptTemplates.from_config(cfg.data)
+            train_rows, val_rows = templates.apply_rows(train_rows), templates.apply_rows(val_rows)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
         tools = [self.tool_schema()]
         self.tools = tools
-        for rows in (train_rows, val_rows):
-            for r in rows:
-                r["messages"] = templates.apply(r)
         self.train_rows, self.dropped_long = data_mod.filter_by_length(
-            train_rows, self.tok, cfg.data.max_prompt_length, tools)
+            train_rows, self.tok, cfg.data.max_prompt_length, tools, cfg.rollout.enable_thinking)
         val_max = getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length)
-        self.val_rows, self.val_dropped_long = data_mod.filter_by_length(val_rows, self.tok, val_max, tools)
+        self.val_rows, self.val_dropped_long = data_mod.filter_by_length(val_rows, self.tok, val_max, tools,
+                                                                         cfg.rollout.enable_thinking)
         if not self.train_rows:
             raise SetupError(f"no training prompt is shorter than data.max_prompt_length={cfg.data.max_prompt_length} "
                              f"tokens ({self.dropped_long} dropped); raise it or check the data")
         if len(self.train_rows) < cfg.train.prompts_per_step:
             raise SetupError(f"data.train_files hold {len(self.train_rows)} usable prompts but train.prompts_per_step "
                              f"is {cfg.train.prompts_per_step}; lower it or add data")
-        del CODE_INTERPRETER_TOOL
         # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
         self.sandbox = self._make_sandbox()
 
@@ -274,7 +276,7 @@ class Trainer:
     def _requests(self, rows: list[dict], step: int, n: int, first_index: int) -> list:
         from sod_jax.rollout.agent import AgentRequest
 
-        return [AgentRequest(r["messages"], n=n, seed=prompt_seed(self.cfg.train.seed, step, first_index + i),
+        return [AgentRequest(r["prompt"], n=n, seed=prompt_seed(self.cfg.train.seed, step, first_index + i),
                              id=first_index + i) for i, r in enumerate(rows)]
 
     def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
@@ -314,7 +316,7 @@ class Trainer:
             if key not in cache:
                 priv = (str(row["ground_truth"]) if mode == "opsd_gt"
                         else str((row.get("extra_info") or {}).get("hint", row["ground_truth"])))
-                msgs = [dict(m) for m in row["messages"]]
+                msgs = [dict(m) for m in row["prompt"]]
                 last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
                 msgs[last]["content"] = self.cfg.algo.opsd_template.format(prompt=msgs[last]["content"], privileged=priv)
                 cache[key] = self.agent.prompt_ids(msgs)
@@ -393,7 +395,6 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         import jax
 
-        cfg = self.cfg
         rows = next(self.loader_iter)
         ro = self._rollout(rows, step)
         t0 = time.perf_counter()
