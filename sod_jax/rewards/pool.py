@@ -138,10 +138,25 @@ class _ProcessScorer:
         self.workers = []
 
 
+def _loop_local_copy(sandbox: Any) -> Any:
+    """A copy of a known sandbox for the pool's own event loop. The local executor and the fusion
+    client hold asyncio objects bound to the loop that first used them (the agent's), so the pool runs
+    code tests on a copy with the same settings; unknown sandbox types are used as given."""
+    from sod_jax.sandbox.fusion import FusionSandbox
+    from sod_jax.sandbox.local import LocalSandbox
+
+    if isinstance(sandbox, LocalSandbox):
+        return LocalSandbox(sandbox.cfg)
+    if isinstance(sandbox, FusionSandbox):
+        return FusionSandbox(sandbox.url, max_concurrency=sandbox.max_concurrency, retries=sandbox.retries,
+                             backoff=sandbox.backoff, request_timeout=sandbox.request_timeout)
+    return sandbox
+
+
 class RewardPool:
     """Batch scorer (see the module docstring). ``reward_cfg`` is the ``reward`` config section;
-    ``sandbox`` runs code tests (default: a :class:`~sod_jax.sandbox.LocalSandbox` owned by the pool;
-    a sandbox given here is used only from the pool's own event loop thread)."""
+    ``sandbox`` runs code tests (default: a :class:`~sod_jax.sandbox.LocalSandbox` owned by the pool);
+    a given local or fusion sandbox is copied (same settings) for the pool's own event loop thread."""
 
     def __init__(self, reward_cfg: Any = None, sandbox: Any = None, *, sandbox_cfg: Any = None,
                  worker_fn: str = DEFAULT_WORKER_FN):
@@ -221,6 +236,9 @@ class RewardPool:
         return self._loop
 
     def _get_sandbox(self):
+        if self._sandbox is not None and not self._owns_sandbox and not getattr(self, "_cloned", False):
+            self._sandbox = _loop_local_copy(self._sandbox)
+            self._cloned, self._owns_sandbox = True, True
         if self._sandbox is None:
             from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 
 import pytest
@@ -72,3 +73,18 @@ def test_hanging_and_crashing_checks_score_wrong(slow_module):
         assert [o["acc"] for o in pool.score(items[:1])] == [True]
     finally:
         pool.close()
+
+
+def test_a_sandbox_shared_with_another_event_loop():
+    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
+
+    sb = LocalSandbox(LocalSandboxConfig(workers=1))
+
+    async def busy():  # the agent's loop: more runs than workers, so the executor's queue binds to it
+        return await asyncio.gather(*(sb.run(run_request("print(1)")) for _ in range(3)))
+
+    assert [r["status"] for r in asyncio.run(busy())] == ["Success"] * 3
+    item = {"data_source": "code", "solution": "```python\nprint(int(input()) + 1)\n```",
+            "ground_truth": {"inputs": ["1", "2", "3"], "outputs": ["2", "3", "4"]}}
+    with RewardPool(reward_cfg(), sandbox=sb) as pool:
+        assert [o["score"] for o in pool.score([item] * 3)] == [1.0] * 3
