@@ -1,6 +1,6 @@
 """Rows, prompt templates, length filtering and the grain prompt loader.
 
-Three row kinds are read from parquet (pyarrow) or jsonl files (one JSON object a line):
+Three row kinds are read from parquet (pyarrow), jsonl (one JSON object a line) or JSON-array files:
 
 * ``rl`` (Open-AgentRL-30K layout) and ``eval`` (Open-AgentRL-Eval layout): columns ``data_source``
   (str), ``prompt`` (list of ``{role, content}``), ``reward_model`` (``{"ground_truth": ...}``) and
@@ -63,6 +63,15 @@ def read_records(path: Union[str, Path]) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if suffix == ".json" and path.read_text().lstrip().startswith("["):  # one JSON array of records
+        try:
+            recs = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        bad = next((i for i, r in enumerate(recs) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}: record {bad} must be a JSON object, got {type(recs[bad]).__name__}")
+        return recs
     if suffix in (".jsonl", ".json"):
         out = []
         with path.open() as f:
@@ -77,7 +86,7 @@ def read_records(path: Union[str, Path]) -> list[dict]:
                     raise DataError(f"{path}: line {i + 1} must be a JSON object, got {type(rec).__name__}")
                 out.append(rec)
         return out
-    raise DataError(f"data file '{path}': unsupported format {suffix!r} (use .parquet or .jsonl)")
+    raise DataError(f"data file '{path}': unsupported format {suffix!r} (use .parquet, .jsonl or a .json array)")
 
 
 def _maybe_json(value: Any, column: str, want: type) -> Any:

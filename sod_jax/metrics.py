@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from fractions import Fraction
@@ -100,19 +101,26 @@ def bootstrap_ks(n: int) -> list[int]:
     return ks + [n]
 
 
+@functools.lru_cache(maxsize=64)
 def _resample(n: int, k: int, n_bootstrap: int, seed: int) -> np.ndarray:
     """``[n_bootstrap, k]`` indices: the draws of ``n_bootstrap`` successive ``np.random.choice(n, k)``
-    calls after ``np.random.seed(seed)`` (legacy Mersenne Twister), without touching the global RNG."""
-    rng = np.random.RandomState(seed)
-    return np.stack([rng.choice(n, size=k, replace=True) for _ in range(n_bootstrap)])
+    calls after ``np.random.seed(seed)`` (legacy Mersenne Twister; one call of shape
+    ``[n_bootstrap, k]`` draws the same stream), without touching the global RNG. The reference
+    re-seeds before every figure, so every prompt with n samples sees the same draws: cached."""
+    idx = np.random.RandomState(seed).choice(n, size=(n_bootstrap, k), replace=True)
+    idx.setflags(write=False)
+    return idx
 
 
 def _majority_values(votes: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """Per row of ``votes`` ``[R, k]`` (int codes): the value at the first occurrence of the most
-    frequent vote, ties to the vote seen first in the row (verl's ``calc_maj_val``)."""
-    counts = (votes[:, :, None] == votes[:, None, :]).sum(-1)  # [R, k]: how often each position's vote occurs
-    pos = counts.argmax(-1)  # first position holding a most frequent vote = that vote's first occurrence
-    return vals[np.arange(len(vals)), pos]
+    """Per row of ``votes`` ``[R, k]`` (int codes in [0, m)): the value at the first occurrence of the
+    most frequent vote, ties to the vote seen first in the row (verl's ``calc_maj_val``)."""
+    r, _ = votes.shape
+    m = int(votes.max()) + 1
+    counts = np.bincount((np.arange(r)[:, None] * m + votes).ravel(), minlength=r * m).reshape(r, m)
+    per_pos = np.take_along_axis(counts, votes, axis=1)  # [R, k]: how often each position's vote occurs
+    pos = per_pos.argmax(-1)  # first position holding a most frequent vote = that vote's first occurrence
+    return vals[np.arange(r), pos]
 
 
 def prompt_bootstrap(values: Sequence[float], preds: Optional[Sequence[str]] = None, *, n_bootstrap: int = 1000,

@@ -62,6 +62,9 @@ def test_rl_parquet_and_jsonl(tmp_path):
     a = write_parquet(tmp_path / "a.parquet", recs[:4])
     b = tmp_path / "b.jsonl"
     b.write_text("".join(json.dumps(r) + "\n" for r in recs[4:]))
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(recs[:2]))
+    assert [r["index"] for r in load_rows(c, "rl")[0]] == [0, 1]  # a JSON array file
     rows, stats = load_rows([a, b], "rl")
     assert stats["rows_read"] == 6 and stats["rows"] == 6 and stats["bad_rows"] == 0
     assert [r["index"] for r in rows] == list(range(6))
