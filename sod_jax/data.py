@@ -135,6 +135,17 @@ def _messages(value: Any, column: str, sft: bool) -> list[dict]:
     return out
 
 
+def _drop_nones(x: Any) -> Any:
+    """Mappings without None values, recursively: parquet structs give every record every field of the
+    column's union type (None where a record lacks it), which a JSON schema or a call's arguments must
+    not carry."""
+    if isinstance(x, dict):
+        return {k: _drop_nones(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_nones(v) for v in x]
+    return x
+
+
 def _tool_call(call: dict, where: str) -> dict:
     call = {k: v for k, v in call.items() if v is not None}
     fn = call.get("function", call)
@@ -146,6 +157,8 @@ def _tool_call(call: dict, where: str) -> dict:
             args = json.loads(args)
         except json.JSONDecodeError:
             pass
+    if isinstance(args, dict):
+        args = _drop_nones(args)
     return {"type": call.get("type", "function"), "function": {"name": fn["name"], "arguments": args or {}}}
 
 
@@ -207,7 +220,7 @@ def _sft_row(rec: dict) -> dict:
     tools = _maybe_json(rec.get("tools"), "tools", list)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise _BadRow("tools", "must be a list of tool schemas (or a JSON string of one)")
-    return {"messages": msgs, "tools": tools or None}
+    return {"messages": msgs, "tools": _drop_nones(tools) or None}
 
 
 def load_rows(files: Union[str, Path, Sequence[Union[str, Path]]], kind: RowKind,

@@ -101,6 +101,14 @@ def test_sft_rows(tmp_path):
     assert "tool_calls" not in msgs[0] and "tool_calls" not in msgs[4]
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "code_interpreter", "arguments": {"code": "2+2"}}
     assert rows[0]["tools"] == tools
+    # tools as a parquet struct column: schemas of different shapes get None-filled fields, dropped again
+    other = {"type": "function", "function": {"name": "search", "description": "web",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "query": {"type": "string"}}, "required": ["query"]}}}
+    recs[0]["tools"] = [CODE_INTERPRETER_TOOL, other]
+    g = write_parquet(tmp_path / "sft_struct.parquet", recs)
+    assert pq.read_table(g).to_pylist()[0]["tools"][1]["function"]["parameters"]["properties"]["code"] is None
+    assert load_rows(g, "sft")[0][0]["tools"] == [CODE_INTERPRETER_TOOL, other]
 
 
 @pytest.mark.parametrize("mutate, column, what", [
