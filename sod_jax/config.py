@@ -200,13 +200,13 @@ class MeshConfig:
 
 @dataclass
 class CheckpointConfig:
-    """orbax checkpoints."""
+    """orbax checkpoints (train state + JSON extra), resume and preemption; SFT and RL alike."""
 
-    dir: Optional[str] = _f(None, "Checkpoint directory (None: <train.out_dir>/checkpoints).")
-    save_every: int = _f(50, "Save every N steps.")
+    dir: Optional[str] = _f(None, "Checkpoint directory (None: <train.out_dir>/checkpoints, for SFT <sft.out_dir>/checkpoints).")
+    save_every: int = _f(50, "Save every N steps; a save also follows the last step and a SIGTERM/SIGINT.")
     keep: int = _f(3, "Keep the last N checkpoints.")
-    resume: bool = _f(True, "Resume from the newest checkpoint in dir.")
-    async_save: bool = _f(True, "Save in the background.")
+    resume: bool = _f(True, "Resume from the newest readable checkpoint in dir (an unreadable newer one is moved to <step>.unreadable with a warning).")
+    async_save: bool = _f(True, "Write in a background thread; the loop blocks only for the device-to-host copy (reported as checkpoint_blocking_s).")
 
 
 @dataclass
@@ -518,6 +518,8 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
     need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
     need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(cfg.checkpoint.save_every >= 1, f"checkpoint.save_every must be >= 1, got {cfg.checkpoint.save_every}")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     need(cfg.reward.timeout > 0, f"reward.timeout must be > 0, got {cfg.reward.timeout}")
     need(cfg.reward.case_timeout > 0, f"reward.case_timeout must be > 0, got {cfg.reward.case_timeout}")
     for src, scorer in cfg.reward.sources.items():

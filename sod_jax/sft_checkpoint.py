@@ -6,8 +6,10 @@
   run continues with the next planned batch. ``metrics.jsonl`` loses records past the restored step
   (they are recomputed identically); history and the early-stopping state come from the checkpoint.
 - every ``checkpoint.save_every`` steps and at the last step: an async save of ``SFTState`` plus
-  ``extra`` (resolved config, metric history, early-stopping state). The seconds each save blocked
-  the loop are added to that step's metrics as ``checkpoint_blocking_s``.
+  ``extra`` (resolved config, architecture, metric history, early-stopping state); at a step with a
+  held-out evaluation the save follows the evaluation, so a resumed run's early stopping continues
+  exactly. The seconds each save blocked the loop are added to that step's metrics (or the next
+  step's, for a save after an evaluation) as ``checkpoint_blocking_s``.
 - SIGTERM / SIGINT: the step in progress ends, a checkpoint of it is saved, the run stops without
   the final HF export and the CLI exits 0; a second signal exits at once (see
   :class:`sod_jax.checkpoint.PreemptionGuard` for the time bound).
@@ -36,6 +38,7 @@ class SFTCheckpointHook(SFTHook):
         self.guard = guard if guard is not None else PreemptionGuard()
         self._own_guard = guard is None
         self.restored_step: Optional[int] = None
+        self._after_eval: Optional[tuple[int, bool]] = None  # (step, force) of a save waiting for its eval
 
     # -- hook points -------------------------------------------------------------------------------
 
@@ -67,12 +70,32 @@ class SFTCheckpointHook(SFTHook):
 
     def on_step(self, trainer: Any, step: int) -> None:
         stopping = self.guard.stop_now()
-        last = step >= trainer.plan.total_steps
-        if self.ckpt.save(step, trainer.state, extra=self._extra(trainer), force=stopping or last):
-            trainer.step_metrics.setdefault(step, {})["checkpoint_blocking_s"] = self.ckpt.last_save_blocking_s
+        force = stopping or step >= trainer.plan.total_steps
+        s = trainer.sft
+        if trainer.val_batches and s.eval_every and step % s.eval_every == 0:
+            # A held-out evaluation of this same state follows: save after it (on_eval), so the
+            # checkpoint's early-stopping state includes it. The state is unchanged until then.
+            self._after_eval = (step, force)
+        else:
+            self._save(trainer, step, force)
         if stopping:
-            log.warning("stop requested: checkpoint of step %d saved in %s; stopping", step, self.ckpt.directory)
+            log.warning("stop requested: saving the checkpoint of step %d in %s, then stopping", step,
+                        self.ckpt.directory)
             trainer.request_stop("preempted", export=False)
+
+    def on_eval(self, trainer: Any, step: int, metrics: dict) -> bool:
+        if self._after_eval is not None and self._after_eval[0] == step:
+            self._save(trainer, step, self._after_eval[1])
+            self._after_eval = None
+        return False
+
+    def _save(self, trainer: Any, step: int, force: bool) -> None:
+        if self.ckpt.save(step, trainer.state, extra=self._extra(trainer), force=force):
+            # Reported with this step's record, or with the next one when this one is already written
+            # (a save that waited for the step's evaluation).
+            written = bool(trainer.history) and trainer.history[-1].get("step", -1) >= step
+            trainer.step_metrics.setdefault(step + 1 if written else step, {})["checkpoint_blocking_s"] = \
+                self.ckpt.last_save_blocking_s
 
     def on_end(self, trainer: Any) -> None:
         self.ckpt.close()

@@ -166,3 +166,12 @@ def test_sharded_save_restores_on_4_and_1_devices(tmp_path):
         for got, want in zip(jax.tree.leaves(st), jax.tree.leaves(target)):
             assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
             assert got.sharding.device_set == set(devices)
+
+
+@pytest.mark.parametrize("override, key", [("checkpoint.keep=0", "checkpoint.keep"),
+                                           ("checkpoint.save_every=0", "checkpoint.save_every")])
+def test_bad_checkpoint_config_names_the_key(override, key):
+    from sod_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"{key} must be >= 1"):
+        load_config(None, [override], job="sft")
