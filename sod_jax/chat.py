@@ -25,19 +25,31 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# The one tool of the TIR agent (OpenAI function schema, as rendered into the system prompt).
-CODE_INTERPRETER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "code_interpreter",
-        "description": "Execute Python code and return what it prints (stdout and stderr).",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "The Python code to execute."}},
-            "required": ["code"],
+# The tool schema text of the reference's tool config (verl's sandbox-fusion tool config, as the SOD run
+# used it). Every prompt renders it into the system block, so changing it changes what the model sees.
+REFERENCE_TOOL_DESCRIPTION = "A tool for executing code."
+REFERENCE_PARAMETER_DESCRIPTION = "The code to execute."
+
+
+def code_interpreter_tool(name: str = "code_interpreter", description: str = REFERENCE_TOOL_DESCRIPTION,
+                          parameter_description: str = REFERENCE_PARAMETER_DESCRIPTION) -> dict:
+    """The TIR agent's one tool as an OpenAI function schema (key order = what the template renders)."""
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"code": {"type": "string", "description": parameter_description}},
+                "required": ["code"],
+            },
         },
-    },
-}
+    }
+
+
+# The default schema (the reference's text), as rendered into the system prompt.
+CODE_INTERPRETER_TOOL = code_interpreter_tool()
 
 
 class ChatError(ValueError):
@@ -285,3 +297,32 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     pieces.append(rest)
     out.content = "".join(pieces).strip()
     return out
+
+
+@dataclass
+class ReferenceCall:
+    """A call the reference's hermes parser accepts: ``name`` a string, ``arguments`` any JSON value."""
+
+    name: str
+    arguments: Any
+    raw: str = ""
+
+
+def parse_tool_calls_reference(text: str) -> list[ReferenceCall]:
+    """The calls the reference (verl's ``HermesToolParser``) extracts from an assistant turn.
+
+    No call at all unless the text holds both ``<tool_call>`` and ``</tool_call>``; each block must
+    decode to a JSON object with a string ``name`` and an ``arguments`` key (any value). Blocks that
+    do not are dropped without a trace, as the reference drops them.
+    """
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return []
+    calls = []
+    for m in _CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and "arguments" in obj:
+            calls.append(ReferenceCall(obj["name"], obj["arguments"], m.group(1)))
+    return calls
