@@ -31,9 +31,18 @@ REFERENCE_TOOL_DESCRIPTION = "A tool for executing code."
 REFERENCE_PARAMETER_DESCRIPTION = "The code to execute."
 
 
-def code_interpreter_tool(name: str = "code_interpreter", description: str = REFERENCE_TOOL_DESCRIPTION,
-                          parameter_description: str = REFERENCE_PARAMETER_DESCRIPTION) -> dict:
-    """The TIR agent's one tool as an OpenAI function schema (key order = what the template renders)."""
+def code_interpreter_tool(tool: Any = None, *, name: Optional[str] = None, description: Optional[str] = None,
+                          parameter_description: Optional[str] = None) -> dict:
+    """The TIR agent's one tool as an OpenAI function schema (key order = what the template renders).
+
+    ``tool``: a config section with ``name``, ``description`` and ``parameter_description`` (the
+    ``tool`` section of :class:`sod_jax.config.Config`), or None for the reference's text; keyword
+    arguments override either.
+    """
+    name = name or getattr(tool, "name", None) or "code_interpreter"
+    description = description if description is not None else getattr(tool, "description", REFERENCE_TOOL_DESCRIPTION)
+    if parameter_description is None:
+        parameter_description = getattr(tool, "parameter_description", REFERENCE_PARAMETER_DESCRIPTION)
     return {
         "type": "function",
         "function": {

@@ -201,6 +201,13 @@ def test_default_tool_schema_renders_the_references_system_block(ours):
     text = ours.render(question, [CODE_INTERPRETER_TOOL], add_generation_prompt=True)
     assert text == REFERENCE_SYSTEM_BLOCK + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert code_interpreter_tool() == CODE_INTERPRETER_TOOL
+    from sod_jax.config import load_config
+
+    assert code_interpreter_tool(load_config(overrides=["algo.name=grpo"]).tool) == CODE_INTERPRETER_TOOL
+    custom = code_interpreter_tool(load_config(overrides=["algo.name=grpo", "tool.description=D"]).tool,
+                                   parameter_description="P")
+    assert custom["function"]["description"] == "D"
+    assert custom["function"]["parameters"]["properties"]["code"]["description"] == "P"
     real = ChatTemplate(load_template_source(QWEN3_FACTS / "tokenizer_config.json"), {"eos_token": "<|im_end|>"})
     assert real.render(question, [CODE_INTERPRETER_TOOL], True).startswith(REFERENCE_SYSTEM_BLOCK)
 

@@ -190,8 +190,8 @@ class Agent:
     def __init__(self, tokenizer: ChatTokenizer, sandbox: Sandbox, config: Optional[AgentConfig] = None):
         self.tok, self.sandbox = tokenizer, sandbox
         self.cfg = config or AgentConfig()
-        self.tools = [code_interpreter_tool(self.cfg.tool_name, self.cfg.tool_description,
-                                            self.cfg.parameter_description)]
+        self.tools = [code_interpreter_tool(name=self.cfg.tool_name, description=self.cfg.tool_description,
+                                            parameter_description=self.cfg.parameter_description)]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.tok.encode_chat(messages, self.tools, add_generation_prompt=True,
