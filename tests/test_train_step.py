@@ -475,3 +475,13 @@ def test_update_equals_the_pytorch_reference(golden_models, tmp_path, lr, mini_b
     init = Qwen3ForCausalLM.from_pretrained(dirs["student"], dtype=torch.float32).state_dict()
     moved = max(float((init[n] - p).abs().max()) for n, p in student.state_dict().items())
     assert (moved > 5e-5) == (lr > 0)
+
+
+def test_ppo_epochs_repeat_the_mini_batches_with_fixed_advantages(unsplit):
+    """epochs=2: 2 x mini_batches optimizer steps over the same rollouts; the second pass starts from
+    the first pass's params (so it differs from one pass) and keeps the old log-probs of the rollout."""
+    (ids, rewards, groups), (ref_params, ref_met, _) = unsplit
+    params, met, step = run_update(make_batch(ids, rewards, groups), epochs=2)
+    assert step == 4 and int(met["skipped_updates"]) == 0
+    assert max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))) > 1e-5
+    assert float(met["ratio_max"]) > float(ref_met["ratio_max"])  # later passes see the moved policy
