@@ -14,7 +14,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
     from sod_jax.sandbox.fusion import FusionSandbox
-    from sod_jax.sandbox.server import spawn
 
     N, C = args.runs, args.concurrency
 
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         r = await local.run(run_request("print(1)"))
         assert r["status"] == "Success", r
 
-    server, url = spawn(workers=C)
+    server, url = _spawn_server(workers=C)
     rows = []
     try:
         async def run_all():
@@ -75,6 +74,37 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "isolation_overhead_p50_ms": round(float(np.percentile(lat, 50) - np.percentile(base_lat, 50)) * 1e3, 1),
                      "confined": local.confined})
     return rows
+
+
+def _spawn_server(workers: int, timeout: float = 120.0):
+    """``python -m sod_jax.sandbox serve`` on a free loopback port, its output to a log file (never
+    to a pipe nobody reads: a full pipe would stall the server). Returns (process, base URL)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(prefix="sod_bench_sandbox_server_", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers",
+                             str(workers)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{url}/v1/ping", timeout=2).read() == b"pong":
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait(10)
+    with open(log.name, errors="replace") as f:
+        raise RuntimeError(f"sandbox server did not start; its log ({log.name}):\n{f.read()[-3000:]}")
 
 
 def add_parser(sub) -> None:

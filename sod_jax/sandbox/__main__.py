@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=8, help="executions at once")
     s.add_argument("--run-timeout", type=float, default=10.0, help="default wall-clock seconds per run")
     s.add_argument("--memory-limit-mb", type=int, default=1024, help="default address-space limit")
+    s.add_argument("--access-log", metavar="PATH", default=None,
+                   help="append one line per request to this file (default: no request log)")
     s.add_argument("--allow-unconfined", action="store_true",
                    help="run without isolation if bubblewrap is unavailable (trusted code only)")
     args = p.parse_args(argv)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger(__name__).info("sandbox: %d workers, %s", args.workers,
                                      "bubblewrap isolation" if sandbox.confined else "UNCONFINED")
-    serve(sandbox, args.host, args.port)
+    serve(sandbox, args.host, args.port, access_log=args.access_log)
     return 0
 
 
