@@ -29,7 +29,7 @@ class ZygoteDied(RuntimeError):
 class Zygote:
     """One worker's zygote: a long-lived interpreter inside the worker's sandbox that forks executions."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], start_timeout: float = 120.0):
+    def __init__(self, argv: list[str], env: dict[str, str], start_timeout: float = 300.0):
         self.argv, self.env, self.start_timeout = argv, env, start_timeout
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None

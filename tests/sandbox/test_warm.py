@@ -184,3 +184,13 @@ def test_warm_runs_in_nested_namespaces_without_capabilities():
 def test_mode_is_checked():
     with pytest.raises(ValueError, match="'warm' or 'cold'"):
         LocalSandboxConfig(mode="hot")
+
+
+def test_from_config_passes_mode():
+    from sod_jax.config import Config
+
+    cfg = Config()
+    assert LocalSandboxConfig.from_config(cfg.sandbox).mode == "warm"
+    cfg.sandbox.mode = "cold"
+    lc = LocalSandboxConfig.from_config(cfg.sandbox)
+    assert (lc.mode, lc.workers, lc.run_timeout) == ("cold", cfg.sandbox.workers, cfg.sandbox.run_timeout)
