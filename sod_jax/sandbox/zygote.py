@@ -17,8 +17,9 @@ Each execution (why it cannot reach the zygote or leave anything behind):
 
 1. The zygote is non-dumpable (``PR_SET_DUMPABLE 0``): nothing of its uid may ptrace it or open its
    ``/proc/<pid>/mem``, ``environ`` or ``maps``; it is a child subreaper and never runs model code.
-2. A forked helper unshares new user, mount, pid and IPC namespaces (mapping only the worker uid),
-   forks the execution process, which is pid 1 of the new pid namespace, reports its pid and exits.
+2. The execution process is forked straight into new user, mount, pid and IPC namespaces (a raw
+   ``clone``; mapping only the worker uid) and is pid 1 of its pid namespace. (Where that clone
+   cannot be called, a forked helper unshares the namespaces and forks it.)
    The zygote has no pid in that namespace, so ``kill``, ``ptrace``, ``pidfd_send_signal`` and
    ``process_vm_writev`` cannot name it; when pid 1 exits or is killed the kernel kills every process
    left in the namespace (the tree kill); SysV IPC and POSIX queues die with the IPC namespace.
@@ -36,8 +37,10 @@ import atexit
 import base64
 import builtins
 import ctypes
+import errno
 import json
 import os
+import platform
 import resource
 import select
 import signal
@@ -58,6 +61,8 @@ SETUP_PREFIX = "sod_jax sandbox set-up failed: "
 WORKDIR = "/tmp/sandbox"
 
 libc = ctypes.CDLL(None, use_errno=True)
+_libc_gil = ctypes.PyDLL(None, use_errno=True)  # calls made holding the GIL, as os.fork does
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}.get(platform.machine())
 
 
 class _CapHeader(ctypes.Structure):
@@ -94,14 +99,40 @@ def _drop_capabilities():
 
 # -- one execution (runs in the forked processes only) --------------------------------------------
 
-def _helper(req, out_fd, err_fd, report_fd):
-    """In the zygote's fork: new namespaces, then fork the execution (pid 1 there) and exit."""
+def _clone_into_namespaces():
+    """fork() straight into new user, mount, pid and IPC namespaces (the child is pid 1 there): a raw
+    clone(2) wrapped in the interpreter's own before/after-fork hooks. Returns 0 in the child, the
+    child's pid here, or None if this machine's clone cannot be called this way."""
+    if _SYS_CLONE is None:
+        return None
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | signal.SIGCHLD
+    _libc_gil.syscall.restype = ctypes.c_long
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _libc_gil.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone into new namespaces: {os.strerror(err)}")
+    return pid
+
+
+def _map_own_ids(uid, gid):
     _prctl(PR_SET_DUMPABLE, 1)  # this copy only: its own /proc files must be writable for the id maps
-    uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+
+
+def _helper(req, out_fd, err_fd, report_fd):
+    """In the zygote's fork (where a raw clone is not available): new namespaces, then fork the
+    execution (pid 1 there) and exit."""
+    uid, gid = os.getuid(), os.getgid()
+    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+    _map_own_ids(uid, gid)
     pid = os.fork()
     if pid == 0:
         os.close(report_fd)
@@ -223,6 +254,28 @@ def _recv_exact(sock, n):
 
 def _launch(req, fds):
     """Start one execution; returns (pid of its pid 1 as seen here, None) or (None, error)."""
+    global _SYS_CLONE
+    if _SYS_CLONE is not None:
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            pid = _clone_into_namespaces()
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                return None, str(e)
+            _SYS_CLONE = None  # fall back to the helper for this and later executions
+        else:
+            if pid == 0:
+                try:
+                    _map_own_ids(uid, gid)
+                    _execution(req, fds[0], fds[1])
+                except BaseException as e:  # set-up failed before any model code ran
+                    try:
+                        os.write(fds[1], f"{SETUP_PREFIX}{type(e).__name__}: {e}\n".encode())
+                    finally:
+                        os._exit(SETUP_FAILED)
+            for fd in fds:
+                os.close(fd)
+            return pid, None
     r, w = os.pipe()
     helper = os.fork()
     if helper == 0:
@@ -295,6 +348,10 @@ def main():
             missing.append(f"{name}: {type(e).__name__}")
     if "numpy" in sys.modules:  # its first seeding is slow (lazy set-up): pay it once, not per execution
         sys.modules["numpy"].random.seed()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the collector never walks (and so never copies) the preloaded objects in a fork
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
