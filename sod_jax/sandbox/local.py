@@ -325,9 +325,16 @@ class LocalSandbox:
         return z
 
     async def _run_warm(self, req: dict, worker: int) -> dict:
+        z = self._zygote(worker)
+        try:
+            return await self._run_warm_on(z, req)
+        except BaseException:  # cancelled or failed mid-protocol: its state is unknown, so replace it
+            z.stop()
+            raise
+
+    async def _run_warm_on(self, z: _warm.Zygote, req: dict) -> dict:
         cfg = self.cfg
         timeout = float(req.get("run_timeout") or cfg.run_timeout)
-        z = self._zygote(worker)
         await z.ensure()
         request = {"code": req["code"], "stdin": req.get("stdin") or "", "files": req.get("files") or {},
                    "timeout": timeout, "cpu_s": int(timeout) + 1,
@@ -414,7 +421,12 @@ class _WorkerPool:
                 return self._free.pop()
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed over just as the waiter was cancelled
+                self.release(fut.result())
+            raise
 
     def release(self, worker: int) -> None:
         with self._lock:

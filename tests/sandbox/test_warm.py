@@ -194,3 +194,20 @@ def test_from_config_passes_mode():
     cfg.sandbox.mode = "cold"
     lc = LocalSandboxConfig.from_config(cfg.sandbox)
     assert (lc.mode, lc.workers, lc.run_timeout) == ("cold", cfg.sandbox.workers, cfg.sandbox.run_timeout)
+
+
+def test_cancelled_run_frees_its_worker_and_replaces_the_zygote():
+    sb = LocalSandbox(LocalSandboxConfig(mode="warm", workers=1))
+
+    async def go():
+        task = asyncio.ensure_future(sb.run(run_request("import time\ntime.sleep(30)", run_timeout=60)))
+        waiting = asyncio.ensure_future(sb.run(run_request("print('next')")))
+        await asyncio.sleep(3)
+        task.cancel()
+        return await asyncio.wait_for(waiting, 60)
+
+    try:
+        r = asyncio.run(go())
+        assert r["run_result"]["stdout"] == "next\n" and sb.zygote_starts == 2
+    finally:
+        asyncio.run(sb.close())
