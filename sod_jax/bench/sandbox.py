@@ -6,7 +6,8 @@ so all of them see the same machine conditions; rates are total runs over total 
 latency percentiles over all runs. Rows:
 
 * ``backend=local mode=warm``: ours = warm, baseline = cold (the warm executor's speed-up);
-* ``backend=local mode=cold``: ours = cold, baseline = the bare subprocess (the price of isolation);
+* ``backend=local mode=cold``: ours = cold, baseline = the bare subprocess (``python -c`` with the
+  sandbox's flags and environment, no isolation: the price of isolation);
 * ``backend=server``: ``sandbox serve`` (warm, ``--concurrency`` workers) through the fusion client at
   each ``--server-concurrency``; baseline = the bare subprocess.
 """
@@ -49,13 +50,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         await asyncio.gather(*[timed() for _ in range(n)])
         return time.perf_counter() - t0, lat
 
-    async def bare():
-        p = await asyncio.create_subprocess_exec(sys.executable, "-E", "-s", "-B", "-c", code,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        await p.communicate()
-
     warm = LocalSandbox(LocalSandboxConfig(mode="warm", workers=C))
     cold = LocalSandbox(LocalSandboxConfig(mode="cold", workers=C))
+    env = cold._env()  # the same interpreter flags and environment as a sandboxed run, no isolation
+
+    async def bare():
+        p = await asyncio.create_subprocess_exec(sys.executable, "-E", "-s", "-B", "-c", code, env=env,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await p.communicate()
 
     async def via(sb):
         ok(await sb.run(run_request(code)))
