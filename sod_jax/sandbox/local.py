@@ -356,6 +356,13 @@ class LocalSandbox:
                                  _warm.drain(err_r, cfg.max_output_bytes, over))
         reply = asyncio.ensure_future(z.reply())
         limit = asyncio.ensure_future(over.wait())
+        try:
+            return await self._await_warm(z, t0, timeout, readers, reply, limit, over)
+        finally:  # cancelled: nothing may stay registered on descriptors that get closed and reused
+            for fut in (reply, limit, readers):
+                fut.cancel()
+
+    async def _await_warm(self, z, t0, timeout, readers, reply, limit, over) -> dict:
         done, _ = await asyncio.wait({reply, limit}, timeout=timeout + GRACE_S, return_when=asyncio.FIRST_COMPLETED)
         status = "Finished"
         if reply not in done:

@@ -98,6 +98,10 @@ class Zygote:
     def stop(self) -> None:
         """Kill the zygote and everything in its sandbox."""
         if self.sock is not None:
+            try:  # a read still registered on this descriptor would steal the next zygote's messages
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            except RuntimeError:  # no running loop: nothing registered
+                pass
             self.sock.close()
             self.sock = None
         if self.proc is not None:

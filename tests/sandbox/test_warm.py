@@ -200,11 +200,12 @@ def test_cancelled_run_frees_its_worker_and_replaces_the_zygote():
     sb = LocalSandbox(LocalSandboxConfig(mode="warm", workers=1))
 
     async def go():
-        task = asyncio.ensure_future(sb.run(run_request("import time\ntime.sleep(30)", run_timeout=60)))
+        assert (await sb.run(run_request("print(1)")))["status"] == "Success"  # the zygote is up
+        task = asyncio.ensure_future(sb.run(run_request("import time\ntime.sleep(60)", run_timeout=120)))
         waiting = asyncio.ensure_future(sb.run(run_request("print('next')")))
-        await asyncio.sleep(3)
+        await asyncio.sleep(1)
         task.cancel()
-        return await asyncio.wait_for(waiting, 60)
+        return await asyncio.wait_for(waiting, 300)
 
     try:
         r = asyncio.run(go())
