@@ -134,6 +134,7 @@ class SandboxConfig:
     backend: Literal["local", "fusion"] = _f("local", "local: isolated worker pool; fusion: SandboxFusion-compatible HTTP server.")
     url: str = _f("http://127.0.0.1:8080", "Base URL of the fusion server.")
     workers: int = _f(8, "Local executor worker processes.")
+    mode: Literal["warm", "cold"] = _f("warm", "local: warm forks each run from a pre-started isolated interpreter per worker (numpy/sympy imported); cold starts a new sandbox and interpreter per run.")
     max_concurrency: int = _f(64, "Global bound on sandbox calls in flight.")
     run_timeout: float = _f(60.0, "Wall-clock seconds per execution (the reference's run: 60).")
     memory_limit_mb: int = _f(2048, "Address-space limit per execution in MB (the reference's run: 2048).")
