@@ -452,6 +452,9 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
         if q is not None:
             metrics.update(kl_estimates(old_logp, q, m))
             metrics.update(step_weight_stats(st.step_weight, st.divergence, st.step_len, spec.report_steps))
+            # A few rows' per-step (w_k, d_k) for the trainer's bounded step-weight log: [8, S-1], step k at k-1.
+            metrics["sample_step_w"] = st.step_weight[:8, 1:]
+            metrics["sample_step_d"] = st.divergence[:8, 1:]
             metrics["num_steps_mean"] = jnp.sum(jnp.where(valid, st.num_steps, 0)) / n_valid
         if spec.mode == "iw_opd":
             metrics.update(iw_opd_stats(dist_w, m))
