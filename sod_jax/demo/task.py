@@ -237,14 +237,17 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
 
 
 def write_dataset(out_dir: Path, n_train: int = 4000, n_heldout: int = 256, n_sft: int = 4000, seed: int = 0,
-                  sandbox_factory: Any = None, progress: bool = True) -> dict[str, Path]:
-    """``train.parquet`` / ``heldout.parquet`` (RL rows) and ``sft_train.parquet`` (expert rows for the
+                  n_eval: int = 64, sandbox_factory: Any = None, progress: bool = True) -> dict[str, Path]:
+    """``train.parquet`` / ``heldout.parquet`` / ``heldout_eval.parquet`` (RL rows) and ``sft_train.parquet`` (expert rows for the
     first ``n_sft`` train problems, real tool outputs) under ``out_dir``."""
     out_dir = Path(out_dir)
     train, heldout = make_splits(n_train, n_heldout, seed)
     paths = {"train": write_parquet([rl_row(p, i, "train") for i, p in enumerate(train)], out_dir / "train.parquet"),
              "heldout": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout)],
-                                      out_dir / "heldout.parquet")}
+                                      out_dir / "heldout.parquet"),
+             # the RL run's periodic eval set: the first n_eval held-out prompts
+             "heldout_eval": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout[:n_eval])],
+                                           out_dir / "heldout_eval.parquet")}
     if n_sft:
         rows = sft_rows(train[:n_sft], sandbox_factory, progress)
         paths["sft_train"] = write_parquet(rows, out_dir / "sft_train.parquet")
