@@ -73,10 +73,11 @@ class DataConfig:
     val_files: list[str] = _f([], "Validation files (Open-AgentRL-Eval style rows).")
     prompt_key: str = _f("prompt", "Column holding the chat messages of the prompt.")
     max_prompt_length: int = _f(2560, "Prompts longer than this many tokens are dropped (counted in metrics).")
-    prompt_templates: Optional[str] = _f(None, "YAML file of per-data_source prompt templates (None: use the rows as given).")
+    prompt_templates: dict[str, str] = _f({}, "data_source -> prompt template: a name in configs/prompts/ (math, gpqa, livecodebench) or a path to a jinja2 file; sources not listed pass through as given.")
     shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
     seed: int = _f(0, "Seed of the data order.")
     worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
+    on_bad_row: Literal["error", "skip"] = _f("error", "Malformed row: stop with an error naming file, row and column (error), or skip and count it (skip).")
 
 
 @dataclass
@@ -135,6 +136,9 @@ class RewardConfig:
     overlong_penalty_factor: float = _f(1.0, "Scale of the overlong penalty.")
     math_verify: bool = _f(False, "Use math_verify equivalence instead of strict last-\\boxed{} match.")
     workers: int = _f(8, "Reward process-pool size.")
+    timeout: float = _f(30.0, "Seconds one item may take to score (a math-verify check, or all test cases of a code answer); past it the item scores as wrong and is counted.")
+    case_timeout: float = _f(6.0, "code: wall-clock seconds per test case in the sandbox.")
+    sources: dict[str, str] = _f({}, "Extra data_source -> scorer (math, choice, code) mappings on top of the built-in sources.")
 
 
 @dataclass
@@ -230,6 +234,40 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Cold-start SFT (`python -m sod_jax.sft`) of model.path (model.* sets dtype/remat/chunk, mesh.* the mesh)."""
+
+    train_files: list[str] = _f([], "SFT parquet/jsonl files: rows with `messages` (system/user/assistant with optional tool_calls/tool) and optional `tools`.")
+    val_files: list[str] = _f([], "Held-out conversations for the periodic held-out loss (empty: none, or sft.val_fraction of the train rows).")
+    val_fraction: float = _f(0.0, "With no sft.val_files: hold out this fraction of the train rows (chosen by sft.seed).")
+    tokenizer: Optional[str] = _f(None, "Directory with tokenizer.json + tokenizer_config.json (None: model.path); copied into every exported checkpoint.")
+    init: Optional[str] = _f(None, "Start from random weights of this architecture instead of model.path: a preset name (e.g. cpu-tiny) or an HF config.json path.")
+    init_overrides: dict[str, Any] = _f({}, "sft.init: architecture fields to override, e.g. {num_hidden_layers: 2, vocab_size: 512}.")
+    max_length: int = _f(32768, "Longest conversation in tokens (chat-template rendering incl. the tool system block).")
+    overlong: Literal["drop", "truncate"] = _f("drop", "Conversations longer than sft.max_length: drop them, or keep their first max_length tokens (counted either way).")
+    pack_length: int = _f(0, "Tokens per packed row (0: sft.max_length). Conversations are packed into rows with segment ids; attention never crosses a segment.")
+    batch_size: int = _f(128, "Conversations per optimizer step (the global batch).")
+    micro_batch_rows: int = _f(0, "Packed rows per forward/backward pass (0: one per batch-parallel device); the step accumulates gradients over as many as the batch needs.")
+    epochs: int = _f(5, "Passes over the train rows.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: sft.epochs decide); also the cosine horizon when smaller.")
+    lr: float = _f(1e-5, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.0, "Cosine decay ends at lr * this.")
+    warmup_ratio: float = _f(0.1, "Fraction of the optimizer steps spent in linear warmup from 0.")
+    schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
+    b1: float = _f(0.9, "Adam beta1.")
+    b2: float = _f(0.95, "Adam beta2.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay (AdamW).")
+    grad_clip: float = _f(1.0, "Global-norm gradient clip.")
+    seed: int = _f(0, "Seed of the data order, the held-out split and sft.init weights.")
+    shuffle: bool = _f(True, "Shuffle the conversations every epoch.")
+    eval_every: int = _f(0, "Held-out loss every N optimizer steps (0: only at the end; needs held-out rows).")
+    early_stop_patience: int = _f(0, "Stop when the held-out loss has not improved for this many evaluations (0: never).")
+    save_every: int = _f(0, "Export an HF checkpoint to <out_dir>/hf/step_N every N steps (0: only the final one, <out_dir>/model).")
+    out_dir: str = _f("runs/sft", "Run directory: config.yaml, metrics.jsonl, plots/, hf/, model/.")
+    enable_thinking: bool = _f(True, "Passed to the chat template as enable_thinking (Qwen3's only uses it for generation prompts).")
+
+
+@dataclass
 class Config:
     """The whole tree."""
 
@@ -247,6 +285,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -407,8 +446,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file(s) in order <- dotted overrides; then :func:`validate`."""
+def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[list[str]] = None,
+                job: str = "train") -> Config:
+    """Defaults <- YAML file(s) in order <- dotted overrides; then :func:`validate` for ``job``."""
     cfg = Config()
     if paths is None:
         paths = []
@@ -427,20 +467,21 @@ def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[
         key, value = parse_override(text)
         _set(cfg, key, value, f"override '{text}' (command line)")
     sources = [f"file '{p}'" for p in paths] + (["command-line overrides"] if overrides else [])
-    validate(cfg, " + ".join(sources) or "defaults")
+    validate(cfg, " + ".join(sources) or "defaults", job=job)
     return cfg
 
 
-def from_dict(data: dict, source: str = "dict") -> Config:
+def from_dict(data: dict, source: str = "dict", job: str = "train") -> Config:
     """Build and validate a Config from a nested mapping (e.g. a saved resolved config)."""
     cfg = Config()
     _apply_mapping(cfg, data, source)
-    validate(cfg, source)
+    validate(cfg, source, job=job)
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Reject values and combinations that cannot run; each message names the key(s) and ``source``."""
+def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
+    """Reject values and combinations that cannot run; each message names the key(s) and ``source``.
+    ``job`` is the CLI the config is for (``train``, ``sft``, ``eval``): RL-only checks apply to ``train``."""
     problems = []
 
     def need(cond: bool, msg: str) -> None:
@@ -448,7 +489,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             problems.append(msg)
 
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    need(not (a.name in TEACHER_MODES and not cfg.teacher.path),
+    need(job != "train" or not (a.name in TEACHER_MODES and not cfg.teacher.path),
          f"algo.name={a.name} needs a teacher: set teacher.path (or use algo.name=grpo / opsd_gt / opsd_hint)")
     need(a.eps > 0, f"algo.eps must be > 0, got {a.eps}")
     need(a.delta >= 0, f"algo.delta must be >= 0, got {a.delta}")
@@ -477,6 +518,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
     need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(cfg.reward.timeout > 0, f"reward.timeout must be > 0, got {cfg.reward.timeout}")
+    need(cfg.reward.case_timeout > 0, f"reward.case_timeout must be > 0, got {cfg.reward.case_timeout}")
+    for src, scorer in cfg.reward.sources.items():
+        need(scorer in ("math", "choice", "code"),
+             f"reward.sources maps {src!r} to {scorer!r}; scorers are math, choice, code")
     if problems:
         raise ConfigError(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
 
@@ -503,10 +549,10 @@ def add_config_args(parser) -> None:
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
 
 
-def config_from_args(args) -> Config:
+def config_from_args(args, job: str = "train") -> Config:
     """Resolve a Config from parsed :func:`add_config_args` arguments; exits with the message on error."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, job=job)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
