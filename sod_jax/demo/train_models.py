@@ -9,7 +9,8 @@ Every ``eval_every`` steps the model runs the real tool-using agent (rollout eng
 sandbox, greedy decoding) on held-out prompts and is scored by the exact checker. The run stops
 when the held-out accuracy reaches ``stop_at_least`` (the teacher) or first lands inside
 ``[stop_band_low, stop_band_high]`` (the student: a checkpoint with headroom for RL); the
-checkpoint of that evaluation is written in HF format with the tokenizer files.
+checkpoint of that evaluation is written in HF format with the tokenizer files (also on SIGTERM /
+Ctrl-C, after the current step).
 """
 
 from __future__ import annotations
@@ -255,8 +256,16 @@ def train(run: SFTRun, progress: bool = True) -> dict:
     result = {"stopped": "max_steps", "params": n_params}
     ema = None
     tokens = 0
+    stop_requested = []  # SIGTERM/SIGINT: finish the step, write the checkpoint, stop
+    import signal
+
+    previous = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(range(1, run.max_steps + 1), desc=f"sft {out.name}", disable=not progress)
     for step in bar:
+        if stop_requested:
+            result.update(stopped="signal", step=step - 1)
+            break
         if buf is None or bi + run.rows_per_step > buf["input_ids"].shape[0]:
             perm = rng.permutation(len(seqs))
             buf = pack([seqs[i] for i in perm], run.row_len, tok.pad_id)
@@ -289,6 +298,8 @@ def train(run: SFTRun, progress: bool = True) -> dict:
                 result.update(stopped=done, step=step, acc=ev["acc"])
                 break
     bar.close()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     result["train_s"] = time.perf_counter() - t0
     model = nnx.merge(graphdef, params)
     save_pretrained(model, out / "model")
