@@ -165,7 +165,9 @@ def expert_messages(p: Problem, outputs: Sequence[str]) -> list[dict]:
     msgs: list[dict] = [{"role": "user", "content": p.text()}]
     previous = None
     for k in range(p.num_steps):
-        msgs.append({"role": "assistant", "content": f"<think>\nx{k + 1}\n</think>\n\n",
+        # The think text restates the step's line of the problem: the model copies it (an induction
+        # copy), then writes the code from it with the previous printed result copied in.
+        msgs.append({"role": "assistant", "content": f"<think>\nx{k + 1} = {p.expression(k)}\n</think>\n\n",
                      "tool_calls": [_tool_call(p.code(k, previous))]})
         msgs.append({"role": "tool", "content": outputs[k]})
         previous = outputs[k].strip()

@@ -210,10 +210,10 @@ def _clean_messages(msgs: list[dict]) -> list[dict]:
 
 # The shipped models (sizes and stopping rules). The teacher: 3 layers, d=128; the student: 2 layers,
 # d=96, stopped on its way up, inside the 10-30% band.
-TEACHER = dict(size=ModelSize(128, 256, 3, 4, 2, 32), lr=2e-3, warmup_steps=50, max_steps=2500, rows_per_step=4,
-               eval_every=100, eval_prompts=64, eval_after_loss=0.4, stop_at_least=0.9, seed=0)
+TEACHER = dict(size=ModelSize(128, 256, 3, 4, 2, 32), lr=3e-3, warmup_steps=50, max_steps=2500, rows_per_step=4,
+               eval_every=50, eval_prompts=64, eval_after_loss=0.3, stop_at_least=0.9, seed=0)
 STUDENT = dict(size=ModelSize(96, 256, 2, 4, 2, 24), lr=3e-3, warmup_steps=50, max_steps=3000, rows_per_step=4,
-               eval_every=20, eval_prompts=64, eval_after_loss=0.45, stop_band=(0.1, 0.3), seed=1)
+               eval_every=20, eval_prompts=64, eval_after_loss=0.35, stop_band=(0.1, 0.3), seed=1)
 
 
 def train(run: SFTRun, progress: bool = True) -> dict:
