@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", default=str(ASSETS / "tokenizer"), help="tokenizer directory")
     m.add_argument("--max-steps", type=int, default=None, help="override the step limit")
     m.add_argument("--seed", type=int, default=None, help="override the seed")
+    m.add_argument("--init-from", default=None, help="continue from this HF checkpoint (fresh optimizer state)")
+    m.add_argument("--eval-every", type=int, default=None, help="override the evaluation interval")
     c = sub.add_parser("compare", help="run SOD / OPD / GRPO from the demo student (same budget), tabulate, plot")
     c.add_argument("--algos", default="sod,opd,grpo", help="comma-separated algo.name values")
     c.add_argument("--seeds", type=int, default=3, help="seeds per algorithm")
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             preset["max_steps"] = args.max_steps
         if args.seed is not None:
             preset["seed"] = args.seed
+        if args.eval_every is not None:
+            preset["eval_every"] = args.eval_every
+        preset["init_from"] = args.init_from
         data = Path(args.data)
         run = SFTRun(out_dir=args.out, tokenizer_dir=args.tokenizer, sft_files=[str(data / "sft_train.parquet")],
                      heldout_files=[str(data / "heldout.parquet")], **preset)

@@ -59,6 +59,7 @@ class SFTRun:
     stop_band: Optional[tuple] = None  # (low, high)
     max_turns: int = 4
     max_response_tokens: int = 256
+    init_from: Optional[str] = None  # continue from this HF checkpoint (fresh optimizer) instead of random weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +237,13 @@ def train(run: SFTRun, progress: bool = True) -> dict:
     cfg = Qwen3Config(vocab_size=vocab, rope_theta=10000.0, max_position_embeddings=4096,
                       bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.eos_id,
                       tie_word_embeddings=True, **asdict(run.size))
-    model = init_model(cfg, seed=run.seed)
+    if run.init_from:
+        from sod_jax.models import load_pretrained
+
+        model = load_pretrained(run.init_from, dtype="float32")
+        cfg = model.config
+    else:
+        model = init_model(cfg, seed=run.seed)
     graphdef, params = nnx.split(model)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     sched = optax.warmup_cosine_decay_schedule(0.0, run.lr, run.warmup_steps,
