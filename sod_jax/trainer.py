@@ -25,6 +25,7 @@ only process 0 writes files and prints.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -70,6 +71,9 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.train.out_dir)
+        # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
+        # first used them.
+        self.loop = asyncio.new_event_loop()
 
     # -----------------------------------------------------------------------------------------
     # Phase 1: checks before any compute
@@ -117,39 +121,26 @@ class Trainer:
                 check_compatible(self.student_cfg, self.teacher_cfg, _special_ids(self.tok), t_special)
             except ValueError as e:
                 raise SetupError(f"{e} (student {self.student_dir}, teacher {self.teacher_dir})") from None
-        # Data: rows, templates, lengths, scorers.
-        from sod_jax import data as data_mod
-        from sod_jax.rewards import check_sources
+        # Data: rows, scorers, templates, lengths (incl. the tool block the agent renders).
+        from sod_jax.data import load_prompt_rows
 
         if not cfg.data.train_files:
             raise SetupError("data.train_files is empty: list the RL parquet/jsonl files")
         for f in list(cfg.data.train_files) + list(cfg.data.val_files):
             if not Path(f).is_file():
                 raise SetupError(f"data file '{f}' does not exist (data.train_files / data.val_files)")
-        on_bad = getattr(cfg.data, "on_bad_row", "error")
-        kw = dict(on_bad_row=on_bad, prompt_key=cfg.data.prompt_key, sources=getattr(cfg.reward, "sources", None))
+        self.tools = [self.tool_schema()]
+        kw = dict(reward_cfg=cfg.reward, tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
         try:
-            train_rows, self.train_stats = data_mod.load_rows(cfg.data.train_files, "rl", **kw)
-            val_rows, self.val_stats = (data_mod.load_rows(cfg.data.val_files, "eval", **kw)
-                                        if cfg.data.val_files else ([], {}))
+            self.train_rows, self.train_stats = load_prompt_rows(cfg.data.train_files, cfg.data, self.tok, kind="rl", **kw)
+            self.val_rows, self.val_stats = [], {}
+            if cfg.data.val_files:
+                val_data = copy.copy(cfg.data)
+                val_data.max_prompt_length = getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length)
+                self.val_rows, self.val_stats = load_prompt_rows(cfg.data.val_files, val_data, self.tok, kind="eval", **kw)
         except ValueError as e:
             raise SetupError(str(e)) from None
-        try:
-            check_sources({r["data_source"] for r in train_rows + val_rows}, cfg.reward)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-        try:
-            templates = data_mod.PromptTemplates.from_config(cfg.data)
-            train_rows, val_rows = templates.apply_rows(train_rows), templates.apply_rows(val_rows)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-        tools = [self.tool_schema()]
-        self.tools = tools
-        self.train_rows, self.dropped_long = data_mod.filter_by_length(
-            train_rows, self.tok, cfg.data.max_prompt_length, tools, cfg.rollout.enable_thinking)
-        val_max = getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length)
-        self.val_rows, self.val_dropped_long = data_mod.filter_by_length(val_rows, self.tok, val_max, tools,
-                                                                         cfg.rollout.enable_thinking)
+        self.dropped_long = self.train_stats.get("too_long", 0)
         if not self.train_rows:
             raise SetupError(f"no training prompt is shorter than data.max_prompt_length={cfg.data.max_prompt_length} "
                              f"tokens ({self.dropped_long} dropped); raise it or check the data")
@@ -160,10 +151,9 @@ class Trainer:
         self.sandbox = self._make_sandbox()
 
     def tool_schema(self) -> dict:
-        from sod_jax import chat
+        from sod_jax.chat import code_interpreter_tool
 
-        make = getattr(chat, "code_interpreter_tool", None)
-        return make(self.cfg.tool) if make is not None else chat.CODE_INTERPRETER_TOOL
+        return code_interpreter_tool(self.cfg.tool)
 
     def _make_sandbox(self):
         s = self.cfg.sandbox
@@ -233,7 +223,6 @@ class Trainer:
                              kv_budget_bytes=int(budget * 2**30) if budget else None)
         self.engine.update_params(self.state.params)
         self.agent = Agent(self.tok, self.sandbox, AgentConfig.from_config(cfg))
-        self.agent.tools = self.tools
         self.rewards = RewardPool(cfg.reward, sandbox=self.sandbox)
         self.run_dir = RunDir(self.out, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                               wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())
@@ -282,6 +271,7 @@ class Trainer:
     def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
         import jax
 
+        from sod_jax.rewards import response_text
         from sod_jax.rollout.agent import EnginePolicy
         from sod_jax.rollout.sampling import SamplingParams
 
@@ -290,11 +280,11 @@ class Trainer:
         offset = jax.process_index() * len(rows)
         reqs = self._requests(rows, step, r.n, offset)
         policy = EnginePolicy(self.engine, SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
-        trajs = asyncio.run(self.agent.run(policy, reqs))
+        trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
         t1 = time.perf_counter()
         traj_rows = [rows[i] for i in range(len(rows)) for _ in range(r.n)]
         group_ids = [offset + i for i in range(len(rows)) for _ in range(r.n)]
-        items = [dict(data_source=row["data_source"], solution=self.tok.decode(t.response_ids, skip_special_tokens=True),
+        items = [dict(data_source=row["data_source"], solution=response_text(self.tok, t.response_ids),
                       ground_truth=row["ground_truth"], extra_info=row.get("extra_info") or {})
                  for t, row in zip(trajs, traj_rows)]
         scores = self.rewards.score(items)
@@ -458,7 +448,7 @@ class Trainer:
         reqs = self._requests(rows, -1, 1, 0)
         r = cfg.rollout
         policy = EnginePolicy(self.engine, SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
-        trajs = asyncio.run(self.agent.run(policy, reqs))
+        trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
         L = self._agreed_length(max(len(t.prompt_ids) + len(t.response_ids) for t in trajs))
         p = pack(trajs, [0.0] * len(trajs), list(range(len(trajs))), len(trajs), L, self.tok.pad_id)
         if not hasattr(self, "_kl_fn"):
@@ -543,11 +533,10 @@ class Trainer:
             if obj is not None:
                 obj.close()
         sb = getattr(self, "sandbox", None)
-        if sb is not None:
-            try:
-                asyncio.run(sb.close())
-            except RuntimeError:
-                pass
+        if sb is not None and not self.loop.is_closed():
+            self.loop.run_until_complete(sb.close())
+        if not self.loop.is_closed():
+            self.loop.close()
         rd = getattr(self, "run_dir", None)
         if rd is not None:
             rd.close()
