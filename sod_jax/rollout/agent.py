@@ -13,8 +13,7 @@ The loop talks to generation through :class:`TurnPolicy`, implemented over the s
 Output per trajectory (:class:`Trajectory`): prompt ids, response ids, ``response_mask`` (1 = the
 model's tokens, 0 = tool tokens), turn spans, sampler log-probs, counts and the finish reason
 (``stop``: a final answer; ``length``: response budget; ``max_turns``; ``parse_error`` with
-``on_parse_error: end``; ``engine_error``: the engine could not serve this trajectory, e.g. a tool
-response overflowing its slot's cache; only that trajectory ends).
+``on_parse_error: end``).
 """
 
 from __future__ import annotations
@@ -27,11 +26,13 @@ from typing import Any, Optional, Protocol, Sequence
 import jax
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer, parse_tool_calls
-from sod_jax.rollout.engine import Engine, EngineError
-from sod_jax.rollout.scheduler import SlotScheduler, StartItem
+from sod_jax.rollout.engine import Engine
 from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.rollout.tools import call_problem, prepare_code, tool_text
 from sod_jax.sandbox.protocol import Sandbox, run_request
+
+from sod_jax.rollout.engine import EngineError  # noqa: E402 - kept apart from the imports above
+from sod_jax.rollout.scheduler import SlotScheduler, StartItem
 
 
 @dataclass

@@ -12,10 +12,16 @@ the positions that can be live, straight from the cache buffers, without slicing
 * :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call (a
   ``lax.while_loop`` that ends early once no slot is active); stop ids, per-slot token budgets and
   the cache capacity are checked on device, so the host syncs once per call, not per token.
-* :meth:`Engine.extend` appends tokens (a tool response) to a finished slot's cache row without
-  re-running its context and samples the next token: the multi-turn agent's fast path.
-* :meth:`Engine.generate` is the continuous-batching scheduler over whole requests: finished slots
+* :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
+  re-running their context and samples each one's next token, one device call per tool-text
+  bucket: the multi-turn agent's fast path.
+* :meth:`Engine.generate` runs whole requests through the continuous-batching
+  :class:`~sod_jax.rollout.scheduler.SlotScheduler` (the agent's scheduler too): finished slots
   are freed and refilled from the queue while the others keep decoding.
+
+Every device function runs the model's one forward (:func:`sod_jax.models.qwen3.forward`) with a
+:class:`~sod_jax.models.qwen3.KVCache`; this module owns only the cache layout, slot state and the
+host-side bookkeeping. The weights are the engine's own sampling copy (see :class:`Engine`).
 
 Every generated token comes with its log-prob under the raw policy (temperature 1, no filtering).
 The last token a slot generated is *pending*: it is not in the cache until the next decode step or
