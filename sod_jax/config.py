@@ -73,10 +73,11 @@ class DataConfig:
     val_files: list[str] = _f([], "Validation files (Open-AgentRL-Eval style rows).")
     prompt_key: str = _f("prompt", "Column holding the chat messages of the prompt.")
     max_prompt_length: int = _f(2560, "Prompts longer than this many tokens are dropped (counted in metrics).")
-    prompt_templates: Optional[str] = _f(None, "YAML file of per-data_source prompt templates (None: use the rows as given).")
+    prompt_templates: dict[str, str] = _f({}, "data_source -> prompt template: a name in configs/prompts/ (math, gpqa, livecodebench) or a path to a jinja2 file; sources not listed pass through as given.")
     shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
     seed: int = _f(0, "Seed of the data order.")
     worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
+    on_bad_row: Literal["error", "skip"] = _f("error", "Malformed row: stop with an error naming file, row and column (error), or skip and count it (skip).")
 
 
 @dataclass
@@ -135,6 +136,9 @@ class RewardConfig:
     overlong_penalty_factor: float = _f(1.0, "Scale of the overlong penalty.")
     math_verify: bool = _f(False, "Use math_verify equivalence instead of strict last-\\boxed{} match.")
     workers: int = _f(8, "Reward process-pool size.")
+    timeout: float = _f(30.0, "Seconds one item may take to score (a math-verify check, or all test cases of a code answer); past it the item scores as wrong and is counted.")
+    case_timeout: float = _f(6.0, "code: wall-clock seconds per test case in the sandbox.")
+    sources: dict[str, str] = _f({}, "Extra data_source -> scorer (math, choice, code) mappings on top of the built-in sources.")
 
 
 @dataclass
@@ -182,6 +186,7 @@ class TrainConfig:
     seed: int = _f(0, "Seed of sampling and initialisation.")
     out_dir: str = _f("runs/sod", "Run directory: metrics.jsonl, resolved config, plots, checkpoints.")
     eval_every: int = _f(0, "Validate every N steps (0: never).")
+    length_buckets: list[int] = _f([], "Sequence lengths the update is compiled for (each step pads to the smallest that fits); empty: powers of two from 128 up to data.max_prompt_length + rollout.max_response_length.")
 
 
 @dataclass
@@ -225,6 +230,7 @@ class EvalConfig:
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(0.6, "Nucleus mass.")
     max_response_length: int = _f(20480, "Response budget per sample.")
+    kl_prompts: int = _f(0, "RL eval: also measure the student-teacher reverse KL (k1 on student rollouts) on the first N held-out prompts (0: off).")
 
 
 @dataclass
@@ -475,6 +481,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
     need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(cfg.reward.timeout > 0, f"reward.timeout must be > 0, got {cfg.reward.timeout}")
+    need(cfg.reward.case_timeout > 0, f"reward.case_timeout must be > 0, got {cfg.reward.case_timeout}")
+    for src, scorer in cfg.reward.sources.items():
+        need(scorer in ("math", "choice", "code"),
+             f"reward.sources maps {src!r} to {scorer!r}; scorers are math, choice, code")
     if problems:
         raise ConfigError(f"invalid config ({source}):\n  - " + "\n  - ".join(problems))
 
