@@ -286,6 +286,7 @@ class Engine:
             shard["layers"] = [{n: _drop_layer_axis(sampling_sharding(a.sharding)) for n, a in w["layers"].items()}
                                for _ in range(self.cfg.num_hidden_layers)]
             self._copy = jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype), out_shardings=shard)
+        self.params = {}  # drop the old copy first: the peak is one sampling copy, not two
         self.params = self._copy(w)
 
     def _build(self) -> None:

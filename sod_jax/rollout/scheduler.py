@@ -135,9 +135,10 @@ class SlotScheduler:
     def dispatch(self) -> list[Dispatched]:
         """Queue a decode call when a slot may still generate, and return what to read back now:
         everything dispatched before it (or the call itself when nothing else is pending)."""
-        if self.active and self.engine.may_generate(sorted(self.active)):
+        new = bool(self.active) and self.engine.may_generate(sorted(self.active))
+        if new:
             self.queue.append(Dispatched("step", [], self.turn.copy(), self.engine.step_async()))
-        if len(self.queue) > 1 and self.queue[-1].kind == "step":
+        if new and len(self.queue) > 1:
             ready, self.queue = self.queue[:-1], self.queue[-1:]
         else:
             ready, self.queue = self.queue, []
