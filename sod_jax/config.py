@@ -75,7 +75,7 @@ class DataConfig:
     max_prompt_length: int = _f(2560, "Prompts longer than this many tokens are dropped (counted in metrics).")
     prompt_templates: dict[str, str] = _f({}, "data_source -> prompt template: a name in configs/prompts/ (math, gpqa, livecodebench) or a path to a jinja2 file; sources not listed pass through as given.")
     shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
-    seed: int = _f(0, "Seed of the data order.")
+    seed: int = _f(1, "Seed of the data order (the reference's run: 1).")
     worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
     on_bad_row: Literal["error", "skip"] = _f("error", "Malformed row: stop with an error naming file, row and column (error), or skip and count it (skip).")
 
@@ -108,9 +108,14 @@ class ToolConfig:
     name: str = _f("code_interpreter", "The one tool the agent may call.")
     extract_code_block: bool = _f(True, "Run the first fenced python block when the argument contains one.")
     print_last_expression: bool = _f(True, "Print the value of a final top-level expression (decided with ast).")
-    max_output_chars: int = _f(256, "Tool text kept per call: head and tail around a truncation marker.")
-    max_parallel_calls: int = _f(1, "Tool calls executed per assistant turn; the rest are reported as not executed.")
-    on_parse_error: Literal["observe", "end"] = _f("observe", "Malformed call: feed an error observation (observe) or end the episode like the reference (end).")
+    max_output_chars: int = _f(256, "A tool text longer than this keeps its first truncate_head and last truncate_tail characters around '...(truncated)...' (the reference's rule).")
+    truncate_head: Optional[int] = _f(None, "Characters kept from the start of a truncated tool text (null: max_output_chars // 2, the reference's 128).")
+    truncate_tail: Optional[int] = _f(None, "Characters kept from the end of a truncated tool text (null: max_output_chars // 2, the reference's 128).")
+    max_parallel_calls: int = _f(1, "Tool calls executed per assistant turn; the rest are dropped (end) or reported as not executed (observe).")
+    on_parse_error: Literal["observe", "end"] = _f("end", "end (the reference): run the turn's valid calls, drop malformed ones silently, end the episode only when no call is valid, answer an unknown tool name 'Error when executing tool: ...'; observe: answer every malformed call with an error observation so the model can recover (recommended for training new students).")
+    failure_text: Literal["reference", "descriptive"] = _f("reference", "Tool text of a run that did not finish: 'no stdout here' (reference) or what went wrong plus any partial output (descriptive).")
+    description: str = _f("A tool for executing code.", "The tool's description in the schema rendered into the system prompt (default: the reference's text).")
+    parameter_description: str = _f("The code to execute.", "The description of the 'code' parameter in that schema (default: the reference's text).")
 
 
 @dataclass
@@ -121,8 +126,8 @@ class SandboxConfig:
     url: str = _f("http://127.0.0.1:8080", "Base URL of the fusion server.")
     workers: int = _f(8, "Local executor worker processes.")
     max_concurrency: int = _f(64, "Global bound on sandbox calls in flight.")
-    run_timeout: float = _f(10.0, "Wall-clock seconds per execution.")
-    memory_limit_mb: int = _f(1024, "Address-space limit per execution.")
+    run_timeout: float = _f(60.0, "Wall-clock seconds per execution (the reference's run: 60).")
+    memory_limit_mb: int = _f(2048, "Address-space limit per execution in MB (the reference's run: 2048).")
     retries: int = _f(3, "fusion: retries on connection errors, 429 and 5xx (never on other 4xx).")
     allow_unconfined: bool = _f(False, "Run without isolation when no mechanism works (unsafe: only for trusted code).")
 
@@ -145,7 +150,7 @@ class RewardConfig:
 class AlgoConfig:
     """Advantage mode and PPO loss (DESIGN §1.1-1.2)."""
 
-    name: Literal["grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint"] = _f("sod", "Advantage mode.")
+    name: Literal["grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd"] = _f("sod", "Advantage mode (iw_opd: TRL's position-weighted OPD, per token instead of SOD's per step).")
     grpo_term: bool = _f(True, "opd/sod: include the GRPO outcome advantage (false: pure OPD).")
     opd_coef: float = _f(1.0, "c: scale of the distillation term.")
     eps: float = _f(1e-6, "SOD: epsilon in (d_1+eps)/(d_k+eps).")
@@ -157,9 +162,13 @@ class AlgoConfig:
     log_ratio_clamp: float = _f(20.0, "log(ratio) is clamped to +-this before exp.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean"] = _f("token-mean", "Loss aggregation over the mini-batch.")
     beta_min: float = _f(0.0, "gated_opd: smallest distillation weight.")
-    beta_max: float = _f(1.0, "gated_opd: largest distillation weight.")
+    beta_max: float = _f(0.1, "gated_opd: largest distillation weight (the reference's 0.1); beta_max <= beta_min drops the distillation term, as the reference does.")
     gamma: float = _f(1.0, "gated_opd: sigmoid slope on -A_i.")
     opsd_template: str = _f("{prompt}\n\nReference: {privileged}", "opsd_*: how privileged text joins the last user message.")
+    iw_opd_gamma: float = _f(0.5, "iw_opd: weight amplification; token t gets 1 + gamma * (1 - prefix |q-s| before t / row total).")
+    iw_opd_epsilon: float = _f(1e-8, "iw_opd: lower bound of the row total in that ratio.")
+    rollout_is: Literal["none", "token", "sequence"] = _f("none", "Rollout importance correction of the policy loss for sampler/trainer mismatch: weights min(exp(old_logp - sampler_logp), rollout_is_cap) per token, or per sequence (exp of the row's summed log-ratio).")
+    rollout_is_cap: float = _f(2.0, "Upper bound of the rollout importance weights (truncated importance sampling).")
 
 
 @dataclass
@@ -181,11 +190,12 @@ class TrainConfig:
 
     prompts_per_step: int = _f(64, "Prompts per RL step (x rollout.n trajectories).")
     mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each).")
-    epochs: int = _f(1, "Passes over each step's rollouts.")
-    total_steps: int = _f(1000, "RL steps to run.")
+    epochs: int = _f(1, "PPO epochs over each step's rollouts; only 1 is supported (the update makes one pass).")
+    total_epochs: int = _f(1, "Passes over the training data (the reference's run: 1); the step count is derived from the data size.")
+    total_steps: Optional[int] = _f(None, "RL steps to run; null or 0: derived, total_epochs x steps per epoch of the data.")
     seed: int = _f(0, "Seed of sampling and initialisation.")
     out_dir: str = _f("runs/sod", "Run directory: metrics.jsonl, resolved config, plots, checkpoints.")
-    eval_every: int = _f(0, "Validate every N steps (0: never).")
+    eval_every: int = _f(10, "Validate every N steps (0: never; the reference's run: 10).")
     length_buckets: list[int] = _f([], "Sequence lengths the update is compiled for (each step pads to the smallest that fits); empty: powers of two from 128 up to data.max_prompt_length + rollout.max_response_length.")
 
 
@@ -200,13 +210,13 @@ class MeshConfig:
 
 @dataclass
 class CheckpointConfig:
-    """orbax checkpoints."""
+    """orbax checkpoints (train state + JSON extra), resume and preemption; SFT and RL alike."""
 
-    dir: Optional[str] = _f(None, "Checkpoint directory (None: <train.out_dir>/checkpoints).")
-    save_every: int = _f(50, "Save every N steps.")
+    dir: Optional[str] = _f(None, "Checkpoint directory (None: <train.out_dir>/checkpoints, for SFT <sft.out_dir>/checkpoints).")
+    save_every: int = _f(10, "Save every N steps (the reference's run: 10); a save also follows the last step and a SIGTERM/SIGINT.")
     keep: int = _f(3, "Keep the last N checkpoints.")
-    resume: bool = _f(True, "Resume from the newest checkpoint in dir.")
-    async_save: bool = _f(True, "Save in the background.")
+    resume: bool = _f(True, "Resume from the newest readable checkpoint in dir (an unreadable newer one is moved to <step>.unreadable with a warning).")
+    async_save: bool = _f(True, "Write in a background thread; the loop blocks only for the device-to-host copy (reported as checkpoint_blocking_s).")
 
 
 @dataclass
@@ -230,7 +240,42 @@ class EvalConfig:
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(0.6, "Nucleus mass.")
     max_response_length: int = _f(20480, "Response budget per sample.")
+    max_prompt_length: int = _f(4096, "Eval prompts longer than this many tokens are dropped (the reference's eval: 4096; long GPQA/LiveCodeBench prompts exceed the training 2560).")
     kl_prompts: int = _f(0, "RL eval: also measure the student-teacher reverse KL (k1 on student rollouts) on the first N held-out prompts (0: off).")
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start SFT (`python -m sod_jax.sft`) of model.path (model.* sets dtype/remat/chunk, mesh.* the mesh)."""
+
+    train_files: list[str] = _f([], "SFT parquet/jsonl files: rows with `messages` (system/user/assistant with optional tool_calls/tool) and optional `tools`.")
+    val_files: list[str] = _f([], "Held-out conversations for the periodic held-out loss (empty: none, or sft.val_fraction of the train rows).")
+    val_fraction: float = _f(0.0, "With no sft.val_files: hold out this fraction of the train rows (chosen by sft.seed).")
+    tokenizer: Optional[str] = _f(None, "Directory with tokenizer.json + tokenizer_config.json (None: model.path); copied into every exported checkpoint.")
+    init: Optional[str] = _f(None, "Start from random weights of this architecture instead of model.path: a preset name (e.g. cpu-tiny) or an HF config.json path.")
+    init_overrides: dict[str, Any] = _f({}, "sft.init: architecture fields to override, e.g. {num_hidden_layers: 2, vocab_size: 512}.")
+    max_length: int = _f(32768, "Longest conversation in tokens (chat-template rendering incl. the tool system block).")
+    overlong: Literal["drop", "truncate"] = _f("drop", "Conversations longer than sft.max_length: drop them, or keep their first max_length tokens (counted either way).")
+    pack_length: int = _f(0, "Tokens per packed row (0: sft.max_length). Conversations are packed into rows with segment ids; attention never crosses a segment.")
+    batch_size: int = _f(128, "Conversations per optimizer step (the global batch).")
+    micro_batch_rows: int = _f(0, "Packed rows per forward/backward pass (0: one per batch-parallel device); the step accumulates gradients over as many as the batch needs.")
+    epochs: int = _f(5, "Passes over the train rows.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0: sft.epochs decide); also the cosine horizon when smaller.")
+    lr: float = _f(1e-5, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.0, "Cosine decay ends at lr * this.")
+    warmup_ratio: float = _f(0.1, "Fraction of the optimizer steps spent in linear warmup from 0.")
+    schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
+    b1: float = _f(0.9, "Adam beta1.")
+    b2: float = _f(0.95, "Adam beta2.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay (AdamW).")
+    grad_clip: float = _f(1.0, "Global-norm gradient clip.")
+    seed: int = _f(0, "Seed of the data order, the held-out split and sft.init weights.")
+    shuffle: bool = _f(True, "Shuffle the conversations every epoch.")
+    eval_every: int = _f(0, "Held-out loss every N optimizer steps (0: only at the end; needs held-out rows).")
+    early_stop_patience: int = _f(0, "Stop when the held-out loss has not improved for this many evaluations (0: never).")
+    save_every: int = _f(0, "Export an HF checkpoint to <out_dir>/hf/step_N every N steps (0: only the final one, <out_dir>/model).")
+    out_dir: str = _f("runs/sft", "Run directory: config.yaml, metrics.jsonl, plots/, hf/, model/.")
+    enable_thinking: bool = _f(True, "Passed to the chat template as enable_thinking (Qwen3's only uses it for generation prompts).")
 
 
 @dataclass
@@ -251,6 +296,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -259,7 +305,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-TEACHER_MODES = ("opd", "sod", "gated_opd")
+TEACHER_MODES = ("opd", "sod", "gated_opd", "iw_opd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +457,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file(s) in order <- dotted overrides; then :func:`validate`."""
+def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[list[str]] = None,
+                job: str = "train") -> Config:
+    """Defaults <- YAML file(s) in order <- dotted overrides; then :func:`validate` for ``job``."""
     cfg = Config()
     if paths is None:
         paths = []
@@ -431,20 +478,21 @@ def load_config(paths: Union[str, Path, list, None] = None, overrides: Optional[
         key, value = parse_override(text)
         _set(cfg, key, value, f"override '{text}' (command line)")
     sources = [f"file '{p}'" for p in paths] + (["command-line overrides"] if overrides else [])
-    validate(cfg, " + ".join(sources) or "defaults")
+    validate(cfg, " + ".join(sources) or "defaults", job=job)
     return cfg
 
 
-def from_dict(data: dict, source: str = "dict") -> Config:
+def from_dict(data: dict, source: str = "dict", job: str = "train") -> Config:
     """Build and validate a Config from a nested mapping (e.g. a saved resolved config)."""
     cfg = Config()
     _apply_mapping(cfg, data, source)
-    validate(cfg, source)
+    validate(cfg, source, job=job)
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Reject values and combinations that cannot run; each message names the key(s) and ``source``."""
+def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
+    """Reject values and combinations that cannot run; each message names the key(s) and ``source``.
+    ``job`` is the CLI the config is for (``train``, ``sft``, ``eval``): RL-only checks apply to ``train``."""
     problems = []
 
     def need(cond: bool, msg: str) -> None:
@@ -452,14 +500,21 @@ def validate(cfg: Config, source: str = "config") -> None:
             problems.append(msg)
 
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    need(not (a.name in TEACHER_MODES and not cfg.teacher.path),
+    need(job != "train" or not (a.name in TEACHER_MODES and not cfg.teacher.path),
          f"algo.name={a.name} needs a teacher: set teacher.path (or use algo.name=grpo / opsd_gt / opsd_hint)")
     need(a.eps > 0, f"algo.eps must be > 0, got {a.eps}")
     need(a.delta >= 0, f"algo.delta must be >= 0, got {a.delta}")
     need(0 <= a.clip_low < 1, f"algo.clip_low must be in [0, 1), got {a.clip_low}")
     need(a.clip_high >= 0, f"algo.clip_high must be >= 0, got {a.clip_high}")
     need(a.dual_clip == 0 or a.dual_clip > 1, f"algo.dual_clip must be 0 (off) or > 1, got {a.dual_clip}")
-    need(a.beta_min <= a.beta_max, f"algo.beta_min ({a.beta_min}) must be <= algo.beta_max ({a.beta_max})")
+    need(a.iw_opd_gamma >= 0, f"algo.iw_opd_gamma must be >= 0, got {a.iw_opd_gamma}")
+    need(a.iw_opd_epsilon > 0, f"algo.iw_opd_epsilon must be > 0, got {a.iw_opd_epsilon}")
+    need(a.rollout_is_cap > 0, f"algo.rollout_is_cap must be > 0, got {a.rollout_is_cap}")
+    need(t.epochs == 1, f"train.epochs={t.epochs} is not supported: the update makes one PPO pass over each "
+                        "step's rollouts (set train.epochs=1; use train.mini_batches for more optimizer steps)")
+    need(t.total_epochs >= 1, f"train.total_epochs must be >= 1, got {t.total_epochs}")
+    need(t.total_steps is None or t.total_steps >= 0,
+         f"train.total_steps must be null or 0 (derived from the data) or > 0, got {t.total_steps}")
     need(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
     need(r.temperature > 0, f"rollout.temperature must be > 0, got {r.temperature}")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
@@ -480,7 +535,14 @@ def validate(cfg: Config, source: str = "config") -> None:
     need([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "at most one of mesh.data/fsdp/tensor may be -1")
     need(cfg.tool.max_output_chars >= 16, f"tool.max_output_chars must be >= 16, got {cfg.tool.max_output_chars}")
     need(cfg.tool.max_parallel_calls >= 1, f"tool.max_parallel_calls must be >= 1, got {cfg.tool.max_parallel_calls}")
+    for name in ("truncate_head", "truncate_tail"):
+        v = getattr(cfg.tool, name)
+        need(v is None or v >= 0, f"tool.{name} must be null or >= 0, got {v}")
+    need(cfg.sandbox.memory_limit_mb >= 1, f"sandbox.memory_limit_mb must be >= 1, got {cfg.sandbox.memory_limit_mb}")
+    need(cfg.eval.max_prompt_length >= 1, f"eval.max_prompt_length must be >= 1, got {cfg.eval.max_prompt_length}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(cfg.checkpoint.save_every >= 1, f"checkpoint.save_every must be >= 1, got {cfg.checkpoint.save_every}")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     need(cfg.reward.timeout > 0, f"reward.timeout must be > 0, got {cfg.reward.timeout}")
     need(cfg.reward.case_timeout > 0, f"reward.case_timeout must be > 0, got {cfg.reward.case_timeout}")
     for src, scorer in cfg.reward.sources.items():
@@ -512,10 +574,10 @@ def add_config_args(parser) -> None:
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
 
 
-def config_from_args(args) -> Config:
+def config_from_args(args, job: str = "train") -> Config:
     """Resolve a Config from parsed :func:`add_config_args` arguments; exits with the message on error."""
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, job=job)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

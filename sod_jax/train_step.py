@@ -29,7 +29,9 @@ from flax import nnx
 
 from sod_jax import parallel
 from sod_jax.algo.advantages import TEACHER_MODES, grpo_advantages, token_advantages
+from sod_jax.algo.iw_opd import iw_opd_stats, iw_opd_weights
 from sod_jax.algo.losses import advantage_stats, kl_estimates, masked_mean, ppo_loss, step_weight_stats
+from sod_jax.algo.rollout_correction import mismatch_stats, rollout_is_weights
 from sod_jax.algo.sod import step_stats
 from sod_jax.models.logprobs import token_logprobs_and_entropy
 
@@ -68,8 +70,12 @@ class UpdateSpec:
     log_ratio_clamp: float = 20.0
     loss_agg: str = "token-mean"
     beta_min: float = 0.0
-    beta_max: float = 1.0
+    beta_max: float = 0.1
     gamma: float = 1.0
+    iw_opd_gamma: float = 0.5
+    iw_opd_epsilon: float = 1e-8
+    rollout_is: str = "none"  # none | token | sequence: truncated importance weights on the policy loss
+    rollout_is_cap: float = 2.0
     mini_batches: int = 4
     num_groups: int = 64
     logprob_chunk: int = 256
@@ -82,7 +88,9 @@ class UpdateSpec:
         return cls(mode=a.name, grpo_term=a.grpo_term, opd_coef=a.opd_coef, eps=a.eps, delta=a.delta,
                    adv_eps=a.adv_eps, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip,
                    log_ratio_clamp=a.log_ratio_clamp, loss_agg=a.loss_agg, beta_min=a.beta_min,
-                   beta_max=a.beta_max, gamma=a.gamma, mini_batches=config.train.mini_batches,
+                   beta_max=a.beta_max, gamma=a.gamma, iw_opd_gamma=a.iw_opd_gamma,
+                   iw_opd_epsilon=a.iw_opd_epsilon, rollout_is=a.rollout_is, rollout_is_cap=a.rollout_is_cap,
+                   mini_batches=config.train.mini_batches,
                    num_groups=config.train.prompts_per_step, logprob_chunk=config.model.logprob_chunk,
                    report_steps=config.rollout.max_assistant_turns)
 
@@ -196,21 +204,30 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
         # 3) weights and advantages (constants for the whole update).
         groups = grpo_advantages(b.rewards, b.group_ids, spec.num_groups, spec.adv_eps)
         st = None if q is None else step_stats(old_logp, q, b.response_mask, spec.eps, spec.delta)
-        adv = token_advantages(spec.mode, groups.advantage, m, old_logp, q, None if st is None else st.weights,
+        dist_w = None if st is None else st.weights  # per-token weights of the distillation term
+        if spec.mode == "iw_opd":
+            dist_w = iw_opd_weights(old_logp, q, m, spec.iw_opd_gamma, spec.iw_opd_epsilon)
+        adv = token_advantages(spec.mode, groups.advantage, m, old_logp, q, dist_w,
                                grpo_term=spec.grpo_term,
                                opd_coef=spec.opd_coef, beta_min=spec.beta_min, beta_max=spec.beta_max,
                                gamma=spec.gamma)
+        # Per-token multiplier of the policy loss [B, L]: rollout importance weights (constants).
+        if spec.rollout_is != "none" and b.sampler_logp is None:
+            raise ValueError(f"algo.rollout_is={spec.rollout_is} needs the sampler's log-probs: set RLBatch.sampler_logp")
+        ris = None if spec.rollout_is == "none" else rollout_is_weights(
+            old_logp, b.sampler_logp, m, spec.rollout_is, spec.rollout_is_cap)
+        loss_weight = jnp.ones_like(m) if ris is None else ris.weights
 
         # 4) PPO mini-batches.
         def minibatch_step(carry, mb):
             params, opt_state = carry
-            ids, pos, att, old, a, mask = mb
+            ids, pos, att, old, a, mask, lw = mb
 
             def loss_fn(p):
                 logp, _ = sequence_logprobs(student_graphdef, p, ids, pos, att, spec.logprob_chunk)
                 return ppo_loss(logp, old, a, mask, clip_low=spec.clip_low, clip_high=spec.clip_high,
                                 dual_clip=spec.dual_clip, log_ratio_clamp=spec.log_ratio_clamp,
-                                loss_agg=spec.loss_agg)
+                                loss_agg=spec.loss_agg, is_weights=lw)
 
             (loss, met), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             gnorm = optax.tree.norm(grads)
@@ -223,7 +240,8 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
             met = dict(met, grad_norm=gnorm, skipped=(~ok).astype(jnp.int32))
             return (params, opt_state), met
 
-        xs = tuple(_split(x, M) for x in (b.input_ids, b.positions, b.attention_mask, old_logp, adv, m))
+        xs = tuple(_split(x, M) for x in (b.input_ids, b.positions, b.attention_mask, old_logp, adv, m,
+                                          loss_weight))
         (params, opt_state), mets = jax.lax.scan(minibatch_step, (params, opt_state), xs)
 
         metrics = {k: jnp.mean(v) for k, v in mets.items() if k not in ("skipped", "ratio_max", "ratio_min")}
@@ -238,8 +256,13 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
             metrics.update(kl_estimates(old_logp, q, m))
             metrics.update(step_weight_stats(st.step_weight, st.divergence, st.step_len, spec.report_steps))
             metrics["num_steps_mean"] = jnp.mean(st.num_steps.astype(jnp.float32))
+        if spec.mode == "iw_opd":
+            metrics.update(iw_opd_stats(dist_w, m))
         if b.sampler_logp is not None:
             metrics["sampler_trainer_logp_absdiff"] = masked_mean(jnp.abs(b.sampler_logp - old_logp), m)
+            metrics.update(mismatch_stats(old_logp, b.sampler_logp, m))
+        if ris is not None:
+            metrics.update(ris.metrics)
         return params, opt_state, metrics
 
     out_shardings = None

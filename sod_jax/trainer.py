@@ -151,10 +151,9 @@ class Trainer:
         self.sandbox = self._make_sandbox()
 
     def tool_schema(self) -> dict:
-        from sod_jax import chat
+        from sod_jax.chat import code_interpreter_tool
 
-        make = getattr(chat, "code_interpreter_tool", None)
-        return make(self.cfg.tool) if make is not None else chat.CODE_INTERPRETER_TOOL
+        return code_interpreter_tool(self.cfg.tool)
 
     def _make_sandbox(self):
         s = self.cfg.sandbox
@@ -224,7 +223,6 @@ class Trainer:
                              kv_budget_bytes=int(budget * 2**30) if budget else None)
         self.engine.update_params(self.state.params)
         self.agent = Agent(self.tok, self.sandbox, AgentConfig.from_config(cfg))
-        self.agent.tools = self.tools
         self.rewards = RewardPool(cfg.reward, sandbox=self.sandbox)
         self.run_dir = RunDir(self.out, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                               wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())

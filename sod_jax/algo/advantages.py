@@ -7,7 +7,9 @@ Modes (``m`` = response mask, ``s``/``q`` = student/teacher log-probs of the sam
 ``grpo``       ``A * m``
 ``opd``        ``A * m + c * (q - s) * m``   (``grpo_term=False`` drops ``A * m``)
 ``sod``        ``A * m + c * w * (q - s) * m``   (same switch)
-``gated_opd``  ``A * m + beta * (q - s) * m``,  ``beta = bmin + (bmax - bmin) * sigmoid(-gamma * A)``
+``iw_opd``     as ``sod`` with ``w`` = the per-token IW-OPD weights (:mod:`sod_jax.algo.iw_opd`)
+``gated_opd``  ``A * m + beta * (q - s) * m``,  ``beta = bmin + (bmax - bmin) * sigmoid(-gamma * A)``;
+               ``bmax <= bmin`` drops the distillation term (``A * m``), as the reference does
 ``opsd_*``     as ``opd``; ``q`` comes from the student itself (stop-gradient) on a prompt holding
                privileged text, aligned on the response tokens by the caller.
 =============  ============================================================
@@ -20,8 +22,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-MODES = ("grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint")
-TEACHER_MODES = ("opd", "sod", "gated_opd", "opsd_gt", "opsd_hint")  # modes that need q
+MODES = ("grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd")
+TEACHER_MODES = ("opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd")  # modes that need q
+WEIGHTED_MODES = ("sod", "iw_opd")  # modes whose distillation term carries per-token weights
 
 
 class GroupStats(NamedTuple):
@@ -66,12 +69,12 @@ def token_advantages(
     mask: jax.Array,  # [B, T] response mask
     student_logp: Optional[jax.Array] = None,  # [B, T] s (old policy), constant
     teacher_logp: Optional[jax.Array] = None,  # [B, T] q, constant
-    weights: Optional[jax.Array] = None,  # [B, T] SOD w (sod only)
+    weights: Optional[jax.Array] = None,  # [B, T] SOD step weights (sod) or IW-OPD weights (iw_opd)
     *,
     grpo_term: bool = True,
     opd_coef: float = 1.0,
     beta_min: float = 0.0,
-    beta_max: float = 1.0,
+    beta_max: float = 0.1,
     gamma: float = 1.0,
 ) -> jax.Array:
     """Per-token advantage ``[B, T]`` of ``mode`` (see module docstring); exactly 0 where ``mask == 0``."""
@@ -79,13 +82,13 @@ def token_advantages(
         raise ValueError(f"unknown advantage mode {mode!r}; known: {', '.join(MODES)}")
     m = mask.astype(jnp.float32)
     outcome = adv[:, None].astype(jnp.float32) * m
-    if mode == "grpo":
+    if mode == "grpo" or (mode == "gated_opd" and beta_max <= beta_min):
         return outcome
     # where() rather than a product: q - s on tool tokens/padding may be inf or NaN.
     gap = jnp.where(m > 0, teacher_logp - student_logp, 0.0)
     if mode == "gated_opd":
         return outcome + gated_beta(adv, beta_min, beta_max, gamma)[:, None] * gap
-    if mode == "sod":
+    if mode in WEIGHTED_MODES:
         gap = weights * gap
     base = outcome if grpo_term else jnp.zeros_like(outcome)
     return base + opd_coef * gap

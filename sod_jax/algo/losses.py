@@ -7,6 +7,9 @@ dual-clip on, ``L = min(L, -adv * dual_clip)``.
 Aggregation: ``token-mean`` = sum over masked tokens of the mini-batch / their count (the true
 token mean; the reference averages micro-batch means instead); ``seq-mean-token-mean`` = mean over
 rows with tokens of each row's token mean.
+
+Rollout importance correction (:mod:`sod_jax.algo.rollout_correction`): optional constant weights
+``is_weights [B, T]`` multiply ``L`` per token before aggregation.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def ppo_token_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, clip_lo
 
 def ppo_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Array, *, clip_low: float = 0.2,
              clip_high: float = 0.28, dual_clip: float = 3.0, log_ratio_clamp: float = 20.0,
-             loss_agg: str = "token-mean") -> tuple[jax.Array, dict]:
+             loss_agg: str = "token-mean", is_weights=None) -> tuple[jax.Array, dict]:
     """Scalar PPO loss over masked tokens and its diagnostics. All inputs ``[B, T]``.
 
     Off-mask entries of ``old_logp`` and ``adv`` are replaced before use (not just masked after): a
@@ -64,6 +67,8 @@ def ppo_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Arr
     adv = jnp.where(on, adv, 0.0)
     loss_tok, ratio, took_clip, took_dual = ppo_token_loss(logp, old_logp, adv, clip_low, clip_high, dual_clip,
                                                            log_ratio_clamp)
+    if is_weights is not None:  # rollout importance correction (constants)
+        loss_tok = loss_tok * jnp.where(on, jax.lax.stop_gradient(is_weights), 1.0)
     loss = aggregate(loss_tok, mask, loss_agg)
     m = mask.astype(bool)
     big = jnp.float32(3.4e38)

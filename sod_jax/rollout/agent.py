@@ -13,7 +13,13 @@ The loop talks to generation through :class:`TurnPolicy`, implemented over the s
 Output per trajectory (:class:`Trajectory`): prompt ids, response ids, ``response_mask`` (1 = the
 model's tokens, 0 = tool tokens), turn spans, sampler log-probs, counts and the finish reason
 (``stop``: a final answer; ``length``: response budget; ``max_turns``; ``parse_error`` with
-``on_parse_error: end``).
+``on_parse_error: end`` when a turn opened tool calls and none of them was valid).
+
+Parse errors (``on_parse_error``): ``end`` is the reference's behaviour: the turn's valid calls run
+(up to ``max_parallel_calls``; the rest and all malformed ones are dropped without a message), an
+unknown tool name is answered ``Error when executing tool: 'name'``, and the episode ends only when
+no call of the turn is valid. ``observe`` answers every malformed or surplus call with an error
+observation so the model can recover.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from typing import Any, Optional, Protocol, Sequence
 
 import jax
 
-from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer, parse_tool_calls
+from sod_jax.chat import (REFERENCE_PARAMETER_DESCRIPTION, REFERENCE_TOOL_DESCRIPTION, ChatTokenizer,
+                          code_interpreter_tool, parse_tool_calls, parse_tool_calls_reference)
 from sod_jax.rollout.engine import Engine
 from sod_jax.rollout.sampling import SamplingParams
-from sod_jax.rollout.tools import call_problem, prepare_code, tool_text
+from sod_jax.rollout.tools import call_problem, prepare_code, reference_call, tool_text
 from sod_jax.sandbox.protocol import Sandbox, run_request
 
 from sod_jax.rollout.engine import EngineError  # noqa: E402 - kept apart from the imports above
@@ -42,13 +49,18 @@ class AgentConfig:
     max_assistant_turns: int = 16
     max_response_tokens: int = 20480  # assistant + tool tokens
     max_parallel_calls: int = 1
-    on_parse_error: str = "observe"  # observe | end
+    on_parse_error: str = "end"  # end (the reference) | observe
     tool_name: str = "code_interpreter"
     extract_code_block: bool = True
     print_last_expression: bool = True
     max_output_chars: int = 256
-    run_timeout: float = 10.0
-    memory_limit_mb: int = 1024
+    truncate_head: Optional[int] = None  # None: max_output_chars // 2
+    truncate_tail: Optional[int] = None
+    failure_text: str = "reference"  # reference | descriptive
+    tool_description: str = REFERENCE_TOOL_DESCRIPTION
+    parameter_description: str = REFERENCE_PARAMETER_DESCRIPTION
+    run_timeout: float = 60.0
+    memory_limit_mb: int = 2048
     enable_thinking: bool = True
     max_concurrent_tools: int = 64
 
@@ -59,7 +71,9 @@ class AgentConfig:
                    max_parallel_calls=t.max_parallel_calls, on_parse_error=t.on_parse_error, tool_name=t.name,
                    extract_code_block=t.extract_code_block, print_last_expression=t.print_last_expression,
                    max_output_chars=t.max_output_chars, run_timeout=s.run_timeout, memory_limit_mb=s.memory_limit_mb,
-                   enable_thinking=r.enable_thinking, max_concurrent_tools=s.max_concurrency)
+                   enable_thinking=r.enable_thinking, max_concurrent_tools=s.max_concurrency,
+                   truncate_head=t.truncate_head, truncate_tail=t.truncate_tail, failure_text=t.failure_text,
+                   tool_description=t.description, parameter_description=t.parameter_description)
 
 
 @dataclass
@@ -194,7 +208,8 @@ class Agent:
     def __init__(self, tokenizer: ChatTokenizer, sandbox: Sandbox, config: Optional[AgentConfig] = None):
         self.tok, self.sandbox = tokenizer, sandbox
         self.cfg = config or AgentConfig()
-        self.tools = [CODE_INTERPRETER_TOOL]
+        self.tools = [code_interpreter_tool(name=self.cfg.tool_name, description=self.cfg.tool_description,
+                                            parameter_description=self.cfg.parameter_description)]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.tok.encode_chat(messages, self.tools, add_generation_prompt=True,
@@ -217,10 +232,8 @@ class Agent:
         if traj.num_turns >= cfg.max_assistant_turns:  # the last allowed turn's calls are not run
             traj.finish_reason = "max_turns"
             return None
-        if turn.errors and cfg.on_parse_error == "end":
-            traj.num_tool_errors += len(turn.errors)
-            traj.finish_reason = "parse_error"
-            return None
+        if cfg.on_parse_error == "end":
+            return await self._reference_observations(traj, text, turn)
         runnable, notes = [], []
         for call in turn.calls:
             problem = call_problem(call.name, call.arguments, cfg.tool_name)
@@ -242,8 +255,41 @@ class Agent:
         for r in results:
             if r.get("status") != "Success":
                 traj.num_tool_errors += 1
-            outputs.append(tool_text(r, cfg.max_output_chars))
+            outputs.append(self._tool_text(r))
         return outputs + notes
+
+    def _tool_text(self, response: dict) -> str:
+        cfg = self.cfg
+        return tool_text(response, cfg.max_output_chars, cfg.failure_text, cfg.truncate_head, cfg.truncate_tail)
+
+    async def _reference_observations(self, traj: Trajectory, text: str, turn) -> Optional[list[str]]:
+        """``on_parse_error: end``: the reference's handling of a turn that opened tool calls."""
+        cfg = self.cfg
+        calls = parse_tool_calls_reference(text)
+        traj.num_tool_errors += len(turn.calls) + len(turn.errors) - len(calls)  # dropped blocks
+        if not calls:
+            traj.finish_reason = "parse_error"
+            return None
+        slots: list = []  # per call: code to run, or the error text the model reads
+        for call in calls[: cfg.max_parallel_calls]:
+            code, error = reference_call(call.name, call.arguments, cfg.tool_name)
+            if error is not None:
+                traj.num_tool_errors += 1
+            slots.append(error if code is None else
+                         self._run_call(prepare_code(code, cfg.extract_code_block, cfg.print_last_expression)))
+        results = await asyncio.gather(*[s for s in slots if not isinstance(s, str)])
+        traj.num_tool_calls += len(results)
+        it = iter(results)
+        outputs = []
+        for s in slots:
+            if isinstance(s, str):
+                outputs.append(s)
+                continue
+            r = next(it)
+            if r.get("status") != "Success":
+                traj.num_tool_errors += 1
+            outputs.append(self._tool_text(r))
+        return outputs
 
     # -- the loop -----------------------------------------------------------------------------------
 

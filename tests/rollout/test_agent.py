@@ -81,6 +81,8 @@ def sandbox():
 
 
 def run_agent(tok, sandbox, scripts, n=1, **cfg):
+    cfg.setdefault("on_parse_error", "observe")  # these tests read the observe-mode texts
+    cfg.setdefault("failure_text", "descriptive")
     agent = Agent(tok, sandbox, AgentConfig(**cfg))
     policy = ScriptedPolicy(tok, scripts)
     trajs = asyncio.run(agent.run(policy, [AgentRequest(QUESTION, n=n, id="q")]))

@@ -1,0 +1,536 @@
+"""Cold-start SFT: the compiled step, the step plan and the training loop.
+
+One optimizer step takes ``sft.batch_size`` conversations, packed into rows of ``pack_length``
+tokens (:mod:`sod_jax.sft_packing`) and grouped into micro-batches of R rows: the step's input is
+``[A, R, L]``. ONE jitted function (state donated) scans over the A micro-batches, accumulating
+the gradient of the summed token NLL (chunked log-probs: never ``[R, L, V]``), divides by the
+number of loss tokens of the whole step (the loss is the token mean over the global batch), clips
+the global norm and applies AdamW with linear warmup and cosine decay. A is the largest number of
+micro-batches any step of the plan needs, so the step compiles once; a step that needs fewer pads
+with empty micro-batches, which ``lax.cond`` skips at run time.
+
+The whole data order is planned up front from the seed (:func:`plan_steps`): step k's
+conversations are a pure function of (seed, k), so a restored step counter is a complete data
+position.
+
+:class:`SFTTrainer` runs the loop and calls :class:`SFTHook` methods at fixed points (start,
+after every step, after every held-out evaluation, after every export, at the end). Checkpointing,
+preemption and early stopping by a downstream metric plug in there without touching the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sod_jax import parallel
+from sod_jax.models.logprobs import token_logprobs
+from sod_jax.sft_packing import Example, SFTBatch, SFTDataError, build_batch, fit_length, pack_rows, tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class SFTState(NamedTuple):
+    """Everything the optimizer step updates (a pytree of device arrays; checkpointable as is)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken (also the data position)
+    params: Any  # nnx.State of the model's parameters
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and the step plan
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_examples(rows: Sequence[dict], tokenizer: Any, *, max_length: int, overlong: str = "drop",
+                     enable_thinking: bool = True, progress: bool = False) -> tuple[list[Example], dict]:
+    """Tokenize SFT rows (``{"messages", "tools", "index"}``) with their loss masks; drop or truncate
+    the over-long ones. Returns the examples and counts (``rows``, ``kept``, ``dropped_overlong``,
+    ``truncated``, ``tokens``, ``loss_tokens``)."""
+    out, dropped, truncated = [], 0, 0
+    it = rows
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(rows, desc="tokenize", unit="conv", leave=False)
+    for pos, row in enumerate(it):
+        index = int(row.get("index", pos))
+        ex = tokenize_conversation(tokenizer, row["messages"], row.get("tools"), enable_thinking=enable_thinking,
+                                   index=index)
+        fitted = fit_length(ex, max_length, overlong)
+        if fitted is None:
+            dropped += 1
+            continue
+        truncated += int(fitted.truncated)
+        if fitted.loss_mask[1:].sum() == 0:  # truncation cut every assistant token
+            dropped += 1
+            continue
+        out.append(fitted)
+    stats = dict(rows=len(rows), kept=len(out), dropped_overlong=dropped, truncated=truncated,
+                 tokens=int(sum(len(e) for e in out)), loss_tokens=int(sum(int(e.loss_mask.sum()) for e in out)))
+    return out, stats
+
+
+@dataclass
+class StepPlan:
+    """Which conversations every optimizer step trains on, and how they are packed."""
+
+    steps: list[list[list[int]]]  # per step, its packed rows, each a list of example indices
+    micro_batches: int  # A: micro-batches per step (the most any step needs)
+    rows_per_micro: int  # R
+    pack_length: int  # L
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
+
+
+def plan_steps(lengths: Sequence[int], *, batch_size: int, epochs: int, pack_length: int, rows_per_micro: int,
+               seed: int = 0, shuffle: bool = True, max_steps: int = 0) -> StepPlan:
+    """Epoch-wise (shuffled by ``seed`` and the epoch) batches of ``batch_size`` conversations, each
+    packed into rows; the last batch of an epoch may be smaller."""
+    n = len(lengths)
+    if n == 0:
+        raise ValueError("no training conversations")
+    per_epoch = math.ceil(n / batch_size)
+    steps = []
+    for epoch in range(epochs):
+        order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)).tolist()
+        for b in range(per_epoch):
+            if max_steps and len(steps) >= max_steps:
+                break
+            members = order[b * batch_size:(b + 1) * batch_size]
+            rows = pack_rows([lengths[i] for i in members], pack_length)
+            steps.append([[members[j] for j in row] for row in rows])
+    a = max(math.ceil(len(rows) / rows_per_micro) for rows in steps)
+    return StepPlan(steps, a, rows_per_micro, pack_length, per_epoch)
+
+
+def eval_batches(examples: Sequence[Example], pack_length: int, rows_per_micro: int) -> list[SFTBatch]:
+    """Held-out conversations packed once into micro-batches ``[1, R, L]`` (the eval step's shape)."""
+    rows = pack_rows([len(e) for e in examples], pack_length)
+    out = []
+    for i in range(0, len(rows), rows_per_micro):
+        out.append(build_batch(examples, rows[i:i + rows_per_micro], 1, rows_per_micro, pack_length))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and the compiled step
+# ---------------------------------------------------------------------------------------------
+
+
+def make_schedule(sft: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup over ``round(warmup_ratio * total_steps)`` steps from 0 to ``lr``, then cosine
+    decay to ``lr * min_lr_ratio`` at ``total_steps`` (or constant)."""
+    warmup = int(round(sft.warmup_ratio * total_steps))
+    if sft.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=sft.lr * sft.min_lr_ratio)
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, sft.lr, warmup), optax.constant_schedule(sft.lr)],
+                                    [warmup])
+    return optax.constant_schedule(sft.lr)
+
+
+def make_sft_optimizer(sft: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clip, then AdamW (decoupled weight decay on every parameter)."""
+    return optax.chain(optax.clip_by_global_norm(sft.grad_clip),
+                       optax.adamw(schedule, b1=sft.b1, b2=sft.b2, weight_decay=sft.weight_decay))
+
+
+def packed_nll(graphdef: Any, params: Any, input_ids, positions, segment_ids, loss_mask, chunk: int):
+    """Summed NLL of the loss tokens and their count for packed rows ``[R, L]``.
+
+    ``loss_mask[r, t]`` marks target tokens: the loss has ``-log p(ids[r, t] | ids[r, :t] of the same
+    segment)``. Attention is restricted to the segment; log-probs come in chunks of ``chunk`` tokens."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(input_ids, positions=positions, attention_mask=(segment_ids > 0).astype(jnp.int32),
+                                 segment_ids=segment_ids)  # [R, L, D]
+    lp = token_logprobs(hidden[:, :-1], model.lm_head_weight(), input_ids[:, 1:], chunk=chunk)  # [R, L-1]
+    m = loss_mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(lp * m), jnp.sum(m)
+
+
+def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, chunk: int,
+                     mesh: Optional[Mesh] = None, state_shardings: Any = None) -> Callable:
+    """``step(state, batch: SFTBatch [A, R, L]) -> (state, metrics)``, jitted, ``state`` donated.
+
+    metrics: ``loss`` (token-mean NLL over the step's loss tokens), ``grad_norm`` (before
+    clipping), ``lr`` (of this update), ``loss_tokens``, ``skipped`` (1 when the loss or gradient
+    was not finite: params and optimizer state are then left unchanged)."""
+
+    def step(state: SFTState, batch: SFTBatch):
+        ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+        with ctx:
+            return _step(state, batch)
+
+    def _step(state: SFTState, batch: SFTBatch):
+        params = state.params
+        n_tok = jnp.sum(batch.loss_mask[:, :, 1:].astype(jnp.float32))
+        zeros = jax.tree.map(jnp.zeros_like, params)
+
+        def micro(carry, mb):
+            g_acc, nll_acc = carry
+
+            def compute(_):
+                (nll, _), g = jax.value_and_grad(
+                    lambda p: packed_nll(graphdef, p, *mb, chunk), has_aux=True)(params)
+                return nll, g
+
+            def skip(_):
+                return jnp.zeros((), jnp.float32), zeros
+
+            nll, g = jax.lax.cond(jnp.any(mb[3] > 0), compute, skip, None)
+            return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll), None
+
+        xs = (batch.input_ids, batch.positions, batch.segment_ids, batch.loss_mask)
+        (g_sum, nll_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), xs)
+        denom = jnp.maximum(n_tok, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, g_sum)
+        loss = nll_sum / denom
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
+        updates, new_opt = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        new_state = SFTState(state.step + 1, jax.tree.map(keep, new_params, params),
+                             jax.tree.map(keep, new_opt, state.opt_state))
+        metrics = dict(loss=loss, grad_norm=gnorm, lr=jnp.asarray(schedule(state.step), jnp.float32),
+                       loss_tokens=n_tok, skipped=(~ok).astype(jnp.int32))
+        return new_state, metrics
+
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
+def build_eval_step(graphdef: Any, chunk: int, mesh: Optional[Mesh] = None) -> Callable:
+    """``eval_step(params, batch: SFTBatch [1, R, L]) -> (nll_sum, loss_tokens)``, jitted."""
+
+    def ev(params, batch: SFTBatch):
+        ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+        with ctx:
+            return packed_nll(graphdef, params, batch.input_ids[0], batch.positions[0], batch.segment_ids[0],
+                              batch.loss_mask[0], chunk)
+
+    return jax.jit(ev)
+
+
+def state_shardings_for(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> SFTState:
+    """Shardings of an :class:`SFTState`: params by their logical axes, optimizer moments like their
+    param, counters replicated."""
+    p_sh = parallel.param_shardings(params, mesh)
+    replicated = NamedSharding(mesh, P())
+    opt_shape = jax.eval_shape(tx.init, params)
+    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shape, p_sh, transform_non_params=lambda _: replicated)
+    return SFTState(replicated, p_sh, o_sh)
+
+
+def place_batch(batch: SFTBatch, mesh: Optional[Mesh]) -> SFTBatch:
+    """Host arrays -> device arrays with the row axis split over the batch mesh axes. Every process
+    holds the same (planned) batch and contributes the shards of its local devices."""
+    if mesh is None:
+        return SFTBatch(*(jnp.asarray(a) for a in batch))
+
+    def put(a: np.ndarray) -> jax.Array:
+        axes = (None,) * (a.ndim - 2) + ("batch", None)
+        sharding = NamedSharding(mesh, parallel.logical_to_spec(axes, a.shape, mesh))
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    return SFTBatch(*(put(a) for a in batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class SFTHook:
+    """Override what you need. All methods run on every process, at step boundaries."""
+
+    def on_start(self, trainer: "SFTTrainer") -> None:
+        """Before the first step; e.g. restore a checkpoint with ``trainer.set_state(...)``."""
+
+    def on_step(self, trainer: "SFTTrainer", step: int) -> None:
+        """After optimizer step ``step`` (1-based) was dispatched; ``trainer.state`` is its result
+        (device arrays, possibly still computing). E.g. save a checkpoint, check a preemption flag."""
+
+    def on_metrics(self, trainer: "SFTTrainer", step: int, metrics: dict) -> None:
+        """Host metrics of ``step`` (fetched one step late so the device never waits for the host)."""
+
+    def on_eval(self, trainer: "SFTTrainer", step: int, metrics: dict) -> bool:
+        """After a held-out evaluation at ``step`` (``val_loss``, ``val_tokens``); return True to stop."""
+        return False
+
+    def on_export(self, trainer: "SFTTrainer", step: int, path: Path) -> None:
+        """After an HF checkpoint of the weights at ``step`` was written to ``path``."""
+
+    def on_end(self, trainer: "SFTTrainer") -> None:
+        """After the last step and the final export."""
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    stop_reason: str  # finished | max_steps | early_stop | hook | <reason given to request_stop>
+    final_loss: Optional[float]
+    best_val_loss: Optional[float]
+    model_dir: Optional[Path]
+    history: list[dict] = field(default_factory=list)
+
+
+class SFTTrainer:
+    """The SFT loop over a planned sequence of packed steps.
+
+    ``model`` is a :class:`sod_jax.models.Qwen3` (already sharded when ``mesh`` is given); ``cfg``
+    the whole :class:`sod_jax.config.Config` (``cfg.sft`` and ``cfg.model.logprob_chunk`` are
+    read). Files go to ``cfg.sft.out_dir``; ``tokenizer_dir``'s tokenizer files are copied into every
+    exported checkpoint."""
+
+    def __init__(self, cfg: Any, model: Any, train_examples: Sequence[Example], val_examples: Sequence[Example] = (),
+                 *, tokenizer_dir: Optional[str] = None, mesh: Optional[Mesh] = None,
+                 hooks: Sequence[SFTHook] = (), progress: bool = True):
+        s = cfg.sft
+        self.cfg, self.sft, self.mesh, self.hooks, self.progress = cfg, s, mesh, list(hooks), progress
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        self.out_dir = Path(s.out_dir)
+        self.is_writer = jax.process_index() == 0
+        self.train_examples, self.val_examples = list(train_examples), list(val_examples)
+        self.pack_length = s.pack_length or s.max_length
+        batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.rows_per_micro = s.micro_batch_rows or batch_devices
+        if self.rows_per_micro % batch_devices:
+            log.warning("sft.micro_batch_rows=%d is not a multiple of the %d batch-parallel devices; rows are "
+                        "not split over them", self.rows_per_micro, batch_devices)
+        self.plan = plan_steps([len(e) for e in self.train_examples], batch_size=s.batch_size, epochs=s.epochs,
+                               pack_length=self.pack_length, rows_per_micro=self.rows_per_micro, seed=s.seed,
+                               shuffle=s.shuffle, max_steps=s.max_steps)
+        self.val_batches = eval_batches(self.val_examples, self.pack_length, self.rows_per_micro) if self.val_examples else []
+        self.schedule = make_schedule(s, self.plan.total_steps)
+        self.tx = make_sft_optimizer(s, self.schedule)
+        self.graphdef, params = nnx.split(model)
+        self.model_config = model.config
+        self.state_shardings = None
+        if mesh is not None:
+            self.state_shardings = state_shardings_for(self.tx, params, mesh)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+            step0 = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+        else:
+            opt_state = jax.jit(self.tx.init)(params)
+            step0 = jnp.zeros((), jnp.int32)
+        self.state = SFTState(step0, params, opt_state)
+        chunk = cfg.model.logprob_chunk
+        self.train_step = build_train_step(self.graphdef, self.tx, self.schedule, chunk, mesh, self.state_shardings)
+        self.eval_step = build_eval_step(self.graphdef, chunk, mesh)
+        self.step = 0
+        self.history: list[dict] = []
+        self.step_metrics: dict[int, dict] = {}  # host metrics hooks add to a step's record (e.g. checkpoint time)
+        self._stop: Optional[tuple[str, bool]] = None
+        self.best_val_loss: Optional[float] = None
+        self._since_best = 0
+
+    # -- for hooks ---------------------------------------------------------------------------------
+
+    def set_state(self, state: SFTState) -> None:
+        """Replace the train state (e.g. restored from a checkpoint); the loop continues from ``state.step``."""
+        self.state = state
+        self.step = int(jax.device_get(state.step))
+
+    def request_stop(self, reason: str = "hook", export: bool = True) -> None:
+        """End the run at the next step boundary (``export=False``: skip the final HF export, e.g. on preemption)."""
+        if self._stop is None:
+            self._stop = (reason, export)
+
+    def model(self) -> Any:
+        """The current weights as a model (shares the state's arrays)."""
+        return nnx.merge(self.graphdef, self.state.params)
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def batch(self, k: int) -> SFTBatch:
+        """Host arrays of planned step ``k`` (0-based)."""
+        p = self.plan
+        return build_batch(self.train_examples, p.steps[k], p.micro_batches, p.rows_per_micro, p.pack_length)
+
+    def evaluate(self) -> dict:
+        """Held-out token-mean NLL over all validation conversations."""
+        nll = jnp.zeros((), jnp.float32)
+        n = jnp.zeros((), jnp.float32)
+        for b in self.val_batches:
+            s, c = self.eval_step(self.state.params, place_batch(b, self.mesh))
+            nll, n = nll + s, n + c
+        nll, n = (float(x) for x in jax.device_get((nll, n)))
+        return {"val_loss": nll / max(n, 1.0), "val_tokens": int(n)}
+
+    def export(self, path: Path) -> Path:
+        """Write the current weights as an HF checkpoint (``save_pretrained``) plus the tokenizer files."""
+        from sod_jax.models import save_pretrained
+
+        save_pretrained(self.model(), path)
+        if self.is_writer and self.tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = self.tokenizer_dir / name
+                if src.is_file():
+                    shutil.copy2(src, Path(path) / name)
+        return Path(path)
+
+    def _write(self, name: str, record: dict) -> None:
+        if self.is_writer:
+            with open(self.out_dir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> SFTResult:
+        s, plan = self.sft, self.plan
+        if self.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        for h in self.hooks:
+            h.on_start(self)
+        total = plan.total_steps
+        bar = None
+        if self.progress and self.is_writer:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, unit="step", desc="sft", dynamic_ncols=True)
+        pending: Optional[tuple[int, dict, int]] = None  # (step, device metrics, real tokens)
+        last_t = time.perf_counter()
+        last_loss = None
+        evaluated_at = -1
+
+        def flush(write: bool = True) -> None:
+            nonlocal pending, last_t, last_loss
+            if pending is None:
+                return
+            step, dev, n_real = pending
+            pending = None
+            m = {k: v.item() for k, v in jax.device_get(dev).items()}
+            now = time.perf_counter()
+            m["tokens_per_s"] = n_real / max(now - last_t, 1e-9)
+            m["tokens"] = n_real
+            last_t = now
+            m["epoch"] = (step - 1) // plan.steps_per_epoch + 1
+            m.update(self.step_metrics.pop(step, {}))
+            record = {"step": step, **m}
+            self.history.append(record)
+            if write:
+                self._write("metrics.jsonl", record)
+            last_loss = m["loss"]
+            for h in self.hooks:
+                h.on_metrics(self, step, m)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+
+        def run_eval(step: int) -> None:
+            nonlocal evaluated_at
+            had_pending = pending is not None
+            flush(write=False)
+            em = self.evaluate()
+            evaluated_at = step
+            if had_pending and self.history[-1]["step"] == step:  # one record per step: train and held-out
+                self.history[-1].update(em)
+                self._write("metrics.jsonl", self.history[-1])
+            else:
+                self._write("metrics.jsonl", {"step": step, **em})
+            if self.best_val_loss is None or em["val_loss"] < self.best_val_loss:
+                self.best_val_loss, self._since_best = em["val_loss"], 0
+            else:
+                self._since_best += 1
+                if s.early_stop_patience and self._since_best >= s.early_stop_patience:
+                    self.request_stop("early_stop")
+            for h in self.hooks:
+                if h.on_eval(self, step, em):
+                    self.request_stop("hook")
+            if bar is not None:
+                bar.write(f"step {step}: held-out loss {em['val_loss']:.4f} over {em['val_tokens']} tokens")
+
+        if self.val_batches and self.step == 0 and s.eval_every:
+            run_eval(0)
+        while self.step < total and self._stop is None:
+            k = self.step
+            host = self.batch(k)
+            n_real = int((host.segment_ids > 0).sum())
+            self.state, dev_metrics = self.train_step(self.state, place_batch(host, self.mesh))
+            self.step = k + 1
+            flush()  # the previous step's metrics; the device is busy with this one
+            pending = (self.step, dev_metrics, n_real)
+            for h in self.hooks:
+                h.on_step(self, self.step)
+            if bar is not None:
+                bar.update(1)
+            if self.val_batches and s.eval_every and self.step % s.eval_every == 0:
+                run_eval(self.step)
+            if s.save_every and self.step % s.save_every == 0 and self.step < total:
+                flush()
+                path = self.export(self.out_dir / "hf" / f"step_{self.step:06d}")
+                for h in self.hooks:
+                    h.on_export(self, self.step, path)
+        flush()
+        if bar is not None:
+            bar.close()
+        reason, do_export = self._stop or ("max_steps" if s.max_steps and total == s.max_steps else "finished", True)
+        if self.val_batches and evaluated_at != self.step and do_export:
+            run_eval(self.step)
+        model_dir = None
+        if do_export:
+            model_dir = self.export(self.out_dir / "model")
+            for h in self.hooks:
+                h.on_export(self, self.step, model_dir)
+        if self.is_writer and self.cfg.logging.plots:
+            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "plots" / "sft_loss.png")
+        for h in self.hooks:
+            h.on_end(self)
+        return SFTResult(self.step, reason, last_loss, self.best_val_loss, model_dir, self.history)
+
+
+def plot_curves(metrics_file: Path, out_png: Path) -> None:
+    """Training and held-out loss against step (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_file.is_file():
+        return
+    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    if not train and not val:
+        return
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token-mean NLL (assistant tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["SFTBatch", "SFTDataError", "SFTHook", "SFTResult", "SFTState", "SFTTrainer", "StepPlan", "build_eval_step",
+           "build_train_step", "eval_batches", "make_schedule", "make_sft_optimizer", "packed_nll", "place_batch",
+           "plan_steps", "prepare_examples", "state_shardings_for"]
