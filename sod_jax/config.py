@@ -103,7 +103,7 @@ class RolloutConfig:
     num_slots: int = _f(256, "Concurrent decode slots (each holds one trajectory's KV cache).")
     decode_steps: int = _f(32, "Tokens generated per slot per device call.")
     prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
-    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: no check).")
+    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: 90% of the device memory less the sampling weights; no check on CPU).")
     stop_strings: list[str] = _f([], "Extra strings that end an assistant turn.")
     val_n: int = _f(32, "Samples per prompt at validation (avg@32).")
     val_temperature: float = _f(1.0, "Validation temperature.")
