@@ -186,6 +186,7 @@ class TrainConfig:
     seed: int = _f(0, "Seed of sampling and initialisation.")
     out_dir: str = _f("runs/sod", "Run directory: metrics.jsonl, resolved config, plots, checkpoints.")
     eval_every: int = _f(0, "Validate every N steps (0: never).")
+    length_buckets: list[int] = _f([], "Sequence lengths the update is compiled for (each step pads to the smallest that fits); empty: powers of two from 128 up to data.max_prompt_length + rollout.max_response_length.")
 
 
 @dataclass
@@ -229,6 +230,7 @@ class EvalConfig:
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(0.6, "Nucleus mass.")
     max_response_length: int = _f(20480, "Response budget per sample.")
+    kl_prompts: int = _f(0, "RL eval: also measure the student-teacher reverse KL (k1 on student rollouts) on the first N held-out prompts (0: off).")
 
 
 @dataclass

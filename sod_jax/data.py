@@ -1,6 +1,6 @@
 """Rows, prompt templates, length filtering and the grain prompt loader.
 
-Three row kinds are read from parquet (pyarrow) or jsonl files (one JSON object a line):
+Three row kinds are read from parquet (pyarrow), jsonl (one JSON object a line) or JSON-array files:
 
 * ``rl`` (Open-AgentRL-30K layout) and ``eval`` (Open-AgentRL-Eval layout): columns ``data_source``
   (str), ``prompt`` (list of ``{role, content}``), ``reward_model`` (``{"ground_truth": ...}``) and
@@ -63,6 +63,15 @@ def read_records(path: Union[str, Path]) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if suffix == ".json" and path.read_text().lstrip().startswith("["):  # one JSON array of records
+        try:
+            recs = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        bad = next((i for i, r in enumerate(recs) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"{path}: record {bad} must be a JSON object, got {type(recs[bad]).__name__}")
+        return recs
     if suffix in (".jsonl", ".json"):
         out = []
         with path.open() as f:
@@ -77,7 +86,7 @@ def read_records(path: Union[str, Path]) -> list[dict]:
                     raise DataError(f"{path}: line {i + 1} must be a JSON object, got {type(rec).__name__}")
                 out.append(rec)
         return out
-    raise DataError(f"data file '{path}': unsupported format {suffix!r} (use .parquet or .jsonl)")
+    raise DataError(f"data file '{path}': unsupported format {suffix!r} (use .parquet, .jsonl or a .json array)")
 
 
 def _maybe_json(value: Any, column: str, want: type) -> Any:
@@ -126,6 +135,17 @@ def _messages(value: Any, column: str, sft: bool) -> list[dict]:
     return out
 
 
+def _drop_nones(x: Any) -> Any:
+    """Mappings without None values, recursively: parquet structs give every record every field of the
+    column's union type (None where a record lacks it), which a JSON schema or a call's arguments must
+    not carry."""
+    if isinstance(x, dict):
+        return {k: _drop_nones(v) for k, v in x.items() if v is not None}
+    if isinstance(x, list):
+        return [_drop_nones(v) for v in x]
+    return x
+
+
 def _tool_call(call: dict, where: str) -> dict:
     call = {k: v for k, v in call.items() if v is not None}
     fn = call.get("function", call)
@@ -137,6 +157,8 @@ def _tool_call(call: dict, where: str) -> dict:
             args = json.loads(args)
         except json.JSONDecodeError:
             pass
+    if isinstance(args, dict):
+        args = _drop_nones(args)
     return {"type": call.get("type", "function"), "function": {"name": fn["name"], "arguments": args or {}}}
 
 
@@ -198,7 +220,7 @@ def _sft_row(rec: dict) -> dict:
     tools = _maybe_json(rec.get("tools"), "tools", list)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise _BadRow("tools", "must be a list of tool schemas (or a JSON string of one)")
-    return {"messages": msgs, "tools": tools or None}
+    return {"messages": msgs, "tools": _drop_nones(tools) or None}
 
 
 def load_rows(files: Union[str, Path, Sequence[Union[str, Path]]], kind: RowKind,
@@ -330,6 +352,31 @@ def filter_by_length(rows: Sequence[dict], tokenizer: Any, max_len: int, tools: 
     lengths = prompt_lengths(rows, tokenizer, tools, enable_thinking)
     kept = [r for r, n in zip(rows, lengths) if n <= max_len]
     return kept, len(rows) - len(kept)
+
+
+def load_prompt_rows(files: Union[str, Path, Sequence[Union[str, Path]]], data_cfg: Any, tokenizer: Any, *,
+                     kind: Literal["rl", "eval"] = "rl", reward_cfg: Any = None, tools: Optional[list[dict]] = None,
+                     enable_thinking: bool = True) -> tuple[list[dict], dict]:
+    """The RL / eval prompt pipeline of a run: :func:`load_rows` (``data.on_bad_row``,
+    ``data.prompt_key``, ``reward.sources``), a scorer check of every data_source (unknown: an error
+    naming it), :class:`PromptTemplates` from ``data.prompt_templates``, and :func:`filter_by_length`
+    at ``data.max_prompt_length`` with the agent's tool block (``tools`` default: the code
+    interpreter). ``stats`` gains ``too_long`` (rows dropped by length) and ``by_source`` (rows kept per
+    data_source)."""
+    from sod_jax.chat import CODE_INTERPRETER_TOOL
+    from sod_jax.rewards.registry import check_sources
+
+    sources = getattr(reward_cfg, "sources", None) if reward_cfg is not None else None
+    rows, stats = load_rows(files, kind, getattr(data_cfg, "on_bad_row", "error"),
+                            prompt_key=getattr(data_cfg, "prompt_key", "prompt"), sources=sources)
+    check_sources({r["data_source"] for r in rows}, reward_cfg)
+    rows = PromptTemplates.from_config(data_cfg).apply_rows(rows)
+    rows, too_long = filter_by_length(rows, tokenizer, data_cfg.max_prompt_length,
+                                      [CODE_INTERPRETER_TOOL] if tools is None else tools, enable_thinking)
+    stats["too_long"] = too_long
+    stats["rows"] = len(rows)
+    stats["by_source"] = dict(Counter(r["data_source"] for r in rows))
+    return rows, stats
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Three scorers: ``math`` (last ``\\boxed{}`` string match, or math-verify equivalence), ``choice``
 (the same rule on a multiple-choice option letter, GPQA) and ``code`` (LiveCodeBench-style test
-execution through the sandbox). The paper's sources and the code sources of verl / Open-AgentRL are
-built in; ``reward.sources`` maps further sources onto a scorer. An unknown source is an error at
+execution through the sandbox). The paper's sources and common code-contest source names
+(``livecodebench``, ``codecontests``, ``apps``, ``codeforces``, ``taco``) are built in;
+``reward.sources`` maps further sources onto a scorer. An unknown source is an error at
 start-up (:func:`check_sources`), never a silent fall-back.
 """
 
@@ -19,7 +20,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     # the paper's RL and eval sources (Open-AgentRL-30K / Open-AgentRL-Eval)
     "math_dapo": "math", "mega-science": "math", "AIME2024": "math", "AIME2025": "math",
     "gpqa_diamond": "choice", "LiveCodeBench_v6": "code",
-    # code sources of Open-AgentRL / verl's default reward routing
+    # common code-contest source names
     "livecodebench": "code", "codecontests": "code", "apps": "code", "codeforces": "code", "taco": "code",
     # the CPU demo's synthetic multi-step tool task (integer answers in \boxed{})
     "demo_chain": "math",

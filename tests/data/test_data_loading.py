@@ -62,6 +62,9 @@ def test_rl_parquet_and_jsonl(tmp_path):
     a = write_parquet(tmp_path / "a.parquet", recs[:4])
     b = tmp_path / "b.jsonl"
     b.write_text("".join(json.dumps(r) + "\n" for r in recs[4:]))
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(recs[:2]))
+    assert [r["index"] for r in load_rows(c, "rl")[0]] == [0, 1]  # a JSON array file
     rows, stats = load_rows([a, b], "rl")
     assert stats["rows_read"] == 6 and stats["rows"] == 6 and stats["bad_rows"] == 0
     assert [r["index"] for r in rows] == list(range(6))
@@ -98,6 +101,14 @@ def test_sft_rows(tmp_path):
     assert "tool_calls" not in msgs[0] and "tool_calls" not in msgs[4]
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "code_interpreter", "arguments": {"code": "2+2"}}
     assert rows[0]["tools"] == tools
+    # tools as a parquet struct column: schemas of different shapes get None-filled fields, dropped again
+    other = {"type": "function", "function": {"name": "search", "description": "web",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "query": {"type": "string"}}, "required": ["query"]}}}
+    recs[0]["tools"] = [CODE_INTERPRETER_TOOL, other]
+    g = write_parquet(tmp_path / "sft_struct.parquet", recs)
+    assert pq.read_table(g).to_pylist()[0]["tools"][1]["function"]["parameters"]["properties"]["code"] is None
+    assert load_rows(g, "sft")[0][0]["tools"] == [CODE_INTERPRETER_TOOL, other]
 
 
 @pytest.mark.parametrize("mutate, column, what", [
@@ -301,3 +312,28 @@ def test_state_restores_exactly_in_a_fresh_process():
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == expected
+
+
+def test_prompt_pipeline_from_config_and_parquet_through_the_loader(tmp_path, tokenizer_dir):
+    from sod_jax.config import load_config
+
+    recs = rl_records(8)
+    recs[3]["prompt"] = [{"role": "user", "content": "long " * 400}]
+    recs[5]["reward_model"] = {"style": "rule"}  # no ground truth: skipped and counted
+    f = write_parquet(tmp_path / "train.parquet", recs)
+    cfg = load_config(None, ["algo.name=grpo", "data.on_bad_row=skip", "data.max_prompt_length=1000",
+                             "data.prompt_templates={math_dapo: math}"])
+    from sod_jax.data import load_prompt_rows
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    rows, stats = load_prompt_rows(f, cfg.data, tok, reward_cfg=cfg.reward)
+    assert stats["bad_rows"] == 1 and stats["too_long"] == 1 and stats["rows"] == 6
+    assert stats["by_source"] == {"mega-science": 4, "math_dapo": 2}
+    assert rows[1]["prompt"][-1]["content"].startswith("Solve the following problem")  # math_dapo templated
+    assert rows[0]["prompt"] == recs[0]["prompt"]  # mega-science passes through
+    batches = list(PromptLoader(rows, 3, seed=0, num_epochs=1, process_index=0, process_count=1))
+    assert sorted(r["index"] for b in batches for r in b) == [0, 1, 2, 4, 6, 7]
+    recs[0]["data_source"] = "unknown_set"
+    g = write_parquet(tmp_path / "unknown.parquet", recs[:1])
+    with pytest.raises(ValueError, match="'unknown_set'"):
+        load_prompt_rows(g, cfg.data, tok, reward_cfg=cfg.reward)

@@ -1,0 +1,272 @@
+"""The run directory (DESIGN §5): what RL, SFT and eval runs write, and the plots drawn from it.
+
+``RunDir(out_dir)`` owns the files of one run:
+
+- ``config.yaml``: the resolved config;
+- ``metrics.jsonl``: one JSON object per step (``step`` plus named metrics; vectors as lists);
+- ``eval.jsonl``: one object per evaluation (``step`` and per data_source ``acc``, pass@k, maj@k);
+- ``step_weights.jsonl``: per step a bounded sample of trajectories' ``(d_k, w_k)`` lists;
+- ``plots/*.png``: learning curves, regenerated from the jsonl files alone
+  (``python -m sod_jax.tracking plot RUN_DIR``, so a pod's run can be plotted on a laptop);
+- TensorBoard events (``logging.tensorboard``) and Weights & Biases (``logging.wandb``, optional).
+
+Only process 0 writes (``RunDir(..., enabled=jax.process_index() == 0)``); other processes get a
+writer whose methods do nothing. On resume, :meth:`RunDir.truncate_after` drops records of steps
+after the restored checkpoint so curves continue without duplicates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+
+def _plain(x: Any) -> Any:
+    """JSON-able form of a metric value: numpy/jax scalars -> float/int, arrays -> lists, NaN -> None."""
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        x = np.asarray(x).tolist()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    return x
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a jsonl file; a torn last line (a run killed mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class RunDir:
+    """Writers of one run directory. See the module docstring."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+                 wandb: bool = False, project: str = "sod_jax", run_name: Optional[str] = None,
+                 config: Optional[dict] = None):
+        self.path = Path(out_dir)
+        self.enabled = enabled
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "plots").mkdir(exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise SystemExit("error: logging.wandb=true needs the wandb package: pip install wandb "
+                                 "(or set logging.wandb=false)") from None
+            self._wandb = wb.init(project=project, name=run_name or self.path.name, config=config,
+                                  dir=str(self.path), resume="allow")
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            (self.path / name).write_text(text)
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        """One line of ``metrics.jsonl``; scalars also to TensorBoard / wandb."""
+        if not self.enabled:
+            return
+        self._append("metrics.jsonl", {"step": step, **metrics})
+        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and isinstance(_plain(v), (int, float))}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def log_eval(self, step: int, summary: dict) -> None:
+        """One line of ``eval.jsonl``: ``step`` and per data_source its figures."""
+        if not self.enabled:
+            return
+        self._append("eval.jsonl", {"step": step, **summary})
+        if self._tb is not None or self._wandb is not None:
+            flat = {f"eval/{src}/{k}": float(v) for src, d in summary.items() if isinstance(d, dict)
+                    for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if self._tb is not None:
+                for k, v in flat.items():
+                    self._tb.add_scalar(k, v, step)
+                self._tb.flush()
+            if self._wandb is not None:
+                self._wandb.log(flat, step=step)
+
+    def log_step_weights(self, step: int, samples: list[dict]) -> None:
+        """One line of ``step_weights.jsonl``: ``samples`` is a short list of ``{"d": [...], "w": [...], ...}``."""
+        if self.enabled and samples:
+            self._append("step_weights.jsonl", {"step": step, "trajectories": samples})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > ``step`` (a resumed run re-does them)."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "eval.jsonl", "step_weights.jsonl"):
+            p = self.path / name
+            if p.is_file():
+                keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
+                p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def plot(self) -> list[Path]:
+        return plot_run(self.path) if self.enabled else []
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (from the jsonl files alone)
+# ---------------------------------------------------------------------------------------------
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
+
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig, path: Path, ax) -> Path:
+    import matplotlib.pyplot as plt
+
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _curves(out: Path, records: list[dict], keys: Iterable[tuple[str, str]], title: str, ylabel: str) -> Optional[Path]:
+    lines = [(label, *_series(records, key)) for key, label in keys]
+    lines = [ln for ln in lines if ln[1]]
+    if not lines:
+        return None
+    fig, ax = _figure(title, "RL step", ylabel)
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+    return _save(fig, out, ax)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/*.png`` from ``metrics.jsonl`` and ``eval.jsonl``; returns the files written."""
+    run = Path(run_dir)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    evals = read_jsonl(run / "eval.jsonl")
+    out = run / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        _curves(out / "reward.png", metrics, [("reward_mean", "reward (incl. overlong penalty)"),
+                                             ("acc", "accuracy (training rollouts)")],
+                "Training reward and accuracy", "value"),
+        _curves(out / "kl.png", metrics, [("kl_k1", "k1 = E[s - q]"), ("kl_k3", "k3")],
+                "Student-teacher KL on training rollouts", "KL (nats / token)"),
+        _curves(out / "length.png", metrics, [("response_length_mean", "response tokens (mean)")],
+                "Response length", "tokens"),
+        _curves(out / "turns.png", metrics, [("turns_mean", "assistant turns"), ("tool_calls_mean", "tool calls"),
+                                            ("tool_error_rate", "tool error rate")],
+                "Turns and tool use per trajectory", "per trajectory"),
+    ]
+    # Held-out accuracy per data_source.
+    sources = sorted({k for e in evals for k, v in e.items() if isinstance(v, dict) and "acc" in v})
+    if sources:
+        fig, ax = _figure("Held-out accuracy (avg@k)", "RL step", "accuracy")
+        for src in sources:
+            xs = [e["step"] for e in evals if isinstance(e.get(src), dict)]
+            ys = [e[src]["acc"] for e in evals if isinstance(e.get(src), dict)]
+            ax.plot(xs, ys, marker="o", ms=4, label=src)
+        written.append(_save(fig, out / "eval_acc.png", ax))
+    # Step weights and divergences by step index k (SOD diagnostics), early vs late in the run.
+    rows = [m for m in metrics if isinstance(m.get("step_w_mean_by_k"), list)]
+    if rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+        picks = sorted({0, len(rows) // 2, len(rows) - 1})
+        for i in picks:
+            r = rows[i]
+            counts = r.get("step_count_by_k") or [1] * len(r["step_w_mean_by_k"])
+            ks = [k + 2 for k, c in enumerate(counts) if c]
+            if not ks:
+                continue
+            a1.plot(ks, [r["step_w_mean_by_k"][k - 2] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
+            a2.plot(ks, [r["step_d_mean_by_k"][k - 2] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
+        a1.set_title("Mean step weight w_k")
+        a2.set_title("Mean step divergence d_k = mean |s - q|")
+        for a, yl in ((a1, "w_k"), (a2, "d_k")):
+            a.set_xlabel("assistant turn k")
+            a.set_ylabel(yl)
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "step_weights.png")
+        plt.close(fig)
+        written.append(out / "step_weights.png")
+    return [p for p in written if p is not None]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sod_jax.tracking",
+        description="Run-directory tools. `plot RUN_DIR` redraws plots/*.png from metrics.jsonl and eval.jsonl.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plot", help="regenerate the PNG plots of a run directory")
+    p.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file() and not (run / "eval.jsonl").is_file():
+        raise SystemExit(f"error: {run} holds no metrics.jsonl or eval.jsonl; pass a run directory (train.out_dir)")
+    for path in plot_run(run):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,568 @@
+"""The RL loop (DESIGN §3): prompts -> tool-using rollouts -> rewards -> one compiled update ->
+metrics, periodic eval, checkpoints.
+
+:class:`Trainer` is built from a :class:`sod_jax.config.Config` in two phases:
+
+1. :meth:`Trainer.preflight` checks everything that can be checked without compiling anything
+   (paths, the teacher's vocabulary and special tokens, data rows and their ``data_source``
+   scorers, the sandbox's isolation) and fails with a one-line message saying what to change;
+2. :meth:`Trainer.setup` loads the models onto the mesh, builds the engine (its own sampling copy
+   of the student's weights), the agent, the reward pool, the optimizer state and the update, and
+   resumes from the newest checkpoint of the run directory.
+
+:meth:`Trainer.run` then does, per step: ``train.prompts_per_step`` prompts of this process's data
+shard -> ``rollout.n`` trajectories each through the agent loop (sampling keys derived from
+``(train.seed, step, prompt)``, so a resumed run samples the same streams) -> rewards in the pool
+-> an :class:`RLBatch` whose length is one of a few buckets -> one update -> the engine's weights
+refreshed -> metrics; eval every ``train.eval_every`` steps (and at step 0); a checkpoint every
+``checkpoint.save_every`` steps, at the end, and on SIGTERM/SIGINT.
+
+Every process runs the same loop on its own prompts; trajectories meet in the global update
+(``jax.make_array_from_process_local_data``) with the sequence length agreed across processes;
+only process 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from sod_jax.config import Config
+
+log = logging.getLogger("sod_jax.train")
+
+
+class SetupError(RuntimeError):
+    """A problem found before any compute; the message says what to change."""
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of one prompt of one step: a stable hash, independent of process layout."""
+    return zlib.crc32(f"{seed}:{step}:{index}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class StepRollouts:
+    """What one step's rollouts produced on this process."""
+
+    trajectories: list
+    rows: list  # the data rows, one per trajectory
+    group_ids: list[int]
+    scores: list[dict]
+    rewards: list[float]
+    seconds: float
+    reward_seconds: float
+
+
+class Trainer:
+    """See the module docstring."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.train.out_dir)
+        # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
+        # first used them.
+        self.loop = asyncio.new_event_loop()
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 1: checks before any compute
+    # -----------------------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        from sod_jax.algo.advantages import TEACHER_MODES
+        from sod_jax.chat import ChatError, ChatTokenizer
+        from sod_jax.models.hf import CheckpointError, read_config, resolve_checkpoint_dir
+        from sod_jax.train_step import check_compatible
+
+        cfg = self.cfg
+        mode = cfg.algo.name
+        self.needs_teacher = mode in TEACHER_MODES and not mode.startswith("opsd")
+        if not cfg.model.path:
+            raise SetupError("model.path is not set: point it at the HF checkpoint directory of the student")
+        try:
+            self.student_dir = resolve_checkpoint_dir(cfg.model.path)
+            self.student_cfg = read_config(self.student_dir)
+        except CheckpointError as e:
+            raise SetupError(f"model.path: {e}") from None
+        tok_dir = Path(getattr(cfg.model, "tokenizer", None) or self.student_dir)
+        try:
+            self.tok = ChatTokenizer.from_dir(tok_dir)
+        except ChatError as e:
+            raise SetupError(f"tokenizer: {e} (set model.tokenizer to a directory with tokenizer.json)") from None
+        if self.tok.vocab_size > self.student_cfg.vocab_size:
+            raise SetupError(f"tokenizer {tok_dir} has {self.tok.vocab_size} tokens but the student's vocab_size is "
+                             f"{self.student_cfg.vocab_size}; use the student's own tokenizer")
+        self.teacher_dir = self.teacher_cfg = None
+        if self.needs_teacher:
+            if not cfg.teacher.path:
+                raise SetupError(f"algo.name={mode} needs a teacher: set teacher.path to an HF checkpoint directory "
+                                 "(or use algo.name=grpo / opsd_gt / opsd_hint)")
+            try:
+                self.teacher_dir = resolve_checkpoint_dir(cfg.teacher.path)
+                self.teacher_cfg = read_config(self.teacher_dir)
+            except CheckpointError as e:
+                raise SetupError(f"teacher.path: {e}") from None
+            t_special = None
+            if (self.teacher_dir / "tokenizer.json").is_file():
+                t_tok = ChatTokenizer.from_dir(self.teacher_dir)
+                t_special = _special_ids(t_tok)
+            try:
+                check_compatible(self.student_cfg, self.teacher_cfg, _special_ids(self.tok), t_special)
+            except ValueError as e:
+                raise SetupError(f"{e} (student {self.student_dir}, teacher {self.teacher_dir})") from None
+        # Data: rows, scorers, templates, lengths (incl. the tool block the agent renders).
+        from sod_jax.data import load_prompt_rows
+
+        if not cfg.data.train_files:
+            raise SetupError("data.train_files is empty: list the RL parquet/jsonl files")
+        for f in list(cfg.data.train_files) + list(cfg.data.val_files):
+            if not Path(f).is_file():
+                raise SetupError(f"data file '{f}' does not exist (data.train_files / data.val_files)")
+        self.tools = [self.tool_schema()]
+        kw = dict(reward_cfg=cfg.reward, tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
+        try:
+            self.train_rows, self.train_stats = load_prompt_rows(cfg.data.train_files, cfg.data, self.tok, kind="rl", **kw)
+            self.val_rows, self.val_stats = [], {}
+            if cfg.data.val_files:
+                val_data = copy.copy(cfg.data)
+                val_data.max_prompt_length = getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length)
+                self.val_rows, self.val_stats = load_prompt_rows(cfg.data.val_files, val_data, self.tok, kind="eval", **kw)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        self.dropped_long = self.train_stats.get("too_long", 0)
+        if not self.train_rows:
+            raise SetupError(f"no training prompt is shorter than data.max_prompt_length={cfg.data.max_prompt_length} "
+                             f"tokens ({self.dropped_long} dropped); raise it or check the data")
+        if len(self.train_rows) < cfg.train.prompts_per_step:
+            raise SetupError(f"data.train_files hold {len(self.train_rows)} usable prompts but train.prompts_per_step "
+                             f"is {cfg.train.prompts_per_step}; lower it or add data")
+        # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
+        self.sandbox = self._make_sandbox()
+
+    def tool_schema(self) -> dict:
+        from sod_jax import chat
+
+        make = getattr(chat, "code_interpreter_tool", None)
+        return make(self.cfg.tool) if make is not None else chat.CODE_INTERPRETER_TOOL
+
+    def _make_sandbox(self):
+        s = self.cfg.sandbox
+        if s.backend == "fusion":
+            from sod_jax.sandbox.fusion import FusionSandbox
+
+            return FusionSandbox(s.url, max_concurrency=s.max_concurrency, retries=s.retries)
+        from sod_jax.sandbox.local import LocalSandbox, LocalSandboxConfig
+        from sod_jax.sandbox.protocol import SandboxUnavailable
+
+        kw = dict(workers=s.workers, allow_unconfined=s.allow_unconfined)
+        if hasattr(s, "mode") and "mode" in LocalSandboxConfig.__dataclass_fields__:
+            kw["mode"] = s.mode
+        try:
+            return LocalSandbox(LocalSandboxConfig(**kw))
+        except SandboxUnavailable as e:
+            raise SetupError(f"sandbox: {e}") from None
+
+    # -----------------------------------------------------------------------------------------
+    # Phase 2: models, engine, update, resume
+    # -----------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import jax
+        from flax import nnx
+
+        from sod_jax import parallel
+        from sod_jax.batching import length_buckets
+        from sod_jax.checkpoint import Checkpointer
+        from sod_jax.data import PromptLoader
+        from sod_jax.models.hf import load_pretrained
+        from sod_jax.rewards import RewardPool
+        from sod_jax.rollout.agent import Agent, AgentConfig
+        from sod_jax.rollout.engine import Engine
+        from sod_jax.tracking import RunDir
+        from sod_jax.train_step import UpdateSpec, build_update, init_train_state, make_optimizer
+
+        cfg = self.cfg
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.mesh_from_config(cfg.mesh)
+        runtime = dict(scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                       attention_block=cfg.model.attention_block)
+        self.student = load_pretrained(self.student_dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                       mesh=self.mesh, **runtime)
+        self.s_graph, params = nnx.split(self.student)
+        self.t_graph = self.t_params = None
+        if self.needs_teacher:
+            teacher = load_pretrained(self.teacher_dir, dtype=cfg.teacher.dtype, param_dtype=cfg.teacher.param_dtype,
+                                      mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat="none",
+                                      attention_block=getattr(cfg.teacher, "attention_block", cfg.model.attention_block))
+            self.t_graph, self.t_params = nnx.split(teacher)
+        # Data order: this process's shard, restorable.
+        self.loader = PromptLoader(self.train_rows, cfg.train.prompts_per_step // jax.process_count(),
+                                   seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.total_steps = self._total_steps()
+        opt_steps = self.total_steps * cfg.train.mini_batches
+        self.tx = make_optimizer(cfg.optim, opt_steps)
+        self.spec = UpdateSpec.from_config(cfg)
+        self.state = init_train_state(self.tx, params, cfg.train.seed)
+        self.update = build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh)
+        self.max_len = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+        self.buckets = list(getattr(cfg.train, "length_buckets", None) or length_buckets(self.max_len))
+        budget = cfg.rollout.kv_cache_budget_gb
+        self.engine = Engine(self.student, num_slots=cfg.rollout.num_slots, max_len=self.max_len,
+                             decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
+                             stop_ids=self.tok.stop_ids, tokenizer=self.tok,
+                             kv_budget_bytes=int(budget * 2**30) if budget else None)
+        self.engine.update_params(self.state.params)
+        self.agent = Agent(self.tok, self.sandbox, AgentConfig.from_config(cfg))
+        self.agent.tools = self.tools
+        self.rewards = RewardPool(cfg.reward, sandbox=self.sandbox)
+        self.run_dir = RunDir(self.out, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
+                              wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())
+        ck = cfg.checkpoint
+        self.ckpt = Checkpointer(ck.dir or self.out / "checkpoints", save_every=ck.save_every, keep=ck.keep,
+                                 async_save=ck.async_save)
+        self.start_step = 0
+        self.compiled_shapes: set = set()
+        if ck.resume:
+            self._resume()
+        self.run_dir.write_text("config.yaml", cfg.to_yaml())
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if getattr(t, "total_steps", None):
+            return int(t.total_steps)
+        epochs = getattr(t, "total_epochs", 1) or 1
+        return max(1, int(math.ceil(epochs * self.loader.steps_per_epoch)))
+
+    def _resume(self) -> None:
+        import jax
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        got = self.ckpt.restore(abstract)
+        if got is None:
+            return
+        step, state, extra = got
+        self.state = state
+        self.loader.set_state(extra["data_state"])
+        self.start_step = int(extra["rl_step"])
+        self.run_dir.truncate_after(self.start_step)
+        self.engine.update_params(self.state.params)
+        log.warning("resumed from checkpoint step %d (RL step %d): params, optimizer, PRNG and data order restored",
+                    step, self.start_step)
+
+    # -----------------------------------------------------------------------------------------
+    # One step
+    # -----------------------------------------------------------------------------------------
+
+    def _requests(self, rows: list[dict], step: int, n: int, first_index: int) -> list:
+        from sod_jax.rollout.agent import AgentRequest
+
+        return [AgentRequest(r["prompt"], n=n, seed=prompt_seed(self.cfg.train.seed, step, first_index + i),
+                             id=first_index + i) for i, r in enumerate(rows)]
+
+    def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
+        import jax
+
+        from sod_jax.rewards import response_text
+        from sod_jax.rollout.agent import EnginePolicy
+        from sod_jax.rollout.sampling import SamplingParams
+
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        offset = jax.process_index() * len(rows)
+        reqs = self._requests(rows, step, r.n, offset)
+        policy = EnginePolicy(self.engine, SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
+        trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
+        t1 = time.perf_counter()
+        traj_rows = [rows[i] for i in range(len(rows)) for _ in range(r.n)]
+        group_ids = [offset + i for i in range(len(rows)) for _ in range(r.n)]
+        items = [dict(data_source=row["data_source"], solution=response_text(self.tok, t.response_ids),
+                      ground_truth=row["ground_truth"], extra_info=row.get("extra_info") or {})
+                 for t, row in zip(trajs, traj_rows)]
+        scores = self.rewards.score(items)
+        rewards = [float(s["score"]) for s in scores]
+        if self.cfg.reward.overlong_buffer:
+            rc = self.cfg.reward
+            expected = r.max_response_length - rc.overlong_buffer_len
+            for i, t in enumerate(trajs):
+                rewards[i] += min(-(len(t.response_ids) - expected) / rc.overlong_buffer_len, 0.0) * rc.overlong_penalty_factor
+        return StepRollouts(trajs, traj_rows, group_ids, scores, rewards, t1 - t0, time.perf_counter() - t1)
+
+    def _teacher_prompts(self, ro: StepRollouts) -> Optional[list[list[int]]]:
+        mode = self.cfg.algo.name
+        if not mode.startswith("opsd"):
+            return None
+        out, cache = [], {}
+        for row in ro.rows:
+            key = id(row)
+            if key not in cache:
+                priv = (str(row["ground_truth"]) if mode == "opsd_gt"
+                        else str((row.get("extra_info") or {}).get("hint", row["ground_truth"])))
+                msgs = [dict(m) for m in row["prompt"]]
+                last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+                msgs[last]["content"] = self.cfg.algo.opsd_template.format(prompt=msgs[last]["content"], privileged=priv)
+                cache[key] = self.agent.prompt_ids(msgs)
+            out.append(cache[key])
+        return out
+
+    def _agreed_length(self, need: int) -> int:
+        """The bucket for the longest sequence of any process (every process compiles the same shape)."""
+        import jax
+
+        from sod_jax.batching import pick_bucket
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            need = int(np.max(multihost_utils.process_allgather(np.asarray([need]))))
+        return pick_bucket(need, self.buckets)
+
+    def _batch(self, ro: StepRollouts):
+        import jax
+
+        from sod_jax import parallel
+        from sod_jax.batching import pack
+        from sod_jax.train_step import RLBatch
+
+        cfg = self.cfg
+        rows = cfg.train.prompts_per_step * cfg.rollout.n // jax.process_count()
+        longest = max(len(t.prompt_ids) + len(t.response_ids) for t in ro.trajectories)
+        t_prompts = self._teacher_prompts(ro)
+        L = self._agreed_length(longest)
+        Lt = None
+        if t_prompts is not None:
+            Lt = self._agreed_length(max(len(p) + len(t.response_ids) for p, t in zip(t_prompts, ro.trajectories)))
+        p = pack(ro.trajectories, ro.rewards, ro.group_ids, rows, L, self.tok.pad_id, t_prompts, Lt)
+        arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions,
+                      response_mask=p.response_mask, rewards=p.rewards, group_ids=p.group_ids,
+                      sampler_logp=p.sampler_logp, row_valid=p.row_valid)
+        if t_prompts is not None:
+            arrays.update(teacher_input_ids=p.teacher_input_ids, teacher_attention_mask=p.teacher_attention_mask,
+                          teacher_positions=p.teacher_positions, teacher_index=p.teacher_index)
+        arrays = parallel.put_batch(arrays, self.mesh)
+        return RLBatch(**arrays), (L, Lt)
+
+    def _rollout_metrics(self, ro: StepRollouts) -> dict:
+        trajs = ro.trajectories
+        n = len(trajs)
+        calls = sum(t.num_tool_calls for t in trajs)
+        errors = sum(t.num_tool_errors for t in trajs)
+        gen = sum(sum(t.response_mask) for t in trajs)
+        m = {
+            "acc": float(np.mean([bool(s.get("acc")) for s in ro.scores])),
+            "score_mean": float(np.mean([s["score"] for s in ro.scores])),
+            "response_length_mean": float(np.mean([len(t.response_ids) for t in trajs])),
+            "response_length_max": int(max(len(t.response_ids) for t in trajs)),
+            "turns_mean": float(np.mean([t.num_turns for t in trajs])),
+            "tool_calls_mean": calls / n,
+            "tool_error_rate": errors / max(calls + errors, 1),
+            "rollout_tokens_per_s": gen / max(ro.seconds, 1e-9),
+            "generated_tokens": int(gen),
+        }
+        for reason, c in Counter(t.finish_reason for t in trajs).items():
+            m[f"finish/{reason}"] = c / n
+        return m
+
+    def _step_weight_samples(self, metrics: dict, ro: StepRollouts, limit: int = 8) -> list[dict]:
+        w, d = metrics.get("sample_step_w"), metrics.get("sample_step_d")
+        if w is None or d is None:
+            return []
+        out = []
+        for i in range(min(limit, len(w), len(ro.trajectories))):
+            k = ro.trajectories[i].num_turns
+            out.append({"row": i, "reward": ro.rewards[i], "tool_errors": ro.trajectories[i].num_tool_errors,
+                        "d": [float(x) for x in d[i][:k]], "w": [float(x) for x in w[i][:k]]})
+        return out
+
+    def train_step(self, step: int) -> dict:
+        import jax
+
+        rows = next(self.loader_iter)
+        ro = self._rollout(rows, step)
+        t0 = time.perf_counter()
+        batch, shape = self._batch(ro)
+        self.state, metrics = self.update(self.state, self.t_params, batch)
+        metrics = jax.device_get(metrics)
+        t_update = time.perf_counter() - t0
+        self.compiled_shapes.add(shape)
+        self.engine.update_params(self.state.params)
+        out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in metrics.items()
+               if not k.startswith("sample_step_")}
+        out.update(self._rollout_metrics(ro))
+        tokens = int(np.sum(batch.attention_mask)) if jax.process_count() == 1 else None
+        out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
+                    "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
+                    "lr": float(self._lr(int(self.state.step)))})
+        if tokens:
+            out["update_tokens_per_s"] = tokens / max(t_update, 1e-9)
+        self.run_dir.log_step_weights(step, self._step_weight_samples(metrics, ro))
+        return out
+
+    def _lr(self, opt_step: int) -> float:
+        from sod_jax.train_step import learning_rate
+
+        return learning_rate(self.cfg.optim, self.total_steps * self.cfg.train.mini_batches)(opt_step)
+
+    # -----------------------------------------------------------------------------------------
+    # Eval and held-out KL
+    # -----------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> Optional[dict]:
+        if not self.val_rows:
+            return None
+        from sod_jax.evaluation import evaluate
+        from sod_jax.rollout.agent import AgentConfig
+
+        t0 = time.perf_counter()
+        agent_cfg = AgentConfig.from_config(self.cfg)
+        summary = evaluate(self.engine, self.tok, self.sandbox, self.val_rows, eval_cfg=self.cfg.eval,
+                           agent_cfg=agent_cfg, reward_pool=self.rewards, step=step, out_dir=None,
+                           seed=self.cfg.train.seed, progress=self.progress and self.is_main)
+        if self.needs_teacher and getattr(self.cfg.eval, "kl_prompts", 0):
+            summary["heldout_kl"] = self.heldout_kl(step)
+        summary["seconds"] = time.perf_counter() - t0
+        self.run_dir.log_eval(step, summary)
+        return summary
+
+    def heldout_kl(self, step: int) -> float:
+        """Student-teacher reverse KL (k1 = E[s - q] over response tokens) on student rollouts of the
+        first ``eval.kl_prompts`` held-out prompts (fixed seeds, so the curve compares like with like)."""
+        import jax
+
+        from sod_jax import parallel
+        from sod_jax.batching import pack
+        from sod_jax.rollout.agent import EnginePolicy
+        from sod_jax.rollout.sampling import SamplingParams
+        from sod_jax.train_step import sequence_logprobs
+
+        cfg = self.cfg
+        rows = self.val_rows[: cfg.eval.kl_prompts]
+        reqs = self._requests(rows, -1, 1, 0)
+        r = cfg.rollout
+        policy = EnginePolicy(self.engine, SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
+        trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
+        L = self._agreed_length(max(len(t.prompt_ids) + len(t.response_ids) for t in trajs))
+        p = pack(trajs, [0.0] * len(trajs), list(range(len(trajs))), len(trajs), L, self.tok.pad_id)
+        if not hasattr(self, "_kl_fn"):
+            chunk = cfg.model.logprob_chunk
+            s_graph, t_graph = self.s_graph, self.t_graph
+
+            @jax.jit
+            def kl(s_params, t_params, ids, pos, att, mask):
+                s, _ = sequence_logprobs(s_graph, s_params, ids, pos, att, chunk)
+                q, _ = sequence_logprobs(t_graph, t_params, ids, pos, att, chunk)
+                m = mask.astype(s.dtype)
+                return (m * (s - q.astype(s.dtype))).sum() / jax.numpy.maximum(m.sum(), 1.0)
+
+            self._kl_fn = kl
+        arrays = parallel.put_batch((p.input_ids, p.positions, p.attention_mask, p.response_mask), self.mesh) \
+            if len(trajs) % self.mesh.size == 0 else (p.input_ids, p.positions, p.attention_mask, p.response_mask)
+        return float(self._kl_fn(self.state.params, self.t_params, *arrays))
+
+    # -----------------------------------------------------------------------------------------
+    # The loop
+    # -----------------------------------------------------------------------------------------
+
+    def save(self, step: int, force: bool = False) -> float:
+        extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict()}
+        t0 = time.perf_counter()
+        self.ckpt.save(step, self.state, extra=extra, force=force)
+        return time.perf_counter() - t0
+
+    def run(self) -> dict:
+        from sod_jax.checkpoint import PreemptionGuard
+
+        cfg = self.cfg
+        self.loader_iter = iter(self.loader)
+        bar = None
+        if self.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"{cfg.algo.name} RL", unit="step",
+                       dynamic_ncols=True)
+        first_eval = last_eval = None
+        if self.start_step == 0 and cfg.train.eval_every:
+            first_eval = last_eval = self.evaluate(0)
+            self._print(f"step 0 eval: {_eval_line(first_eval)}", bar)
+        step = self.start_step
+        with PreemptionGuard() as guard:
+            while step < self.total_steps:
+                step += 1
+                metrics = self.train_step(step)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    last_eval = self.evaluate(step)
+                    metrics["time/eval"] = last_eval["seconds"] if last_eval else 0.0
+                    self._print(f"step {step} eval: {_eval_line(last_eval)}", bar)
+                if step % cfg.checkpoint.save_every == 0 or step == self.total_steps or guard.requested:
+                    metrics["time/checkpoint"] = self.save(step, force=True)
+                    metrics["checkpoint_blocking_s"] = getattr(self.ckpt, "last_save_blocking_s", None)
+                if step % cfg.logging.log_every == 0 or step == self.total_steps:
+                    self.run_dir.log_metrics(step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_step_line(metrics), refresh=False)
+                if guard.requested:
+                    self._print(f"stopping at step {step} on request; checkpoint saved, resume by rerunning", bar)
+                    break
+        self.ckpt.wait()
+        if bar is not None:
+            bar.close()
+        if cfg.logging.plots:
+            self.run_dir.plot()
+        return {"first_eval": first_eval, "last_eval": last_eval, "steps": step}
+
+    def _print(self, text: str, bar=None) -> None:
+        if not self.is_main:
+            return
+        if bar is not None:
+            bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        for name in ("ckpt", "rewards"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+        sb = getattr(self, "sandbox", None)
+        if sb is not None and not self.loop.is_closed():
+            self.loop.run_until_complete(sb.close())
+        if not self.loop.is_closed():
+            self.loop.close()
+        rd = getattr(self, "run_dir", None)
+        if rd is not None:
+            rd.close()
+
+
+def _special_ids(tok) -> dict:
+    names = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<tool_response>",
+             "</tool_response>", "<think>", "</think>")
+    return {n: tok.tok.token_to_id(n) for n in names}
+
+
+def _step_line(m: dict) -> str:
+    parts = [f"reward {m.get('reward_mean', float('nan')):.3f}", f"acc {m.get('acc', float('nan')):.2f}"]
+    if "kl_k1" in m:
+        parts.append(f"kl {m['kl_k1']:.3f}")
+    parts.append(f"turns {m.get('turns_mean', 0):.1f}")
+    parts.append(f"len {m.get('response_length_mean', 0):.0f}")
+    return " | ".join(parts)
+
+
+def _eval_line(summary: Optional[dict]) -> str:
+    if not summary:
+        return "no held-out data"
+    parts = [f"{src} acc {d['acc']:.3f}" for src, d in summary.items() if isinstance(d, dict) and "acc" in d]
+    if "heldout_kl" in summary:
+        parts.append(f"held-out KL {summary['heldout_kl']:.4f}")
+    return ", ".join(parts)

@@ -1,0 +1,189 @@
+"""`python -m sod_jax.train` end to end on tiny random student/teacher checkpoints, fixture parquet
+and the local sandbox: every algorithm runs, writes the run directory with finite metrics, compiles
+the update at most once per length bucket, resumes, and fails early with a message on bad input."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, build_tokenizer, make_hf_model
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [("What is 12 * 13?", "156"), ("What is 7 + 35?", "42"), ("What is 99 - 17?", "82"),
+             ("What is 6 * 9?", "54"), ("What is 144 / 12?", "12"), ("What is 5 ** 3?", "125")]
+
+
+def _rows(pairs, source="math"):
+    return [{"data_source": source, "prompt": [{"role": "user", "content": q + " Use Python; answer in \\boxed{}."}],
+             "reward_model": {"ground_truth": a, "style": "rule"}, "extra_info": {"index": i}}
+            for i, (q, a) in enumerate(pairs)]
+
+
+def _write_parquet(path: Path, rows: list) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    tok = build_tokenizer(root / "tok")
+    from sod_jax.chat import ChatTokenizer
+
+    vocab = ChatTokenizer.from_dir(tok).vocab_size
+    dirs = {}
+    for name, seed, hidden, layers in (("student", 0, 32, 2), ("teacher", 1, 48, 2)):
+        m = make_hf_model(seed=seed, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          tie_word_embeddings=True, rope_theta=10000.0)
+        d = root / name
+        m.save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok / f, d / f)
+        dirs[name] = d
+    train = _write_parquet(root / "train.parquet", _rows(QUESTIONS[:4]))
+    val = _write_parquet(root / "val.parquet", _rows(QUESTIONS[4:]))
+    cfg = {
+        "model": {"path": str(dirs["student"]), "dtype": "float32", "param_dtype": "float32", "remat": "none",
+                  "attention_block": 0},
+        "teacher": {"path": str(dirs["teacher"]), "dtype": "float32", "param_dtype": "float32"},
+        "data": {"train_files": [str(train)], "val_files": [str(val)], "max_prompt_length": 512, "seed": 1},
+        "rollout": {"n": 2, "max_response_length": 40, "max_assistant_turns": 2, "num_slots": 4,
+                    "decode_steps": 8, "prefill_buckets": [512]},
+        "reward": {"overlong_buffer_len": 8, "workers": 2},
+        "sandbox": {"workers": 2},
+        "optim": {"lr": 1.0e-3},
+        "train": {"prompts_per_step": 2, "mini_batches": 2, "total_steps": 3, "eval_every": 3,
+                  "length_buckets": [576, 640]},
+        "eval": {"n": 2, "max_response_length": 40, "kl_prompts": 2},
+        "checkpoint": {"save_every": 2},
+        "mesh": {"data": 1, "fsdp": 2, "tensor": 1},
+    }
+    base = root / "base.yaml"
+    base.write_text(yaml.safe_dump(cfg))
+    return root, base, dirs
+
+
+def run_cli(*args, env=None, check=True):
+    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "sod_jax.train", *args, "--no-progress"], capture_output=True,
+                       text=True, cwd=REPO, env=e, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}")
+    return p
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "opd", "sod", "gated_opd", "opsd_gt", "iw_opd"])
+def test_each_algorithm_runs_three_steps(setup, algo):
+    root, base, _ = setup
+    out = root / f"run_{algo}"
+    p = run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}")
+    assert "held-out math accuracy after" in p.stdout
+    for name in ("config.yaml", "metrics.jsonl", "eval.jsonl"):
+        assert (out / name).is_file(), name
+    metrics = _records(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        for key in ("pg_loss", "reward_mean", "grad_norm", "response_length_mean", "turns_mean", "acc",
+                    "time/rollout", "time/update", "sampler_trainer_logp_absdiff"):
+            assert key in m and m[key] is not None and math.isfinite(m[key]), (algo, key, m.get(key))
+        # Engine log-probs and the trainer's old log-probs of the same tokens agree (fp32).
+        assert m["sampler_trainer_logp_absdiff"] < 1e-4
+        # At most one compile per length bucket.
+        assert m["update_compiles"] <= 2
+    if algo in ("opd", "sod", "gated_opd", "iw_opd"):
+        assert all("kl_k1" in m for m in metrics)
+    evals = _records(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 3] and "acc" in evals[-1]["math"]
+    assert (out / "checkpoints").is_dir()
+    assert yaml.safe_load((out / "config.yaml").read_text())["algo"]["name"] == algo
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert "reward.png" in pngs and "eval_acc.png" in pngs
+    if algo == "sod":
+        assert "step_weights.png" in pngs
+        sw = _records(out / "step_weights.jsonl")
+        assert sw and all(len(t["d"]) == len(t["w"]) for r in sw for t in r["trajectories"])
+
+
+def test_resume_continues_step_counter_curves_and_data_order(setup):
+    root, base, _ = setup
+    out = root / "run_resume"
+    run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={out}", "train.total_steps=2",
+            "train.eval_every=0")
+    first = _records(out / "metrics.jsonl")
+    run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={out}", "train.total_steps=4",
+            "train.eval_every=0")
+    both = _records(out / "metrics.jsonl")
+    assert [m["step"] for m in both] == [1, 2, 3, 4]
+    assert both[:2] == first
+    straight = root / "run_straight"
+    run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={straight}", "train.total_steps=4",
+            "train.eval_every=0")
+    ref = _records(straight / "metrics.jsonl")
+    for a, b in zip(ref, both):  # same prompts, same sampling streams, same rewards after the resume
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+        assert a["response_length_mean"] == pytest.approx(b["response_length_mean"], abs=1e-6)
+
+
+def test_opd_and_sod_lower_heldout_kl(setup):
+    root, base, _ = setup
+    for algo in ("opd", "sod"):
+        out = root / f"kl_{algo}"
+        run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}", "train.total_steps=20",
+                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=3e-3")
+        evals = _records(out / "eval.jsonl")
+        before, after = evals[0]["heldout_kl"], evals[-1]["heldout_kl"]
+        assert after < 0.7 * before, (algo, before, after)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.path=/nonexistent/student", "model.path"),
+    ("teacher.path=null", "needs a teacher"),
+    ("data.train_files=[/nonexistent/train.parquet]", "does not exist"),
+])
+def test_bad_inputs_fail_before_compute(setup, override, message):
+    root, base, _ = setup
+    p = run_cli("--config", str(base), override, f"train.out_dir={root / 'bad'}", check=False)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+    assert "Compiling" not in p.stderr
+
+
+def test_teacher_with_another_vocabulary_is_refused(setup):
+    root, base, dirs = setup
+    other = root / "teacher_other_vocab"
+    if not other.exists():
+        m = make_hf_model(seed=3, vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+        m.save_pretrained(other)
+    p = run_cli("--config", str(base), f"teacher.path={other}", f"train.out_dir={root / 'bad'}", check=False)
+    assert p.returncode == 2 and "vocab mismatch" in p.stderr, p.stderr[-2000:]
+
+
+def test_unknown_data_source_is_refused(setup):
+    root, base, _ = setup
+    bad = _write_parquet(root / "unknown_source.parquet", _rows(QUESTIONS[:4], source="no_such_source"))
+    p = run_cli("--config", str(base), f"data.train_files=[{bad}]", f"train.out_dir={root / 'bad'}", check=False)
+    assert p.returncode == 2 and "no_such_source" in p.stderr, p.stderr[-2000:]
+
+
+def test_sandbox_that_cannot_isolate_is_refused(setup, tmp_path):
+    root, base, _ = setup
+    bin_dir = tmp_path / "bin"  # a PATH without bubblewrap
+    bin_dir.mkdir()
+    p = run_cli("--config", str(base), f"train.out_dir={root / 'bad'}", check=False, env={"PATH": str(bin_dir)})
+    assert p.returncode == 2 and "sandbox" in p.stderr and "isolation" in p.stderr, p.stderr[-2000:]
