@@ -27,6 +27,7 @@ import asyncio
 import json
 import math
 import os
+import sys
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -288,6 +289,9 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, out / "generations.jsonl")
+        if done:
+            print(f"eval: resuming in {out}: {len(done)} of {len(rows)} prompts already generated, "
+                  f"{len(rows) - len(done)} to go", file=sys.stderr)
     else:
         done = set()
     todo = [i for i, pid in enumerate(ids) if pid not in done]
