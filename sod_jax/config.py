@@ -263,6 +263,11 @@ class EvalConfig:
     max_response_length: int = _f(20480, "Response budget per sample.")
     max_prompt_length: int = _f(4096, "Eval prompts longer than this many tokens are dropped (the reference's eval: 4096; long GPQA/LiveCodeBench prompts exceed the training 2560).")
     kl_prompts: int = _f(0, "RL eval: also measure the student-teacher reverse KL (k1 on student rollouts) on the first N held-out prompts (0: off).")
+    chunk_prompts: int = _f(0, "Prompts per agent run; each finished chunk is appended to generations.jsonl (what a killed eval keeps). 0: enough to fill the decode slots 4 times.")
+    overlong_buffer_len: int = _f(0, "DAPO overlong penalty in the reported reward (not acc): linear from 0 at max_response_length - this to -factor at max_response_length (0: off).")
+    overlong_penalty_factor: float = _f(1.0, "Scale of the eval overlong penalty.")
+    seed: int = _f(0, "python -m sod_jax.eval: sampling seed (a prompt's samples depend only on it, the prompt and the sample index).")
+    out_dir: str = _f("runs/eval", "python -m sod_jax.eval: where generations.jsonl, summary.json and summary.md go (rerun to resume).")
 
 
 @dataclass

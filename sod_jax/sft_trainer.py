@@ -208,7 +208,7 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
         denom = jnp.maximum(n_tok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = nll_sum / denom
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
         updates, new_opt = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
