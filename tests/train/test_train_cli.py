@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     from sod_jax.chat import ChatTokenizer
 
     vocab = ChatTokenizer.from_dir(tok).vocab_size
-    # The teacher is the student with a sharper output distribution (embeddings x3): a pair whose
+    # The teacher is the student with a sharper output distribution (final norm x8): a pair whose
     # reverse KL is clearly positive and that on-policy distillation can close within a few steps.
     import torch
 
@@ -52,15 +52,16 @@ def setup(tmp_path_factory):
     dirs = {}
     for name in ("student", "teacher"):
         if name == "teacher":
-            with torch.no_grad():
-                base.model.embed_tokens.weight.mul_(3.0)
+            with torch.no_grad():  # logits x8 (tied head): exact reverse KL ~0.5 nats/token from the student
+                base.model.norm.weight.mul_(8.0)
         d = root / name
         base.save_pretrained(d)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tok / f, d / f)
         dirs[name] = d
     train = _write_parquet(root / "train.parquet", _rows(QUESTIONS[:4]))
-    val = _write_parquet(root / "val.parquet", _rows(QUESTIONS[4:]))
+    val = _write_parquet(root / "val.parquet", _rows(QUESTIONS[4:] + [(f"What is {a} + {a + 7}?", str(2 * a + 7))
+                                                                       for a in range(11, 17)]))
     cfg = {
         "model": {"path": str(dirs["student"]), "dtype": "float32", "param_dtype": "float32", "remat": "none",
                   "attention_block": 0},
@@ -73,7 +74,7 @@ def setup(tmp_path_factory):
         "optim": {"lr": 1.0e-3},
         "train": {"prompts_per_step": 2, "mini_batches": 2, "total_steps": 3, "eval_every": 3,
                   "length_buckets": [576, 640]},
-        "eval": {"n": 2, "ks": [1, 2], "max_response_length": 40, "kl_prompts": 2},
+        "eval": {"n": 1, "ks": [1], "max_response_length": 40, "kl_prompts": 8},
         "checkpoint": {"save_every": 2},
         "mesh": {"data": 1, "fsdp": 2, "tensor": 1},
     }
@@ -152,7 +153,7 @@ def test_opd_and_sod_lower_heldout_kl(setup):
     for algo in ("opd", "sod"):
         out = root / f"kl_{algo}"
         run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}", "train.total_steps=20",
-                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=3e-3")
+                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=2e-2")
         evals = _records(out / "eval.jsonl")
         before, after = evals[0]["heldout_kl"], evals[-1]["heldout_kl"]
         assert after < 0.7 * before, (algo, before, after)
