@@ -42,17 +42,18 @@ def setup(tmp_path_factory):
     from sod_jax.chat import ChatTokenizer
 
     vocab = ChatTokenizer.from_dir(tok).vocab_size
-    # The teacher is the student with a sharper output distribution (final norm x8): a pair whose
-    # reverse KL is clearly positive and that on-policy distillation can close within a few steps.
+    # The student is the teacher with an over-confident output distribution (final norm x8, i.e.
+    # logits x8 through the tied head): exact reverse KL ~0.9 nats/token, and on-policy distillation
+    # closes it by pushing down the student's own over-sampled tokens.
     import torch
 
     base = make_hf_model(seed=1, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
                          rope_theta=10000.0)
     dirs = {}
-    for name in ("student", "teacher"):
-        if name == "teacher":
-            with torch.no_grad():  # logits x8 (tied head): exact reverse KL ~0.5 nats/token from the student
+    for name in ("teacher", "student"):
+        if name == "student":
+            with torch.no_grad():
                 base.model.norm.weight.mul_(8.0)
         d = root / name
         base.save_pretrained(d)
@@ -153,7 +154,7 @@ def test_opd_and_sod_lower_heldout_kl(setup):
     for algo in ("opd", "sod"):
         out = root / f"kl_{algo}"
         run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}", "train.total_steps=20",
-                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=2e-2")
+                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=5e-2")
         evals = _records(out / "eval.jsonl")
         before, after = evals[0]["heldout_kl"], evals[-1]["heldout_kl"]
         assert after < 0.7 * before, (algo, before, after)
