@@ -154,7 +154,8 @@ def test_opd_and_sod_lower_heldout_kl(setup):
     for algo in ("opd", "sod"):
         out = root / f"kl_{algo}"
         run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}", "train.total_steps=20",
-                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=5e-2")
+                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=1e-2",
+                "rollout.n=8", "rollout.num_slots=16", "train.prompts_per_step=4")
         evals = _records(out / "eval.jsonl")
         before, after = evals[0]["heldout_kl"], evals[-1]["heldout_kl"]
         assert after < 0.7 * before, (algo, before, after)
