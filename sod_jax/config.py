@@ -85,7 +85,6 @@ class DataConfig:
     prompt_templates: dict[str, str] = _f({}, "data_source -> prompt template: a name in configs/prompts/ (math, gpqa, livecodebench) or a path to a jinja2 file; sources not listed pass through as given.")
     shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
     seed: int = _f(1, "Seed of the data order (the reference's run: 1).")
-    worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
     on_bad_row: Literal["error", "skip"] = _f("error", "Malformed row: stop with an error naming file, row and column (error), or skip and count it (skip).")
 
 
@@ -104,10 +103,7 @@ class RolloutConfig:
     decode_steps: int = _f(32, "Tokens generated per slot per device call.")
     prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
     kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: 90% of the device memory less the sampling weights; no check on CPU).")
-    stop_strings: list[str] = _f([], "Extra strings that end an assistant turn.")
-    val_n: int = _f(32, "Samples per prompt at validation (avg@32).")
-    val_temperature: float = _f(1.0, "Validation temperature.")
-    val_top_p: float = _f(0.6, "Validation nucleus mass.")
+    stop_strings: list[str] = _f([], "Extra strings that end an assistant turn (the agent stops on <|im_end|> / eos only).", implemented=False)
 
 
 @dataclass
