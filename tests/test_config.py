@@ -112,7 +112,9 @@ def test_shipped_configs_load():
     files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert files
     for f in files:
-        cfg = load_config(f)
+        job = "sft" if f.name.startswith(("sft_", "demo_teacher_sft", "demo_student_sft")) else (
+            "eval" if f.name.startswith("eval_") else "train")
+        cfg = load_config(f, job=job)
         assert cfg.model.path or cfg.sft.init, f  # a checkpoint to start from, or SFT from a random init
 
 
