@@ -7,8 +7,8 @@ teacher, student); these commands rebuild them:
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
     python -m sod_jax.demo train-model teacher --out DIR   # SFT, stops at >= 90% held-out accuracy
     python -m sod_jax.demo train-model student --out DIR   # SFT, stops inside the 10-30% band
-    python -m sod_jax.demo train-model student --out DIR --stop-at-least 0.85 \
-        --snapshot-band 0.10 0.30 --snapshot-out DIR/student   # one lineage: student snapshot, then teacher
+    python -m sod_jax.demo train-model student --out DIR --stop-at-least 0.85 --snapshot-band 0.10 0.30
+        --snapshot-out DIR/student         # one lineage: the in-band student snapshot, then the teacher
     python -m sod_jax.demo compare --algos sod,opd,grpo --seeds 3
 """
 
