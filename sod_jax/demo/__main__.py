@@ -7,6 +7,8 @@ teacher, student); these commands rebuild them:
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
     python -m sod_jax.demo train-model teacher --out DIR   # SFT, stops at >= 90% held-out accuracy
     python -m sod_jax.demo train-model student --out DIR   # SFT, stops inside the 10-30% band
+    python -m sod_jax.demo train-model student --out DIR --stop-at-least 0.85 --snapshot-band 0.10 0.30
+        --snapshot-out DIR/student         # one lineage: the in-band student snapshot, then the teacher
     python -m sod_jax.demo compare --algos sod,opd,grpo --seeds 3
 """
 
@@ -43,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=None, help="override the seed")
     m.add_argument("--init-from", default=None, help="continue from this HF checkpoint (fresh optimizer state)")
     m.add_argument("--eval-every", type=int, default=None, help="override the evaluation interval")
+    m.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    m.add_argument("--warmup-steps", type=int, default=None, help="override the warmup steps")
+    m.add_argument("--eval-after-loss", type=float, default=None,
+                   help="override: evaluate only once the smoothed training loss is below this")
+    m.add_argument("--stop-at-least", type=float, default=None,
+                   help="stop at this held-out accuracy (replaces the preset's stopping rule)")
+    m.add_argument("--snapshot-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="write the first evaluation with accuracy in [LOW, HIGH] to --snapshot-out and keep training")
+    m.add_argument("--snapshot-out", default=None, help="directory for the in-band snapshot (HF format)")
     c = sub.add_parser("compare", help="run SOD / OPD / GRPO from the demo student (same budget), tabulate, plot")
     c.add_argument("--algos", default="sod,opd,grpo", help="comma-separated algo.name values")
     c.add_argument("--seeds", type=int, default=3, help="seeds per algorithm")
@@ -82,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             preset["seed"] = args.seed
         if args.eval_every is not None:
             preset["eval_every"] = args.eval_every
+        for key in ("lr", "warmup_steps", "eval_after_loss"):
+            if getattr(args, key) is not None:
+                preset[key] = getattr(args, key)
+        if args.stop_at_least is not None:
+            preset.update(stop_at_least=args.stop_at_least, stop_band=None)
+        if args.snapshot_band is not None:
+            if not args.snapshot_out:
+                raise SystemExit("--snapshot-band needs --snapshot-out DIR")
+            preset.update(snapshot_band=tuple(args.snapshot_band), snapshot_out=args.snapshot_out)
         preset["init_from"] = args.init_from
         data = Path(args.data)
         run = SFTRun(out_dir=args.out, tokenizer_dir=args.tokenizer, sft_files=[str(data / "sft_train.parquet")],

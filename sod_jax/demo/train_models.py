@@ -11,6 +11,10 @@ when the held-out accuracy reaches ``stop_at_least`` (the teacher) or first land
 ``[stop_band_low, stop_band_high]`` (the student: a checkpoint with headroom for RL); the
 checkpoint of that evaluation is written in HF format with the tokenizer files (also on SIGTERM /
 Ctrl-C, after the current step).
+
+One lineage can give both models: with ``snapshot_band`` the first evaluation inside that band is
+written to ``snapshot_out`` (the student) and training goes on to ``stop_at_least`` (the teacher).
+The best evaluation so far is always kept in ``OUT/best`` (the fallback when the target is not reached).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class SFTRun:
     max_turns: int = 4
     max_response_tokens: int = 256
     init_from: Optional[str] = None  # continue from this HF checkpoint (fresh optimizer) instead of random weights
+    snapshot_band: Optional[tuple] = None  # (low, high): write the first evaluation inside it to snapshot_out, go on
+    snapshot_out: Optional[str] = None  # where that in-band snapshot goes (HF format + tokenizer files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,12 +215,39 @@ def _clean_messages(msgs: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in msgs]
 
 
-# The shipped models (sizes and stopping rules). The teacher: 3 layers, d=128; the student: 2 layers,
-# d=96, stopped on its way up, inside the 10-30% band.
+# Presets (sizes and stopping rules) for separate teacher / student runs: a 3-layer d=128 teacher
+# stopped at >= 90%, a 2-layer d=96 student stopped inside the 10-30% band. The shipped models are
+# one lineage of the STUDENT architecture instead (README, "The CPU demo": the student is the first
+# in-band snapshot, --snapshot-band; the teacher is the same run continued).
 TEACHER = dict(size=ModelSize(128, 256, 3, 4, 2, 32), lr=3e-3, warmup_steps=50, max_steps=2500, rows_per_step=4,
                eval_every=50, eval_prompts=64, eval_after_loss=0.3, stop_at_least=0.9, seed=0)
 STUDENT = dict(size=ModelSize(96, 256, 2, 4, 2, 24), lr=3e-3, warmup_steps=50, max_steps=3000, rows_per_step=4,
                eval_every=20, eval_prompts=64, eval_after_loss=0.35, stop_band=(0.1, 0.3), seed=1)
+
+
+def eval_decision(acc: float, run: SFTRun, snapshot_taken: bool) -> tuple[bool, Optional[str]]:
+    """What an evaluation with held-out accuracy ``acc`` triggers: (write the in-band snapshot now?,
+    the stop reason or None). The snapshot is taken once, at the first evaluation inside
+    ``run.snapshot_band``; ``stop_at_least`` stops with "accuracy", ``stop_band`` with "band"."""
+    snap = (run.snapshot_band is not None and not snapshot_taken
+            and run.snapshot_band[0] <= acc <= run.snapshot_band[1])
+    done = None
+    if run.stop_at_least is not None and acc >= run.stop_at_least:
+        done = "accuracy"
+    if run.stop_band is not None and run.stop_band[0] <= acc <= run.stop_band[1]:
+        done = "band"
+    return snap, done
+
+
+def _write_hf(graphdef: Any, params: Any, directory: Path, tokenizer_dir: str) -> None:
+    """The model in HF format (safetensors, config.json, generation_config.json) plus the tokenizer files."""
+    from flax import nnx
+
+    from sod_jax.models import save_pretrained
+
+    save_pretrained(nnx.merge(graphdef, params), directory)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / f, directory / f)
 
 
 def train(run: SFTRun, progress: bool = True) -> dict:
@@ -261,6 +294,10 @@ def train(run: SFTRun, progress: bool = True) -> dict:
     buf: Optional[dict] = None
     bi = 0
     result = {"stopped": "max_steps", "params": n_params}
+    if run.snapshot_band is not None and not run.snapshot_out:
+        raise ValueError("snapshot_band needs snapshot_out (the directory the in-band snapshot is written to)")
+    snapshot_taken = False
+    best = -1.0
     ema = None
     tokens = 0
     stop_requested = []  # SIGTERM/SIGINT: finish the step, write the checkpoint, stop
@@ -296,11 +333,18 @@ def train(run: SFTRun, progress: bool = True) -> dict:
             eval_f.write(json.dumps(ev) + "\n")
             eval_f.flush()
             bar.write(f"step {step}: held-out acc {ev['acc']:.3f} (loss {ema:.3f}, {ev['elapsed_s']:.0f} s)")
-            done = None
-            if run.stop_at_least is not None and ev["acc"] >= run.stop_at_least:
-                done = "accuracy"
-            if run.stop_band is not None and run.stop_band[0] <= ev["acc"] <= run.stop_band[1]:
-                done = "band"
+            snap, done = eval_decision(ev["acc"], run, snapshot_taken)
+            if snap:
+                _write_hf(graphdef, params, Path(run.snapshot_out), run.tokenizer_dir)
+                snapshot_taken = True
+                result["snapshot"] = {"step": step, "acc": ev["acc"], "elapsed_s": ev["elapsed_s"],
+                                      "dir": str(run.snapshot_out)}
+                (out / "result.json").write_text(json.dumps(dict(result, stopped="running"), indent=2))
+                bar.write(f"step {step}: in-band snapshot written to {run.snapshot_out}")
+            if ev["acc"] > best:
+                best = ev["acc"]
+                _write_hf(graphdef, params, out / "best", run.tokenizer_dir)
+                result["best"] = {"step": step, "acc": ev["acc"], "elapsed_s": ev["elapsed_s"]}
             if done:
                 result.update(stopped=done, step=step, acc=ev["acc"])
                 break
@@ -308,10 +352,7 @@ def train(run: SFTRun, progress: bool = True) -> dict:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
     result["train_s"] = time.perf_counter() - t0
-    model = nnx.merge(graphdef, params)
-    save_pretrained(model, out / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(run.tokenizer_dir) / f, out / "model" / f)
+    _write_hf(graphdef, params, out / "model", run.tokenizer_dir)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     asyncio.run(evaluator.sandbox.close())
     return result

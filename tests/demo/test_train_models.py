@@ -46,3 +46,38 @@ def test_pack_segments_and_positions():
     # a segment's first token is never a target (nothing before it in its segment)
     assert out["loss_mask"].tolist() == [[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0]]
     assert np.all(out["loss_mask"][out["segment_ids"] == 0] == 0)
+
+
+def test_eval_decision_snapshot_once_then_teacher_target():
+    """One lineage: the first in-band evaluation is snapshotted (only once), training goes on, and the
+    run stops at the teacher target."""
+    from sod_jax.demo.train_models import SFTRun, eval_decision
+
+    run = SFTRun(stop_at_least=0.85, snapshot_band=(0.10, 0.30), snapshot_out="x")
+    taken = False
+    log = []
+    for acc in (0.0, 0.05, 0.125, 0.25, 0.6, 0.84, 0.875):
+        snap, done = eval_decision(acc, run, taken)
+        taken = taken or snap
+        log.append((acc, snap, done))
+        if done:
+            break
+    assert log == [(0.0, False, None), (0.05, False, None), (0.125, True, None), (0.25, False, None),
+                   (0.6, False, None), (0.84, False, None), (0.875, False, "accuracy")]
+    # the band edges are inclusive; a jump over the band takes no snapshot
+    assert eval_decision(0.10, run, False) == (True, None)
+    assert eval_decision(0.30, run, False) == (True, None)
+    assert eval_decision(0.40, run, False) == (False, None)
+    # without a snapshot band: the student preset stops inside its band
+    student = SFTRun(stop_band=(0.1, 0.3))
+    assert eval_decision(0.2, student, False) == (False, "band")
+    assert eval_decision(0.05, student, False) == (False, None)
+
+
+def test_cli_snapshot_band_needs_out():
+    import pytest
+
+    from sod_jax.demo.__main__ import main
+
+    with pytest.raises(SystemExit, match="--snapshot-out"):
+        main(["train-model", "student", "--out", "/nonexistent/never", "--snapshot-band", "0.1", "0.3"])
