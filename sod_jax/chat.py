@@ -25,19 +25,40 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# The one tool of the TIR agent (OpenAI function schema, as rendered into the system prompt).
-CODE_INTERPRETER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "code_interpreter",
-        "description": "Execute Python code and return what it prints (stdout and stderr).",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "The Python code to execute."}},
-            "required": ["code"],
+# The tool schema text of the reference's tool config (verl's sandbox-fusion tool config, as the SOD run
+# used it). Every prompt renders it into the system block, so changing it changes what the model sees.
+REFERENCE_TOOL_DESCRIPTION = "A tool for executing code."
+REFERENCE_PARAMETER_DESCRIPTION = "The code to execute."
+
+
+def code_interpreter_tool(tool: Any = None, *, name: Optional[str] = None, description: Optional[str] = None,
+                          parameter_description: Optional[str] = None) -> dict:
+    """The TIR agent's one tool as an OpenAI function schema (key order = what the template renders).
+
+    ``tool``: a config section with ``name``, ``description`` and ``parameter_description`` (the
+    ``tool`` section of :class:`sod_jax.config.Config`), or None for the reference's text; keyword
+    arguments override either.
+    """
+    name = name or getattr(tool, "name", None) or "code_interpreter"
+    description = description if description is not None else getattr(tool, "description", REFERENCE_TOOL_DESCRIPTION)
+    if parameter_description is None:
+        parameter_description = getattr(tool, "parameter_description", REFERENCE_PARAMETER_DESCRIPTION)
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"code": {"type": "string", "description": parameter_description}},
+                "required": ["code"],
+            },
         },
-    },
-}
+    }
+
+
+# The default schema (the reference's text), as rendered into the system prompt.
+CODE_INTERPRETER_TOOL = code_interpreter_tool()
 
 
 class ChatError(ValueError):
@@ -285,3 +306,32 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     pieces.append(rest)
     out.content = "".join(pieces).strip()
     return out
+
+
+@dataclass
+class ReferenceCall:
+    """A call the reference's hermes parser accepts: ``name`` a string, ``arguments`` any JSON value."""
+
+    name: str
+    arguments: Any
+    raw: str = ""
+
+
+def parse_tool_calls_reference(text: str) -> list[ReferenceCall]:
+    """The calls the reference (verl's ``HermesToolParser``) extracts from an assistant turn.
+
+    No call at all unless the text holds both ``<tool_call>`` and ``</tool_call>``; each block must
+    decode to a JSON object with a string ``name`` and an ``arguments`` key (any value). Blocks that
+    do not are dropped without a trace, as the reference drops them.
+    """
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return []
+    calls = []
+    for m in _CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and "arguments" in obj:
+            calls.append(ReferenceCall(obj["name"], obj["arguments"], m.group(1)))
+    return calls

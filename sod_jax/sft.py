@@ -143,6 +143,9 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     if mesh.size == 1:
         mesh = None
     model = build_model(cfg, tokenizer, mesh)
+    from sod_jax.sft_checkpoint import SFTCheckpointHook
+
+    hooks = [*hooks, SFTCheckpointHook(cfg)]  # orbax checkpoints, auto-resume, SIGTERM/SIGINT (cfg.checkpoint)
     trainer = SFTTrainer(cfg, model, train_ex, val_ex, tokenizer_dir=tok_dir, mesh=mesh, hooks=hooks,
                          progress=progress)
     p = trainer.plan

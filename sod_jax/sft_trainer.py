@@ -343,6 +343,7 @@ class SFTTrainer:
         self.eval_step = build_eval_step(self.graphdef, chunk, mesh)
         self.step = 0
         self.history: list[dict] = []
+        self.step_metrics: dict[int, dict] = {}  # host metrics hooks add to a step's record (e.g. checkpoint time)
         self._stop: Optional[tuple[str, bool]] = None
         self.best_val_loss: Optional[float] = None
         self._since_best = 0
@@ -428,6 +429,7 @@ class SFTTrainer:
             m["tokens"] = n_real
             last_t = now
             m["epoch"] = (step - 1) // plan.steps_per_epoch + 1
+            m.update(self.step_metrics.pop(step, {}))
             record = {"step": step, **m}
             self.history.append(record)
             if write:

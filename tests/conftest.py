@@ -107,9 +107,8 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sandbox_server():
     """`python -m sod_jax.sandbox serve` on a free loopback port; yields its URL."""
-    from sod_jax.sandbox.server import spawn
+    from support.sandbox_server import spawn_server, stop_server
 
-    proc, url = spawn(workers=4)
+    proc, url, _ = spawn_server(workers=4)
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop_server(proc)

@@ -175,3 +175,89 @@ def test_malformed_calls_are_structured_errors(body, kind):
 def test_unterminated_call():
     turn = parse_tool_calls('x <tool_call>\n{"name": "code_interpreter", "arguments": {"code": "1"}}')
     assert [e.kind for e in turn.errors] == ["unterminated"] and turn.content == "x"
+
+
+# ------------------------------------------------------------------------------------------
+# What the model sees: the tool schema of the reference, and its hermes parser
+# ------------------------------------------------------------------------------------------
+
+# The system block the reference's prompts start with (Qwen3's template around verl's
+# sandbox-fusion tool schema, dumped without unset fields), written out character by character.
+REFERENCE_SYSTEM_BLOCK = (
+    "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "code_interpreter", "description": "A tool for executing code.", '
+    '"parameters": {"type": "object", "properties": {"code": {"type": "string", "description": '
+    '"The code to execute."}}, "required": ["code"]}}}\n'
+    "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n')
+
+
+def test_default_tool_schema_renders_the_references_system_block(ours):
+    from sod_jax.chat import code_interpreter_tool
+
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    text = ours.render(question, [CODE_INTERPRETER_TOOL], add_generation_prompt=True)
+    assert text == REFERENCE_SYSTEM_BLOCK + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert code_interpreter_tool() == CODE_INTERPRETER_TOOL
+    from sod_jax.config import load_config
+
+    assert code_interpreter_tool(load_config(overrides=["algo.name=grpo"]).tool) == CODE_INTERPRETER_TOOL
+    custom = code_interpreter_tool(load_config(overrides=["algo.name=grpo", "tool.description=D"]).tool,
+                                   parameter_description="P")
+    assert custom["function"]["description"] == "D"
+    assert custom["function"]["parameters"]["properties"]["code"]["description"] == "P"
+    real = ChatTemplate(load_template_source(QWEN3_FACTS / "tokenizer_config.json"), {"eos_token": "<|im_end|>"})
+    assert real.render(question, [CODE_INTERPRETER_TOOL], True).startswith(REFERENCE_SYSTEM_BLOCK)
+
+
+def test_agent_renders_the_configured_tool_text(ours):
+    from sod_jax.config import load_config
+    from sod_jax.rollout.agent import Agent, AgentConfig
+
+    question = [{"role": "user", "content": "q"}]
+    default = ours.decode(Agent(ours, None, AgentConfig.from_config(load_config(overrides=["algo.name=grpo"])))
+                          .prompt_ids(question))
+    assert default.startswith(REFERENCE_SYSTEM_BLOCK)
+    cfg = load_config(overrides=["algo.name=grpo", "tool.description=Run Python.", "tool.parameter_description=Src."])
+    custom = ours.decode(Agent(ours, None, AgentConfig.from_config(cfg)).prompt_ids(question))
+    assert '"description": "Run Python."' in custom and '"description": "Src."' in custom
+    assert "A tool for executing code." not in custom
+
+
+def verl_hermes_calls(text):
+    """verl's HermesToolParser.extract_tool_calls, restated: both tags present, json.loads each block,
+    index ["name"] and ["arguments"], name must be a string (pydantic FunctionCall); failures dropped."""
+    import re
+
+    if "<tool_call>" not in text or "</tool_call>" not in text:
+        return []
+    out = []
+    for match in re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL):
+        try:
+            obj = json.loads(match)
+            name, arguments = obj["name"], obj["arguments"]
+            if not isinstance(name, str):
+                raise TypeError
+            out.append((name, arguments))
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
+@pytest.mark.parametrize("text", [
+    'a <tool_call>\n{"name": "code_interpreter", "arguments": {"code": "1"}}\n</tool_call> b',
+    '<tool_call>{"name": "code_interpreter", "arguments": {"code": "1"}</tool_call>'  # bad JSON
+    '<tool_call>{"name": "code_interpreter", "arguments": "print(2)"}</tool_call>',  # string arguments: kept
+    '<tool_call>["x"]</tool_call><tool_call>"s"</tool_call><tool_call>{"name": 5, "arguments": {}}</tool_call>'
+    '<tool_call>{"arguments": {}}</tool_call><tool_call>{"name": "n"}</tool_call>'
+    '<tool_call>{"name": "", "arguments": null}</tool_call>',
+    '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "1"}}',  # unterminated only: no calls
+    '<tool_call>{"name": "a", "arguments": 1}</tool_call> then <tool_call>{"name": "b", "arguments"',
+    "no calls here",
+])
+def test_reference_parser_equals_verl_hermes(text):
+    from sod_jax.chat import parse_tool_calls_reference
+
+    assert [(c.name, c.arguments) for c in parse_tool_calls_reference(text)] == verl_hermes_calls(text)

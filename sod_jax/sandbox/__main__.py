@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=8, help="executions at once")
     s.add_argument("--run-timeout", type=float, default=10.0, help="default wall-clock seconds per run")
     s.add_argument("--memory-limit-mb", type=int, default=1024, help="default address-space limit")
+    s.add_argument("--mode", choices=["warm", "cold"], default="warm",
+                   help="warm: fork each run from a pre-started isolated interpreter (default); cold: a new sandbox "
+                        "and interpreter per run")
+    s.add_argument("--access-log", metavar="PATH", default=None,
+                   help="append one line per request to this file (default: no request log)")
     s.add_argument("--allow-unconfined", action="store_true",
                    help="run without isolation if bubblewrap is unavailable (trusted code only)")
     args = p.parse_args(argv)
@@ -27,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     from sod_jax.sandbox.server import serve
 
     try:
-        sandbox = LocalSandbox(LocalSandboxConfig(workers=args.workers, run_timeout=args.run_timeout,
+        sandbox = LocalSandbox(LocalSandboxConfig(mode=args.mode, workers=args.workers, run_timeout=args.run_timeout,
                                                   memory_limit_mb=args.memory_limit_mb,
                                                   allow_unconfined=args.allow_unconfined))
     except SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("sandbox: %d workers, %s", args.workers,
+    logging.getLogger(__name__).info("sandbox: %d %s workers, %s", args.workers, sandbox.mode,
                                      "bubblewrap isolation" if sandbox.confined else "UNCONFINED")
-    serve(sandbox, args.host, args.port)
+    serve(sandbox, args.host, args.port, access_log=args.access_log)
     return 0
 
 

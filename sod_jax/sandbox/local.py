@@ -1,7 +1,12 @@
 """The local executor: model-written Python in isolated, resource-limited processes.
 
-Each execution gets a fresh scratch directory (deleted afterwards) and a fresh interpreter started
-through bubblewrap:
+Two modes share one sandbox definition. ``cold``: each execution gets a fresh scratch directory
+(deleted afterwards) and a fresh interpreter started through bubblewrap. ``warm`` (default): each
+worker keeps one "zygote" interpreter started through the same bubblewrap command line (same
+namespaces, uid, rlimits and read-only file system) with the ``preload`` modules imported, and each
+execution is a fresh fork of it in its own user, mount, pid and IPC namespaces, with its own tmpfs
+scratch directory, limits and session, killed as a whole namespace on timeout (``zygote.py`` says
+how it is kept from the zygote). A zygote that dies is replaced. The sandbox, in both modes:
 
 * the whole file system read-only, with the caller's home, ``/root``, ``/home``, ``/tmp`` and the
   caller's working directory hidden behind empty tmpfs mounts (the interpreter's prefix is bound
@@ -14,33 +19,50 @@ through bubblewrap:
 * a scrubbed environment (PATH, HOME, LANG and single-threaded BLAS only).
 
 ``workers`` executions run at once (one uid each); more wait. Without a working bubblewrap the
-executor refuses to start unless ``allow_unconfined`` (rlimits and a uid only: for trusted code).
+executor refuses to start unless ``allow_unconfined`` (rlimits and a uid only: for trusted code;
+always cold). Warm-mode differences a program could notice: it runs as pid 1 of its namespace,
+its stdin is an (unlinked) file rather than a pipe, ``/proc`` is the worker's, and the string hash
+seed (``PYTHONHASHSEED``) is drawn once per zygote rather than per run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from sod_jax.sandbox import warm as _warm
+from sod_jax.sandbox import zygote as _zygote
 from sod_jax.sandbox.protocol import SandboxUnavailable, run_response, sandbox_error, validate_request
 
+log = logging.getLogger(__name__)
+
 WORKDIR = "/tmp/sandbox"  # where the scratch directory appears inside the sandbox
+PRELOAD = ["numpy", "sympy", "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
+           "heapq", "bisect", "re", "json", "string", "statistics", "random", "datetime"]
+GRACE_S = 5.0  # how long past its time limit a warm execution may take to be reported before its zygote is replaced
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`; Fedora: `dnf install "
                 "bubblewrap`) or, for trusted code only, set sandbox.allow_unconfined: true")
 
 
 @dataclass
 class LocalSandboxConfig:
+    mode: str = "warm"  # warm: fork each run from a pre-started isolated interpreter; cold: a new sandbox per run
+    preload: list[str] = field(default_factory=lambda: list(PRELOAD))  # warm: modules imported once per worker
     workers: int = 8  # executions at once
     run_timeout: float = 10.0  # default wall-clock seconds (a request may ask for less or more)
     memory_limit_mb: int = 1024  # default address-space limit
@@ -53,6 +75,19 @@ class LocalSandboxConfig:
     uid_base: int = 61000  # worker i runs as uid/gid uid_base + i
     allow_unconfined: bool = False
     hide: list[str] = field(default_factory=list)  # extra directories to hide
+
+    def __post_init__(self):
+        if self.mode not in ("warm", "cold"):
+            raise ValueError(f"sandbox mode must be 'warm' or 'cold', got {self.mode!r}")
+        if self.workers < 1:
+            raise ValueError(f"sandbox workers must be >= 1, got {self.workers}")
+
+    @classmethod
+    def from_config(cls, sandbox_cfg) -> "LocalSandboxConfig":
+        """From the ``sandbox`` section of :class:`sod_jax.config.Config` (any object with its fields)."""
+        return cls(mode=getattr(sandbox_cfg, "mode", "warm"), workers=sandbox_cfg.workers,
+                   run_timeout=sandbox_cfg.run_timeout, memory_limit_mb=sandbox_cfg.memory_limit_mb,
+                   allow_unconfined=sandbox_cfg.allow_unconfined)
 
 
 def _user_process_count() -> int:
@@ -100,7 +135,12 @@ class LocalSandbox:
         if self.confined and self._is_root and self._setpriv is None:
             raise SandboxUnavailable("running as root needs util-linux's setpriv to drop privileges inside the "
                                      "sandbox (`apt-get install -y util-linux`)")
-        self._free: Optional[asyncio.Queue] = None
+        self.mode = self.cfg.mode if self.confined else "cold"  # warm needs the namespaces
+        if self.mode != self.cfg.mode:
+            log.warning("sandbox: warm mode needs bubblewrap; running unconfined executions cold")
+        self._pool = _WorkerPool(self.cfg.workers)
+        self._zygotes: dict[int, _warm.Zygote] = {}
+        self._finalizer = weakref.finalize(self, _stop_all, self._zygotes)
         self._prefixes = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
                                                                  str(Path(self.cfg.python).resolve().parents[1]))})
 
@@ -115,11 +155,11 @@ class LocalSandbox:
                 out.append(d)
         return sorted(out, key=len)  # parents before children
 
-    def _argv(self, scratch: str, uid: Optional[int]) -> list[str]:
+    def _argv(self, scratch: Optional[str], uid: Optional[int], program: Optional[list[str]] = None) -> list[str]:
         """The command line of one run. As root, bubblewrap runs privileged (no user namespace) and
         ``setpriv`` inside drops to ``uid`` before exec'ing the program, so RLIMIT_NPROC (set before,
         inherited) binds (root is exempt from it) and the program holds no capabilities."""
-        python = [self.cfg.python, "-E", "-s", "-B", "main.py"]
+        python = program or [self.cfg.python, "-E", "-s", "-B", "main.py"]
         if uid is not None:  # util-linux setpriv: drop to the worker's uid with no capabilities left
             python = [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                       "--"] + python
@@ -137,48 +177,54 @@ class LocalSandbox:
                     argv += ["--perms", "0755", "--dir", a]
                     made.add(a)
             argv += ["--ro-bind", p, p]
-        argv += ["--bind", scratch, WORKDIR, "--chdir", WORKDIR]
+        argv += ["--bind", scratch, WORKDIR, "--chdir", WORKDIR] if scratch else ["--chdir", "/"]
         argv += (["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
                  if self._is_root else ["--unshare-all"])
         return argv + ["--die-with-parent", "--new-session", "--hostname", "sandbox"] + python
 
-    def _limits(self, memory_mb: int, cpu_s: int) -> list[str]:
+    def _limits(self, memory_mb: Optional[int], cpu_s: Optional[int]) -> list[str]:
         """util-linux ``prlimit`` prefix setting the rlimits, then exec'ing the rest. (No
         ``preexec_fn``: it forces a full fork of this, possibly huge, process for every run.)"""
         cfg = self.cfg
         # As root the process limit only binds after the drop to the worker uid; otherwise it counts all
         # of this user's processes, so leave room for those.
         nproc = cfg.max_processes if self._is_root else _user_process_count() + cfg.max_processes
-        lim = {"cpu": cpu_s, "fsize": cfg.max_file_mb << 20, "nofile": cfg.max_open_files, "core": 0,
-               "as": memory_mb << 20, "nproc": nproc}
+        lim = {"cpu": cpu_s if cpu_s is not None else "unlimited", "fsize": cfg.max_file_mb << 20,
+               "nofile": cfg.max_open_files, "core": 0,
+               "as": memory_mb << 20 if memory_mb is not None else "unlimited", "nproc": nproc}
         return [self._prlimit] + [f"--{k}={v}:{v}" for k, v in lim.items()] + ["--"]
 
     # -- running ----------------------------------------------------------------------------------
-
-    async def _worker(self) -> int:
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for i in range(self.cfg.workers):
-                self._free.put_nowait(i)
-        return await self._free.get()
 
     async def run(self, request: dict) -> dict:
         problem = validate_request(request)
         if problem:
             return sandbox_error(f"bad request: {problem}")
-        worker = await self._worker()
+        problem = _bad_file_path(request)
+        if problem:
+            return sandbox_error(f"bad request: {problem}")
+        worker = await self._pool.acquire()
         try:
+            if self.mode == "warm":
+                return await self._run_warm(request, worker)
             return await self._run(request, worker)
         except Exception as e:  # never an exception out of the executor: a SandboxError observation
             return sandbox_error(f"sandbox failure: {type(e).__name__}: {e}")
         finally:
-            self._free.put_nowait(worker)
+            self._pool.release(worker)
+
+    def _env(self) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8",
+                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+    def _uid(self, worker: int) -> Optional[int]:
+        return self.cfg.uid_base + worker if (self._is_root and self.confined) else None
 
     async def _run(self, req: dict, worker: int) -> dict:
         cfg = self.cfg
         timeout = float(req.get("run_timeout") or cfg.run_timeout)
         memory_mb = int(req.get("memory_limit_MB") or cfg.memory_limit_mb)
-        uid = cfg.uid_base + worker if (self._is_root and self.confined) else None
+        uid = self._uid(worker)
         scratch = tempfile.mkdtemp(prefix="sod_sandbox_")
         try:
             root = Path(scratch)
@@ -192,8 +238,7 @@ class LocalSandbox:
             if uid is not None:
                 for p in [root, *root.rglob("*")]:
                     os.chown(p, uid, uid)
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "LANG": "C.UTF-8",
-                   "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+            env = self._env()
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 *self._limits(memory_mb, int(timeout) + 1), *self._argv(scratch, uid), cwd=scratch, env=env,
@@ -245,6 +290,11 @@ class LocalSandbox:
             out, err, _ = await asyncio.wait_for(readers, timeout=5)
         except asyncio.TimeoutError:  # a descendant kept the pipes open: the namespace kill closes them
             out, err = b"", b""
+        return self._outcome(status, rc, out, err)
+
+    def _outcome(self, status: str, rc: Optional[int], out: bytes, err: bytes):
+        """(status, rc, stdout, stderr) as reported, from the raw ones."""
+        cap = self.cfg.max_output_bytes
         text = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731
         out_s, err_s = text(out), text(err)
         if status == "Error":
@@ -263,5 +313,141 @@ class LocalSandbox:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    # -- warm mode --------------------------------------------------------------------------------
+
+    def _zygote(self, worker: int) -> _warm.Zygote:
+        z = self._zygotes.get(worker)
+        if z is None:
+            cfg = self.cfg
+            program = [cfg.python, "-E", "-s", "-B", "-c", _warm.ZYGOTE_SOURCE, json.dumps({"preload": cfg.preload})]
+            argv = self._limits(None, None) + self._argv(None, self._uid(worker), program)
+            z = self._zygotes[worker] = _warm.Zygote(argv, self._env())
+        return z
+
+    async def _run_warm(self, req: dict, worker: int) -> dict:
+        z = self._zygote(worker)
+        try:
+            return await self._run_warm_on(z, req)
+        except BaseException:  # cancelled or failed mid-protocol: its state is unknown, so replace it
+            z.stop()
+            raise
+
+    async def _run_warm_on(self, z: _warm.Zygote, req: dict) -> dict:
+        cfg = self.cfg
+        timeout = float(req.get("run_timeout") or cfg.run_timeout)
+        await z.ensure()
+        request = {"code": req["code"], "stdin": req.get("stdin") or "", "files": req.get("files") or {},
+                   "timeout": timeout, "cpu_s": int(timeout) + 1,
+                   "memory_mb": int(req.get("memory_limit_MB") or cfg.memory_limit_mb), "nproc": cfg.max_processes,
+                   "fsize_mb": cfg.max_file_mb, "nofile": cfg.max_open_files, "scratch_mb": cfg.scratch_mb,
+                   "env": self._env()}
+        (out_r, out_w), (err_r, err_w) = _warm.pipe(), _warm.pipe()
+        t0 = time.monotonic()
+        try:
+            await z.send(request, [out_w, err_w])
+        except OSError as e:
+            os.close(out_r), os.close(err_r)
+            z.stop()
+            return sandbox_error(f"the sandbox worker's zygote was gone ({e}); it is replaced on the next run")
+        finally:
+            os.close(out_w), os.close(err_w)
+        over = asyncio.Event()
+        readers = asyncio.gather(_warm.drain(out_r, cfg.max_output_bytes, over),
+                                 _warm.drain(err_r, cfg.max_output_bytes, over))
+        reply = asyncio.ensure_future(z.reply())
+        limit = asyncio.ensure_future(over.wait())
+        try:
+            return await self._await_warm(z, t0, timeout, readers, reply, limit, over)
+        finally:  # cancelled: nothing may stay registered on descriptors that get closed and reused
+            for fut in (reply, limit, readers):
+                fut.cancel()
+
+    async def _await_warm(self, z, t0, timeout, readers, reply, limit, over) -> dict:
+        done, _ = await asyncio.wait({reply, limit}, timeout=timeout + GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        status = "Finished"
+        if reply not in done:
+            status = "Error" if limit in done else "TimeLimitExceeded"
+            z.kill_run()
+        limit.cancel()
+        try:
+            msg = await asyncio.wait_for(reply, GRACE_S)
+        except (asyncio.TimeoutError, _warm.ZygoteDied, OSError, ValueError) as e:
+            z.stop()  # hung or dead: kill its whole sandbox (this run with it); a new one starts next time
+            msg = {"error": f"the sandbox worker's zygote failed ({type(e).__name__}: {e}); it is replaced"}
+        try:
+            out, err = await asyncio.wait_for(readers, 5)
+        except asyncio.TimeoutError:
+            out, err = b"", b""
+        if "error" in msg:
+            return sandbox_error(f"isolation set-up failed: {msg['error']}")
+        rc = msg["rc"]
+        if rc == _zygote.SETUP_FAILED and err.startswith(_zygote.SETUP_PREFIX.encode()):
+            return sandbox_error(f"isolation set-up failed: {err.decode(errors='replace').strip()}")
+        if msg.get("timeout") and status == "Finished":
+            status = "TimeLimitExceeded"
+        return run_response(*self._outcome(status, rc, out, err), time.monotonic() - t0)
+
+    def zygote_pids(self) -> dict[int, int]:
+        """worker -> host pid of its running zygote sandbox (bubblewrap) process (diagnostics, tests)."""
+        return {w: z.pid for w, z in self._zygotes.items() if z.alive()}
+
+    @property
+    def zygote_starts(self) -> int:
+        """Zygotes started so far (one per used worker, plus one per replacement)."""
+        return sum(z.starts for z in self._zygotes.values())
+
     async def close(self) -> None:
-        return None
+        _stop_all(self._zygotes)
+
+
+def _stop_all(zygotes: dict) -> None:
+    for z in zygotes.values():
+        z.stop()
+
+
+def _bad_file_path(req: dict) -> Optional[str]:
+    for rel in req.get("files") or {}:
+        if os.path.isabs(rel) or ".." in Path(rel).parts or not Path(rel).parts:
+            return f"file path {rel!r} leaves the scratch directory"
+    return None
+
+
+class _WorkerPool:
+    """Worker ids handed out one run at a time, across event loops and threads (a run on one loop
+    never waits on a queue bound to another). Last released, first reused: under light load only a
+    few workers (and their zygotes) are ever started."""
+
+    def __init__(self, n: int):
+        self._free = list(reversed(range(n)))
+        self._waiters: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    async def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed over just as the waiter was cancelled
+                self.release(fut.result())
+            raise
+
+    def release(self, worker: int) -> None:
+        with self._lock:
+            while self._waiters:
+                fut = self._waiters.popleft()
+                try:
+                    fut.get_loop().call_soon_threadsafe(self._hand_over, fut, worker)
+                    return
+                except RuntimeError:  # that loop is closed
+                    continue
+            self._free.append(worker)
+
+    def _hand_over(self, fut, worker: int) -> None:
+        if fut.done():  # the waiter was cancelled meanwhile: give the worker to the next one
+            self.release(worker)
+        else:
+            fut.set_result(worker)

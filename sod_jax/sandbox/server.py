@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Optional
 
 from aiohttp import web
 
@@ -42,37 +43,19 @@ def make_app(sandbox: Sandbox) -> web.Application:
     return app
 
 
-def serve(sandbox: Sandbox, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run the server until interrupted."""
+def serve(sandbox: Sandbox, host: str = "127.0.0.1", port: int = 8080, access_log: Optional[str] = None) -> None:
+    """Run the server until interrupted. Requests are logged (one line each) only to the file
+    ``access_log`` when given: a per-request line on stderr would fill any pipe nobody reads and
+    stall the server."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("sandbox server listening on %s: anyone who can reach it can run code here", host)
-    web.run_app(make_app(sandbox), host=host, port=port, print=lambda msg: log.info(msg))
+    access = None
+    if access_log:
+        access = logging.getLogger("sod_jax.sandbox.access")
+        access.propagate = False  # only to the file, never to the console
+        handler = logging.FileHandler(access_log)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    web.run_app(make_app(sandbox), host=host, port=port, print=lambda msg: log.info(msg), access_log=access)
 
-
-def spawn(workers: int = 4, port: int = 0, timeout: float = 20.0):
-    """Start ``python -m sod_jax.sandbox serve`` in a child process on loopback and wait until it
-    answers ``/v1/ping``. Returns (process, base URL); the caller terminates the process."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    if not port:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sod_jax.sandbox", "serve", "--port", str(port), "--workers",
-                             str(workers)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/v1/ping", timeout=1).read() == b"pong":
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("sandbox server did not start: " + proc.stdout.read().decode(errors="replace"))

@@ -1,4 +1,5 @@
-"""The local executor contains hostile code and keeps serving; ordinary code runs with numpy/sympy."""
+"""The local executor contains hostile code and keeps serving, warm and cold alike; ordinary code runs
+with numpy/sympy."""
 
 import asyncio
 import base64
@@ -18,18 +19,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def local_sandbox():
-    return LocalSandbox(LocalSandboxConfig(workers=4, max_output_bytes=1 << 20))
+def warm_sandbox():
+    sb = LocalSandbox(LocalSandboxConfig(mode="warm", workers=2, max_output_bytes=1 << 20))
+    yield sb
+    asyncio.run(sb.close())
 
 
-@pytest.fixture(scope="module", params=["local", "fusion"])
-def sandbox(request, local_sandbox):
-    """Every functional test runs against the executor directly and through `sandbox serve` over HTTP
-    with the fusion client."""
-    if request.param == "local":
-        return local_sandbox
+@pytest.fixture(scope="module")
+def cold_sandbox():
+    return LocalSandbox(LocalSandboxConfig(mode="cold", workers=2, max_output_bytes=1 << 20))
+
+
+@pytest.fixture(scope="module", params=["warm", "cold", "fusion"])
+def sandbox(request):
+    """Every functional test runs against the warm and the cold executor directly, and through
+    `sandbox serve` (warm) over HTTP with the fusion client."""
+    if request.param != "fusion":
+        return request.getfixturevalue(f"{request.param}_sandbox")
     url = request.getfixturevalue("sandbox_server")
-    return FusionClientSync(url, local_sandbox.cfg)
+    return FusionClientSync(url, LocalSandboxConfig(max_output_bytes=1 << 20))
 
 
 class FusionClientSync:
@@ -108,17 +116,40 @@ def test_fork_bomb(sandbox):
     r = run(sandbox, code, run_timeout=2)
     assert r["status"] == "Failed" and time.monotonic() - t0 < 15
     time.sleep(0.5)
-    uids = range(sandbox.cfg.uid_base, sandbox.cfg.uid_base + 64)  # any worker of either backend
-    left = [d for d in Path("/proc").iterdir() if d.name.isdigit() and _uid(d) in uids]
-    assert left == []
+    assert sandbox_processes_left(sandbox.cfg) == []
     still_serving(sandbox)
 
 
-def _uid(d):
-    try:
-        return d.stat().st_uid
-    except OSError:
-        return None
+def sandbox_processes_left(cfg, wait=3.0):
+    """Host pids of processes running as a worker uid (of any backend) other than the warm zygotes:
+    what an execution left behind. A zygote's fork (an execution) has the zygote's command line but
+    lives in a nested pid namespace, so it is never mistaken for one. Polls up to ``wait`` seconds
+    (processes being torn down)."""
+    deadline = time.monotonic() + wait
+    while (left := _worker_uid_processes(cfg)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def _worker_uid_processes(cfg):
+    uids = range(cfg.uid_base, cfg.uid_base + 64)
+    zygote_depth = None
+    left = []
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or d.stat().st_uid not in uids:
+                continue
+            depth = len(next(line for line in (d / "status").read_text().splitlines()
+                             if line.startswith("NSpid:")).split()) - 1
+            is_zygote = "warm executor's zygote" in (d / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, StopIteration):
+            continue
+        if is_zygote and zygote_depth is None:
+            zygote_depth = depth
+        left.append((int(d.name), depth, is_zygote))
+    if zygote_depth is not None:
+        zygote_depth = min(dep for _, dep, z in left if z)
+    return [pid for pid, dep, z in left if not (z and dep == zygote_depth)]
 
 
 def test_huge_output_is_capped(sandbox):

@@ -1,0 +1,11 @@
+"""The CPU demo: a synthetic multi-step tool task (:mod:`sod_jax.demo.task`), its small tokenizer
+(:mod:`sod_jax.demo.tokenizer`), the shipped tiny teacher and student (``assets/``, made by
+:mod:`sod_jax.demo.train_models`) and the SOD / OPD / GRPO comparison (:mod:`sod_jax.demo.compare`)."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DATA_DIR = ASSETS / "data"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+TEACHER_DIR = ASSETS / "teacher"
+STUDENT_DIR = ASSETS / "student"

@@ -1,0 +1,152 @@
+"""``python -m sod_jax.demo compare``: SOD vs OPD vs GRPO from the demo student, same steps and budget.
+
+Each (algorithm, seed) is one ordinary ``python -m sod_jax.train`` run of the base config with
+``algo.name``, ``train.seed`` and ``train.out_dir`` overridden, so the comparison uses exactly the
+code path of any run. Everything reported is read back from the run directories (DESIGN §5):
+
+* held-out accuracy before and after (``eval.jsonl``: the first and last record's ``acc`` of each
+  data_source; with several sources their mean);
+* the final student-teacher KL on held-out prompts (``heldout_kl`` of the last ``eval.jsonl``
+  record; GRPO loads no teacher, so it has none);
+* the mean step weight ``w_k`` of steps that follow a failed tool step, and of the later steps of
+  trajectories that ended wrong (``step_weights.jsonl`` samples: ``w`` per step, ``tool_errors``,
+  ``reward``), i.e. how much SOD shrinks the distillation signal where the cascade starts.
+
+Writes ``compare.md`` (the markdown table, mean ± std over seeds) and ``compare_acc.png`` (held-out
+accuracy against step, mean with a ±1 std band per algorithm) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            out.append(json.loads(line))
+    return out
+
+
+def eval_acc(record: dict) -> Optional[float]:
+    """Mean ``acc`` over the data sources of one ``eval.jsonl`` record."""
+    accs = [v["acc"] for v in record.values() if isinstance(v, dict) and isinstance(v.get("acc"), (int, float))]
+    return float(np.mean(accs)) if accs else None
+
+
+def run_summary(run_dir: Path) -> dict:
+    """The figures of one run directory (None where the run has no such record)."""
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    curve = [(int(r["step"]), eval_acc(r)) for r in evals if eval_acc(r) is not None]
+    kl = [r["heldout_kl"] for r in evals if isinstance(r.get("heldout_kl"), (int, float))]
+    after_fail, wrong_later = [], []
+    for rec in read_jsonl(run_dir / "step_weights.jsonl"):
+        for t in rec.get("trajectories", []):
+            w = t.get("w") or []
+            failed = t.get("failed_steps")  # per-step flags when the writer provides them
+            if failed:
+                after_fail += [w[k] for k in range(1, len(w)) if failed[k - 1]]
+            elif t.get("tool_errors", 0) > 0:
+                after_fail += list(w[1:])
+            if t.get("reward", 1.0) <= 0:
+                wrong_later += list(w[1:])
+    return {
+        "acc_before": curve[0][1] if curve else None,
+        "acc_after": curve[-1][1] if curve else None,
+        "curve": curve,
+        "kl_final": kl[-1] if kl else None,
+        "w_after_failed_tool": float(np.mean(after_fail)) if after_fail else None,
+        "w_later_steps_wrong": float(np.mean(wrong_later)) if wrong_later else None,
+    }
+
+
+def _pm(values: Sequence[Optional[float]], fmt: str = "{:.3f}") -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(np.mean(v))} ± {fmt.format(np.std(v, ddof=1))}"
+
+
+def table(summaries: dict[str, list[dict]]) -> str:
+    """Markdown table, one row per algorithm, mean ± std (ddof 1) over seeds."""
+    head = ("| algo | seeds | held-out acc before | held-out acc after | final student-teacher KL | "
+            "mean w_k after a failed tool step | mean w_k, later steps of wrong trajectories |")
+    lines = [head, "|" + "---|" * 7]
+    for algo, runs in summaries.items():
+        lines.append(f"| {algo} | {len(runs)} | {_pm([r['acc_before'] for r in runs])} | "
+                     f"{_pm([r['acc_after'] for r in runs])} | {_pm([r['kl_final'] for r in runs], '{:.4f}')} | "
+                     f"{_pm([r['w_after_failed_tool'] for r in runs])} | {_pm([r['w_later_steps_wrong'] for r in runs])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algo, runs in summaries.items():
+        steps = sorted({s for r in runs for s, _ in r["curve"]})
+        if not steps:
+            continue
+        by_step = [[dict(r["curve"]).get(s) for r in runs] for s in steps]
+        mean = np.array([np.mean([v for v in vs if v is not None]) for vs in by_step])
+        std = np.array([np.std([v for v in vs if v is not None]) for vs in by_step])
+        ax.plot(steps, mean, marker="o", label=f"{algo} (n={len(runs)})")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out accuracy (avg@k)")
+    ax.set_title("Demo: held-out accuracy of the student")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _complete(run_dir: Path) -> bool:
+    return (run_dir / "eval.jsonl").is_file() and (run_dir / "config.yaml").is_file() and \
+        (run_dir / "plots").is_dir()
+
+
+def run_compare(args: Any) -> int:
+    out = Path(args.out)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    summaries: dict[str, list[dict]] = {}
+    for algo in algos:
+        for seed in range(args.seeds):
+            run_dir = out / algo / f"seed{seed}"
+            if not (args.reuse and _complete(run_dir)):
+                cmd = [sys.executable, "-m", "sod_jax.train", "--config", args.config, f"algo.name={algo}",
+                       f"train.seed={seed}", f"data.seed={seed}", f"train.out_dir={run_dir}", *args.overrides]
+                print(f"== {algo} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+                rc = subprocess.call(cmd)
+                if rc != 0:
+                    print(f"error: the {algo} run with seed {seed} exited with {rc} (see {run_dir})", file=sys.stderr)
+                    return rc
+            summaries.setdefault(algo, []).append(run_summary(run_dir))
+    md = table(summaries)
+    cmd_line = f"python -m sod_jax.demo compare --algos {args.algos} --seeds {args.seeds} --config {args.config}"
+    if args.overrides:
+        cmd_line += " " + " ".join(args.overrides)
+    (out / "compare.md").write_text(f"{md}\nMade by `{cmd_line}`.\n")
+    png = plot(summaries, out / "compare_acc.png")
+    (out / "compare.json").write_text(json.dumps(summaries, indent=1))
+    print(md)
+    print(f"table: {out / 'compare.md'}; plot: {png}")
+    return 0

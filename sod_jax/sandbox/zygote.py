@@ -1,0 +1,378 @@
+"""The warm executor's zygote: runs INSIDE the sandbox (bubblewrap namespaces, the worker's uid, no
+capabilities, read-only file system), imports the preloaded modules once and then forks one fresh
+process per execution.
+
+The host starts it as ``python -E -s -B -c <this file's source> <config JSON>`` with a Unix socket
+as fd 0 (stdlib only: the repository itself is hidden inside the sandbox). Protocol on the socket:
+
+* host -> zygote: a 4-byte big-endian length with two file descriptors attached (the write ends of
+  the execution's stdout and stderr pipes), then that many bytes of JSON: ``code``, ``stdin``,
+  ``files`` (path -> base64), ``timeout`` (s), ``cpu_s``, ``memory_mb``, ``nproc``, ``fsize_mb``,
+  ``nofile``, ``scratch_mb``, ``env``. During a run the single byte ``k`` asks for it to be killed.
+* zygote -> host: one JSON line per message: ``{"ready": ...}`` once, then per execution
+  ``{"rc": int, "timeout": bool, "seconds": float}`` (``rc`` negative: killed by that signal), or
+  ``{"error": str}`` when the execution could not be set up.
+
+Each execution (why it cannot reach the zygote or leave anything behind):
+
+1. The zygote is non-dumpable (``PR_SET_DUMPABLE 0``): nothing of its uid may ptrace it or open its
+   ``/proc/<pid>/mem``, ``environ`` or ``maps``; it is a child subreaper and never runs model code.
+2. The execution process is forked straight into new user, mount, pid and IPC namespaces (a raw
+   ``clone``; mapping only the worker uid) and is pid 1 of its pid namespace. (Where that clone
+   cannot be called, a forked helper unshares the namespaces and forks it.)
+   The zygote has no pid in that namespace, so ``kill``, ``ptrace``, ``pidfd_send_signal`` and
+   ``process_vm_writev`` cannot name it; when pid 1 exits or is killed the kernel kills every process
+   left in the namespace (the tree kill); SysV IPC and POSIX queues die with the IPC namespace.
+3. The execution process mounts a fresh size-limited tmpfs on ``/tmp`` (its scratch directory
+   ``/tmp/sandbox`` with the request's files and ``main.py``) and on ``/dev/shm``, drops every
+   capability (bounding, ambient, effective, permitted), sets its own rlimits (CPU, address space,
+   processes, file size, open files, no core), a new session, the clean environment, fresh
+   stdio and ``__main__``, reseeds numpy's global generator, and runs the code.
+
+Nothing an execution changes (globals, modules, signal handlers, environment, threads, files,
+children) exists in the zygote, and the next execution is a fresh fork of the untouched zygote.
+"""
+
+import atexit
+import base64
+import builtins
+import ctypes
+import errno
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x08000000, 0x10000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_CAP_AMBIENT = 1, 4, 24, 36, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SETUP_FAILED = 125  # exit code of an execution whose set-up failed (its stderr says why)
+SETUP_PREFIX = "sod_jax sandbox set-up failed: "
+WORKDIR = "/tmp/sandbox"
+
+libc = ctypes.CDLL(None, use_errno=True)
+_libc_gil = ctypes.PyDLL(None, use_errno=True)  # calls made holding the GIL, as os.fork does
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}.get(platform.machine())
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option, arg):
+    return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0))
+
+
+def _mount_tmpfs(target, options):
+    _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
+                      options.encode()), f"mount tmpfs on {target}")
+
+
+def _drop_capabilities():
+    for cap in range(64):  # the bounding set first (needs CAP_SETPCAP, which goes last)
+        if _prctl(PR_CAPBSET_DROP, cap) != 0:
+            break  # EINVAL: past the last capability this kernel knows
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _check(libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)()), "capset")
+
+
+# -- one execution (runs in the forked processes only) --------------------------------------------
+
+def _clone_into_namespaces():
+    """fork() straight into new user, mount, pid and IPC namespaces (the child is pid 1 there): a raw
+    clone(2) wrapped in the interpreter's own before/after-fork hooks. Returns 0 in the child, the
+    child's pid here, or None if this machine's clone cannot be called this way."""
+    if _SYS_CLONE is None:
+        return None
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | signal.SIGCHLD
+    _libc_gil.syscall.restype = ctypes.c_long
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _libc_gil.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone into new namespaces: {os.strerror(err)}")
+    return pid
+
+
+def _map_own_ids(uid, gid):
+    _prctl(PR_SET_DUMPABLE, 1)  # this copy only: its own /proc files must be writable for the id maps
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _helper(req, out_fd, err_fd, report_fd):
+    """In the zygote's fork (where a raw clone is not available): new namespaces, then fork the
+    execution (pid 1 there) and exit."""
+    uid, gid = os.getuid(), os.getgid()
+    _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+    _map_own_ids(uid, gid)
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_fd)
+        try:
+            _execution(req, out_fd, err_fd)
+        except BaseException as e:  # set-up failed before any model code ran
+            try:
+                os.write(err_fd, f"{SETUP_PREFIX}{type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(SETUP_FAILED)
+    os.write(report_fd, f"{pid}\n".encode())
+    os._exit(0)
+
+
+def _execution(req, out_fd, err_fd):
+    """pid 1 of the execution's namespaces: private scratch, no capabilities, own limits; run the code."""
+    _check(libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make mounts private")
+    _mount_tmpfs("/tmp", f"size={int(req['scratch_mb'])}m,mode=0755")
+    if os.path.isdir("/dev/shm"):
+        _mount_tmpfs("/dev/shm", f"size={int(req['scratch_mb'])}m,mode=1777")
+    os.mkdir(WORKDIR, 0o755)
+    for rel, content in (req.get("files") or {}).items():
+        path = os.path.join(WORKDIR, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(content or ""))
+    with open(os.path.join(WORKDIR, "main.py"), "w", encoding="utf-8") as f:
+        f.write(req["code"])
+    stdin_path = "/tmp/.stdin"
+    with open(stdin_path, "wb") as f:
+        f.write((req.get("stdin") or "").encode())
+    in_fd = os.open(stdin_path, os.O_RDONLY)
+    os.unlink(stdin_path)  # the open descriptor is all that is left of it
+    os.chdir(WORKDIR)
+    for fd, target in ((in_fd, 0), (out_fd, 1), (err_fd, 2)):
+        if fd != target:
+            os.dup2(fd, target)
+    os.closerange(3, 1 << 20)  # the control socket and everything else of the zygote's
+    _drop_capabilities()
+    for res, value in ((resource.RLIMIT_CPU, int(req["cpu_s"])), (resource.RLIMIT_AS, int(req["memory_mb"]) << 20),
+                       (resource.RLIMIT_NPROC, int(req["nproc"])), (resource.RLIMIT_FSIZE, int(req["fsize_mb"]) << 20),
+                       (resource.RLIMIT_NOFILE, int(req["nofile"])), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    os.setsid()
+    os.environ.clear()
+    os.environ.update(req["env"])
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _run_main(os.path.join(WORKDIR, "main.py"))
+
+
+def _run_main(path):
+    """Run ``path`` as a fresh ``__main__`` the way ``python path`` would, then exit the process."""
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1,
+                                       closefd=False)
+    sys.argv = [path]
+    sys.path[0] = os.path.dirname(path)
+    if "numpy" in sys.modules:  # every fork would otherwise draw the same numbers
+        sys.modules["numpy"].random.seed()
+    main = types.ModuleType("__main__")
+    main.__file__, main.__builtins__, main.__spec__, main.__loader__ = path, builtins, None, None
+    sys.modules["__main__"] = main
+    rc = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+    except SyntaxError as e:
+        traceback.print_exception(type(e), e, None)
+        code, rc = None, 1
+    if code is not None:
+        try:
+            exec(code, main.__dict__)
+        except SystemExit as e:
+            rc = _exit_code(e)
+        except BaseException as e:  # noqa: BLE001 - the interpreter's top-level handler, minus this frame
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+            rc = 130 if isinstance(e, KeyboardInterrupt) else 1
+    try:
+        threading._shutdown()  # join non-daemon threads, as interpreter exit does
+        atexit._run_exitfuncs()
+    except SystemExit as e:
+        rc = _exit_code(e)
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed or broken pipe: nothing more to say
+            pass
+    os._exit(rc)
+
+
+def _exit_code(e):
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code & 0xFF
+    try:
+        print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001
+        pass
+    return 1
+
+
+# -- the zygote's loop --------------------------------------------------------------------------
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _launch(req, fds):
+    """Start one execution; returns (pid of its pid 1 as seen here, None) or (None, error)."""
+    global _SYS_CLONE
+    if _SYS_CLONE is not None:
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            pid = _clone_into_namespaces()
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                return None, str(e)
+            _SYS_CLONE = None  # fall back to the helper for this and later executions
+        else:
+            if pid == 0:
+                try:
+                    _map_own_ids(uid, gid)
+                    _execution(req, fds[0], fds[1])
+                except BaseException as e:  # set-up failed before any model code ran
+                    try:
+                        os.write(fds[1], f"{SETUP_PREFIX}{type(e).__name__}: {e}\n".encode())
+                    finally:
+                        os._exit(SETUP_FAILED)
+            for fd in fds:
+                os.close(fd)
+            return pid, None
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(r)
+            _helper(req, fds[0], fds[1], w)
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, f"error {type(e).__name__}: {e}\n".encode())
+        os._exit(1)
+    os.close(w)
+    for fd in fds:
+        os.close(fd)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    os.waitpid(helper, 0)  # after this the execution's parent is this (sub)reaper
+    text = data.decode(errors="replace").strip()
+    if not text or not text.split()[0].isdigit():
+        return None, text or "the execution helper died"
+    return int(text), None
+
+
+def _serve_one(sock, req, fds):
+    t0 = time.monotonic()
+    pid, error = _launch(req, fds)
+    if error:
+        return {"error": error}
+    pidfd = os.pidfd_open(pid)
+    deadline = t0 + float(req["timeout"])
+    timed_out = host_gone = exited = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready = select.select([sock, pidfd], [], [], left)[0]
+            if pidfd in ready:
+                exited = True
+                break
+            if sock in ready:
+                host_gone = not sock.recv(1)  # b"k": stop the run; b"": the host went away
+                break
+        if not exited:
+            os.kill(pid, signal.SIGKILL)  # pid 1 of its namespace: the kernel kills all of it
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(pidfd)
+    while True:  # anything else reparented here
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    if host_gone:
+        sys.exit(0)
+    return {"rc": os.waitstatus_to_exitcode(status), "timeout": timed_out, "seconds": time.monotonic() - t0}
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    sock = socket.socket(fileno=0)
+    sock.setblocking(True)
+    missing = []
+    for name in cfg.get("preload", []):
+        try:
+            __import__(name)
+        except Exception as e:  # noqa: BLE001 - a module this interpreter lacks is simply not preloaded
+            missing.append(f"{name}: {type(e).__name__}")
+    if "numpy" in sys.modules:  # its first seeding is slow (lazy set-up): pay it once, not per execution
+        sys.modules["numpy"].random.seed()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the collector never walks (and so never copies) the preloaded objects in a fork
+    _prctl(PR_SET_DUMPABLE, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    sock.sendall(json.dumps({"ready": True, "missing": missing}).encode() + b"\n")
+    while True:
+        head, fds, _, _ = socket.recv_fds(sock, 4, 2)
+        if not head:
+            return
+        if len(head) < 4:
+            head += _recv_exact(sock, 4 - len(head)) or b""
+        body = _recv_exact(sock, struct.unpack("!I", head)[0]) if len(head) == 4 else None
+        if body is None or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            return
+        try:
+            reply = _serve_one(sock, json.loads(body), fds)
+        except Exception as e:  # noqa: BLE001 - report it; the zygote itself stays
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        sock.sendall(json.dumps(reply).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    main()
