@@ -255,7 +255,7 @@ def test_trainer_on_a_mesh_with_hooks_and_stop(tmp_path, chat_tok, tokenizer_dir
     assert stats["kept"] == 12 and stats["loss_tokens"] < stats["tokens"]
     cfg = load_config(overrides=[f"sft.out_dir={tmp_path / 'run'}", "sft.batch_size=4", "sft.epochs=3",
                                  "sft.eval_every=2", "sft.save_every=2", "sft.lr=1e-3", "model.logprob_chunk=64",
-                                 "sft.micro_batch_rows=8", "logging.plots=true"], job="sft")
+                                 "sft.micro_batch_rows=8", "logging.plots=true", "sft.max_length=1024"], job="sft")
     mesh = parallel.make_mesh(1, -1, 1)
     model = parallel.shard_module(init_model(Qwen3Config(**TINY), seed=0), mesh)
     rec = _Recorder(stop_at_eval=4)
@@ -268,13 +268,13 @@ def test_trainer_on_a_mesh_with_hooks_and_stop(tmp_path, chat_tok, tokenizer_dir
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert [e[1] for e in rec.events if e[0] == "step"] == [1, 2, 3, 4]
     assert [e[1] for e in rec.events if e[0] == "metrics"] == [1, 2, 3, 4]
-    assert [e[1] for e in rec.events if e[0] == "eval"] == [2, 4]
+    assert [e[1] for e in rec.events if e[0] == "eval"] == [0, 2, 4]  # before training, then every 2 steps
     assert ("export", 2, "step_000002") in rec.events and ("export", 4, "model") in rec.events
     run = tmp_path / "run"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # one record per step, held-out loss merged in
-    assert all({"loss", "grad_norm", "lr", "tokens_per_s"} <= set(r) for r in recs)
-    assert "val_loss" in recs[1] and "val_loss" in recs[3] and "val_loss" not in recs[2]
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]  # one record per step, held-out loss merged in
+    assert all({"loss", "grad_norm", "lr", "tokens_per_s"} <= set(r) for r in recs[1:])
+    assert all("val_loss" in recs[i] for i in (0, 2, 4)) and "val_loss" not in recs[3]
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
     assert (run / "plots" / "sft_loss.png").is_file()
     # the step compiled once for all steps
@@ -287,7 +287,7 @@ def test_early_stop_by_held_out_loss(tmp_path, chat_tok):
     # lr so large that the held-out loss cannot keep improving
     cfg = load_config(overrides=[f"sft.out_dir={tmp_path}", "sft.batch_size=2", "sft.epochs=20", "sft.eval_every=1",
                                  "sft.early_stop_patience=2", "sft.lr=5.0", "sft.warmup_ratio=0", "sft.grad_clip=100.0",
-                                 "model.logprob_chunk=64", "logging.plots=false"], job="sft")
+                                 "model.logprob_chunk=64", "logging.plots=false", "sft.max_length=1024"], job="sft")
     trainer = SFTTrainer(cfg, init_model(Qwen3Config(**TINY), seed=0), exs[:4], exs[4:], progress=False)
     res = trainer.run()
     assert res.stop_reason == "early_stop" and res.steps < trainer.plan.total_steps
