@@ -240,7 +240,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             a2.plot(ks, [r["step_d_mean_by_k"][k - 1] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
         a1.set_title("Mean step weight w_k")
         a2.set_title("Mean step divergence d_k = mean |s - q|")
+        from matplotlib.ticker import MaxNLocator
+
         for a, yl in ((a1, "w_k"), (a2, "d_k")):
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
             a.set_xlabel("assistant turn k")
             a.set_ylabel(yl)
             a.grid(alpha=0.3)
