@@ -14,6 +14,7 @@ This module is a leaf: it imports nothing from the rest of ``sod_jax``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -31,11 +32,16 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says what and where."""
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best in the field list
-    """A dataclass field with a default and a help string (lists/dicts get a factory)."""
+def _f(default: Any, help: str, implemented: bool = True) -> Any:  # noqa: A002 - `help` reads best in the field list
+    """A dataclass field with a default and a help string (lists, dicts and nested sections get a
+    factory). ``implemented=False``: the key is documented and accepted at its default, but any
+    other value fails with "not implemented yet" (never silently ignored)."""
+    meta = {"help": help, "implemented": implemented}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,6 +54,7 @@ class ModelConfig:
     """The student policy."""
 
     path: Optional[str] = _f(None, "HF checkpoint directory (or Hub id when online) of the cold-start SFT student.")
+    tokenizer: Optional[str] = _f(None, "Directory with tokenizer.json / tokenizer_config.json (None: model.path).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of activations and matmuls.")
     param_dtype: Literal["float32", "bfloat16"] = _f("float32", "Dtype of the master weights.")
     scan_layers: bool = _f(True, "Run the decoder layers with lax.scan over stacked weights (flat compile time).")
@@ -63,6 +70,8 @@ class TeacherConfig:
     path: Optional[str] = _f(None, "HF checkpoint directory of the teacher (the paper: a GRPO-trained Qwen3-4B).")
     param_dtype: Literal["float32", "bfloat16"] = _f("bfloat16", "Dtype the frozen teacher weights are stored in.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("bfloat16", "Compute dtype of the teacher forward pass.")
+    logprob_chunk: int = _f(256, "Sequence chunk for the teacher's sampled-token log-probs (its own, as the teacher may be larger than the student).")
+    attention_block: int = _f(512, "Teacher sequences longer than this run causal attention in blocks of this many tokens; 0 = always dense [T, T].")
 
 
 @dataclass
@@ -76,7 +85,6 @@ class DataConfig:
     prompt_templates: dict[str, str] = _f({}, "data_source -> prompt template: a name in configs/prompts/ (math, gpqa, livecodebench) or a path to a jinja2 file; sources not listed pass through as given.")
     shuffle: bool = _f(True, "Shuffle the training prompts each epoch.")
     seed: int = _f(1, "Seed of the data order (the reference's run: 1).")
-    worker_count: int = _f(0, "grain worker processes (0: read in the main process).")
     on_bad_row: Literal["error", "skip"] = _f("error", "Malformed row: stop with an error naming file, row and column (error), or skip and count it (skip).")
 
 
@@ -94,11 +102,8 @@ class RolloutConfig:
     num_slots: int = _f(256, "Concurrent decode slots (each holds one trajectory's KV cache).")
     decode_steps: int = _f(32, "Tokens generated per slot per device call.")
     prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
-    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: no check).")
-    stop_strings: list[str] = _f([], "Extra strings that end an assistant turn.")
-    val_n: int = _f(32, "Samples per prompt at validation (avg@32).")
-    val_temperature: float = _f(1.0, "Validation temperature.")
-    val_top_p: float = _f(0.6, "Validation nucleus mass.")
+    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: 90% of the device memory less the sampling weights; no check on CPU).")
+    stop_strings: list[str] = _f([], "Extra strings that end an assistant turn (the agent stops on <|im_end|> / eos only).", implemented=False)
 
 
 @dataclass
@@ -190,8 +195,9 @@ class TrainConfig:
     """The RL loop."""
 
     prompts_per_step: int = _f(64, "Prompts per RL step (x rollout.n trajectories).")
-    mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each).")
-    epochs: int = _f(1, "PPO epochs over each step's rollouts; only 1 is supported (the update makes one pass).")
+    mini_batches: int = _f(4, "PPO mini-batches per step (one optimizer update each); rows are dealt to them in turn (row r to mini-batch r % mini_batches).")
+    micro_batch_size: int = _f(0, "Trajectories per micro-batch across the whole mesh (gradients accumulated over a mini-batch's micro-batches, same result as unsplit); 0 = one micro-batch per mini-batch. Also bounds the old-policy and teacher forward passes.")
+    epochs: int = _f(1, "PPO epochs: passes of the update over each step's rollouts (mini_batches x epochs optimizer steps per RL step).")
     total_epochs: int = _f(1, "Passes over the training data (the reference's run: 1); the step count is derived from the data size.")
     total_steps: Optional[int] = _f(None, "RL steps to run; null or 0: derived, total_epochs x steps per epoch of the data.")
     seed: int = _f(0, "Seed of sampling and initialisation.")
@@ -207,6 +213,16 @@ class MeshConfig:
     data: int = _f(1, "Pure data parallelism (replicated params).")
     fsdp: int = _f(-1, "Fully sharded data parallelism (params sharded on the embed axis).")
     tensor: int = _f(1, "Tensor parallelism (heads, mlp and vocab axes).")
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-controller start-up (``jax.distributed.initialize``). On TPU pods and under SLURM leave
+    all three unset: JAX detects them. Local multi-process runs set them."""
+
+    coordinator: Optional[str] = _f(None, "host:port of process 0's coordination service (None: auto-detect).")
+    num_processes: Optional[int] = _f(None, "Number of processes (None: auto-detect; 1: single process, no initialisation).")
+    process_id: Optional[int] = _f(None, "This process's index in [0, num_processes) (None: auto-detect).")
 
 
 @dataclass
@@ -243,6 +259,11 @@ class EvalConfig:
     max_response_length: int = _f(20480, "Response budget per sample.")
     max_prompt_length: int = _f(4096, "Eval prompts longer than this many tokens are dropped (the reference's eval: 4096; long GPQA/LiveCodeBench prompts exceed the training 2560).")
     kl_prompts: int = _f(0, "RL eval: also measure the student-teacher reverse KL (k1 on student rollouts) on the first N held-out prompts (0: off).")
+    chunk_prompts: int = _f(0, "Prompts per agent run; each finished chunk is appended to generations.jsonl (what a killed eval keeps). 0: enough to fill the decode slots 4 times.")
+    overlong_buffer_len: int = _f(0, "DAPO overlong penalty in the reported reward (not acc): linear from 0 at max_response_length - this to -factor at max_response_length (0: off).")
+    overlong_penalty_factor: float = _f(1.0, "Scale of the eval overlong penalty.")
+    seed: int = _f(0, "python -m sod_jax.eval: sampling seed (a prompt's samples depend only on it, the prompt and the sample index).")
+    out_dir: str = _f("runs/eval", "python -m sod_jax.eval: where generations.jsonl, summary.json and summary.md go (rerun to resume).")
 
 
 @dataclass
@@ -294,6 +315,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -328,12 +350,45 @@ def _type_name(tp: Any) -> str:
         return f"mapping of {_type_name(k)} to {_type_name(v)}"
     if tp is Any:
         return "any"
+    if dataclasses.is_dataclass(tp):
+        return f"{tp.__name__} mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+class _BadNested(TypeError):
+    """A problem inside a nested value: ``path`` (``.field``, ``[key]``, ``[0]``) and what is wrong."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(msg)
+        self.path, self.msg = path, msg
+
+
+def _coerce_in(value: Any, tp: Any, path: str) -> Any:
+    """:func:`_coerce` of an element at ``path``: errors say where inside the value they are."""
+    try:
+        return _coerce(value, tp)
+    except _BadNested as e:
+        raise _BadNested(path + e.path, e.msg) from None
+    except TypeError:
+        raise _BadNested(path, f"must be {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
+
+
 def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats only."""
+    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats only.
+    Nested dataclasses are built from mappings (unknown fields rejected, by name)."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise TypeError
+        known = _fields(tp)
+        out = tp()
+        for k, v in value.items():
+            if k not in known:
+                raise _BadNested(f".{k}", f"unknown field; valid fields: {', '.join(known)}")
+            setattr(out, k, _coerce_in(v, known[k][1], f".{k}"))
+        return out
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -349,12 +404,12 @@ def _coerce(value: Any, tp: Any) -> Any:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise TypeError
-        return [_coerce(v, inner) for v in value]
+        return [_coerce_in(v, inner, f"[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         k_tp, v_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise TypeError
-        return {_coerce(k, k_tp): _coerce(v, v_tp) for k, v in value.items()}
+        return {_coerce(k, k_tp): _coerce_in(v, v_tp, f"[{k!r}]") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is type(None):
@@ -421,6 +476,8 @@ def _set(cfg: Config, key: str, value: Any, source: str) -> None:
     tp = fields[name][1]
     try:
         setattr(sec_obj, name, _coerce(value, tp))
+    except _BadNested as e:
+        raise ConfigError(f"config key '{key}{e.path}' in {source}: {e.msg}") from None
     except TypeError:
         raise ConfigError(
             f"config key '{key}' in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
@@ -511,8 +568,6 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
     need(a.iw_opd_gamma >= 0, f"algo.iw_opd_gamma must be >= 0, got {a.iw_opd_gamma}")
     need(a.iw_opd_epsilon > 0, f"algo.iw_opd_epsilon must be > 0, got {a.iw_opd_epsilon}")
     need(a.rollout_is_cap > 0, f"algo.rollout_is_cap must be > 0, got {a.rollout_is_cap}")
-    need(t.epochs == 1, f"train.epochs={t.epochs} is not supported: the update makes one PPO pass over each "
-                        "step's rollouts (set train.epochs=1; use train.mini_batches for more optimizer steps)")
     need(t.total_epochs >= 1, f"train.total_epochs must be >= 1, got {t.total_epochs}")
     need(t.total_steps is None or t.total_steps >= 0,
          f"train.total_steps must be null or 0 (derived from the data) or > 0, got {t.total_steps}")
@@ -523,6 +578,7 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
     need(r.max_response_length >= 1, f"rollout.max_response_length must be >= 1, got {r.max_response_length}")
     need(r.max_assistant_turns >= 1, f"rollout.max_assistant_turns must be >= 1, got {r.max_assistant_turns}")
     need(r.num_slots >= 1, f"rollout.num_slots must be >= 1, got {r.num_slots}")
+    need(r.num_slots >= r.n, f"rollout.num_slots ({r.num_slots}) must be >= rollout.n ({r.n}): a GRPO group is decoded at once")
     need(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}")
     need(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
          f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches})")
@@ -542,6 +598,27 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
     need(cfg.sandbox.memory_limit_mb >= 1, f"sandbox.memory_limit_mb must be >= 1, got {cfg.sandbox.memory_limit_mb}")
     need(cfg.eval.max_prompt_length >= 1, f"eval.max_prompt_length must be >= 1, got {cfg.eval.max_prompt_length}")
     need(cfg.sandbox.run_timeout > 0, f"sandbox.run_timeout must be > 0, got {cfg.sandbox.run_timeout}")
+    need(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0 (0: no split), got {t.micro_batch_size}")
+    rows = t.prompts_per_step * r.n // max(t.mini_batches, 1)
+    need(t.micro_batch_size == 0 or rows % t.micro_batch_size == 0,
+         f"train.micro_batch_size ({t.micro_batch_size}) must divide the trajectories per mini-batch "
+         f"(train.prompts_per_step * rollout.n / train.mini_batches = {rows})")
+    need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    need(cfg.teacher.logprob_chunk >= 1, f"teacher.logprob_chunk must be >= 1, got {cfg.teacher.logprob_chunk}")
+    need(cfg.teacher.attention_block >= 0, f"teacher.attention_block must be >= 0, got {cfg.teacher.attention_block}")
+    d = cfg.distributed
+    need(d.num_processes is None or d.num_processes >= 1,
+         f"distributed.num_processes must be >= 1, got {d.num_processes}")
+    need(d.process_id is None or (d.process_id >= 0 and (d.num_processes is None or d.process_id < d.num_processes)),
+         f"distributed.process_id must be in [0, distributed.num_processes), got {d.process_id}")
+    need(not (d.num_processes and d.num_processes > 1 and d.process_id is not None and not d.coordinator),
+         "distributed.num_processes > 1 with an explicit process_id needs distributed.coordinator (host:port of process 0)")
+    for sec, (_, sec_tp) in _fields(Config).items():
+        for name, (f, _tp) in _fields(sec_tp).items():
+            if not f.metadata.get("implemented", True):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                need(getattr(getattr(cfg, sec), name) == default,
+                     f"{sec}.{name} is not implemented yet; remove it or leave it at its default {default!r}")
     need(cfg.checkpoint.save_every >= 1, f"checkpoint.save_every must be >= 1, got {cfg.checkpoint.save_every}")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     need(cfg.reward.timeout > 0, f"reward.timeout must be > 0, got {cfg.reward.timeout}")
@@ -557,11 +634,14 @@ def reference_markdown() -> str:
     """The config reference (one table per section) for the README."""
     lines = []
     for sec, (_, sec_tp) in _fields(Config).items():
-        lines.append(f"**`{sec}`**: {sec_tp.__doc__.strip()}\n")
+        lines.append(f"**`{sec}`**: {' '.join(sec_tp.__doc__.split())}\n")
         lines.append("| key | type | default | meaning |\n|---|---|---|---|")
         for name, (f, tp) in _fields(sec_tp).items():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{sec}.{name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata['help']} |")
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+            note = "" if f.metadata.get("implemented", True) else " (not implemented yet: only the default is accepted)"
+            lines.append(f"| `{sec}.{name}` | {_type_name(tp)} | `{json.dumps(default)}` | {f.metadata['help']}{note} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -6,15 +6,16 @@ dimensions with logical axes (``("layers", "embed", "heads", "head_dim")``); :da
 map each logical name to mesh axes. A mesh axis that does not divide a dimension (e.g. 1 kv head
 over tensor=2) is dropped for that dimension, so any model runs on any mesh, just less sharded.
 
-Activation constraints (:func:`constrain`) apply only inside ``with use_mesh(mesh):``; elsewhere
-they are no-ops, so model code runs unchanged on one device.
+Activation constraints (:func:`constrain`) read JAX's own mesh context (``jax.set_mesh``, which
+:func:`use_mesh` enters): a jitted function called under a mesh is traced with its constraints,
+the same function called without one is traced (and cached) separately without them, because the
+context mesh is part of jit's cache key. Model code therefore runs unchanged on one device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -36,8 +37,6 @@ DEFAULT_RULES: tuple[AxisRule, ...] = (
     ("norm", None),
     ("seq", None),
 )
-
-_CURRENT: list[tuple[Mesh, tuple[AxisRule, ...]]] = []
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
@@ -144,29 +143,43 @@ def batch_spec(ndim: int, rules: Sequence[AxisRule] = DEFAULT_RULES) -> P:
     return P(dict(rules)["batch"], *([None] * (ndim - 1)))
 
 
-def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
-    """Place host arrays (a pytree) with their leading axis split over ``data`` x ``fsdp``."""
-    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
-        mesh, logical_to_spec(("batch",) + (None,) * (np.ndim(a) - 1), np.shape(a), mesh, rules))), x)
+def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES, *,
+              process_local: Optional[bool] = None) -> Any:
+    """Place host arrays (a pytree) with their leading axis split over ``data`` x ``fsdp``.
+
+    In a multi-process run (``jax.process_count() > 1``, or ``process_local=True``) each process
+    passes only *its own* rows: the global batch is their concatenation in process order
+    (``jax.make_array_from_process_local_data``), so every process must pass arrays of the same
+    shape. In a single process the arrays are the whole batch.
+    """
+    if process_local is None:
+        process_local = jax.process_count() > 1
+
+    def put(a):
+        a = np.asarray(a)
+        axes = ("batch",) + (None,) * (a.ndim - 1)
+        if not process_local:
+            return jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh, rules)))
+        # The global shape is inferred: local rows x the number of processes the batch axes span.
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, logical_to_spec(axes, None, mesh, rules)), a)
+
+    return jax.tree.map(put, x)
 
 
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Iterator[Mesh]:
-    """Activate ``mesh`` for :func:`constrain` inside the block (also valid while tracing under jit)."""
-    _CURRENT.append((mesh, tuple(rules)))
-    try:
-        yield mesh
-    finally:
-        _CURRENT.pop()
+def use_mesh(mesh: Mesh):
+    """Context manager that makes ``mesh`` JAX's current mesh (``jax.set_mesh``) for the block.
+    Enter it around *calls* of jitted functions (it cannot be entered while tracing); activation
+    constraints of everything traced inside then follow :data:`DEFAULT_RULES` on this mesh."""
+    return jax.set_mesh(mesh)
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
-    """``with_sharding_constraint`` by logical axes under :func:`use_mesh`; identity otherwise."""
-    if not _CURRENT:
+    """``with_sharding_constraint`` by logical axes on JAX's current mesh; identity without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    mesh, rules = _CURRENT[-1]
-    spec = logical_to_spec(axes, x.shape, mesh, rules)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    spec = logical_to_spec(axes, x.shape, mesh, DEFAULT_RULES)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,

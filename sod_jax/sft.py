@@ -149,16 +149,19 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     trainer = SFTTrainer(cfg, model, train_ex, val_ex, tokenizer_dir=tok_dir, mesh=mesh, hooks=hooks,
                          progress=progress)
     p = trainer.plan
+    real = sum(len(train_ex[i]) for step in p.steps for row in step for i in row)
+    fill = real / max(p.total_steps * p.micro_batches * p.rows_per_micro * p.pack_length, 1)
     stats["plan"] = dict(total_steps=p.total_steps, steps_per_epoch=p.steps_per_epoch, micro_batches=p.micro_batches,
-                         rows_per_micro=p.rows_per_micro, pack_length=p.pack_length,
+                         rows_per_micro=p.rows_per_micro, pack_length=p.pack_length, fill=fill,
                          params=model.config.num_params())
     if jax.process_index() == 0:
         (out / "data_stats.json").write_text(json.dumps(stats, indent=2))
         t = stats["train"]
         print(f"sft: {t['kept']} conversations ({t['dropped_overlong']} over {s.max_length} tokens dropped, "
               f"{t['truncated']} truncated), {t['loss_tokens']} of {t['tokens']} tokens trained; "
-              f"{p.total_steps} steps of {p.micro_batches} x {p.rows_per_micro} rows x {p.pack_length} tokens",
-              file=sys.stderr)
+              f"{p.total_steps} steps of {p.micro_batches} x {p.rows_per_micro} rows x {p.pack_length} tokens "
+              f"({fill:.0%} real tokens; a low figure means sft.pack_length or sft.micro_batch_rows is larger "
+              "than the batch needs)", file=sys.stderr)
     return trainer.run()
 
 

@@ -179,11 +179,6 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
     clipping), ``lr`` (of this update), ``loss_tokens``, ``skipped`` (1 when the loss or gradient
     was not finite: params and optimizer state are then left unchanged)."""
 
-    def step(state: SFTState, batch: SFTBatch):
-        ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-        with ctx:
-            return _step(state, batch)
-
     def _step(state: SFTState, batch: SFTBatch):
         params = state.params
         n_tok = jnp.sum(batch.loss_mask[:, :, 1:].astype(jnp.float32))
@@ -208,7 +203,7 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
         denom = jnp.maximum(n_tok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = nll_sum / denom
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
         updates, new_opt = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -220,19 +215,34 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    return _under_mesh(jax.jit(_step, donate_argnums=(0,), out_shardings=out_shardings), mesh)
+
+
+def _under_mesh(jitted: Callable, mesh: Optional[Mesh]) -> Callable:
+    """Call ``jitted`` (and its ``.lower``) with ``mesh`` as JAX's current mesh, so the activation
+    constraints traced inside follow the mesh (the context cannot be entered while tracing)."""
+
+    def wrap(fn):
+        def call(*args):
+            ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+            with ctx:
+                return fn(*args)
+        return call
+
+    out = wrap(jitted)
+    out.lower = wrap(jitted.lower)
+    out._cache_size = jitted._cache_size
+    return out
 
 
 def build_eval_step(graphdef: Any, chunk: int, mesh: Optional[Mesh] = None) -> Callable:
     """``eval_step(params, batch: SFTBatch [1, R, L]) -> (nll_sum, loss_tokens)``, jitted."""
 
     def ev(params, batch: SFTBatch):
-        ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-        with ctx:
-            return packed_nll(graphdef, params, batch.input_ids[0], batch.positions[0], batch.segment_ids[0],
-                              batch.loss_mask[0], chunk)
+        return packed_nll(graphdef, params, batch.input_ids[0], batch.positions[0], batch.segment_ids[0],
+                          batch.loss_mask[0], chunk)
 
-    return jax.jit(ev)
+    return _under_mesh(jax.jit(ev), mesh)
 
 
 def state_shardings_for(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> SFTState:
@@ -450,7 +460,8 @@ class SFTTrainer:
                 self.history[-1].update(em)
                 self._write("metrics.jsonl", self.history[-1])
             else:
-                self._write("metrics.jsonl", {"step": step, **em})
+                self.history.append({"step": step, **em})
+                self._write("metrics.jsonl", self.history[-1])
             if self.best_val_loss is None or em["val_loss"] < self.best_val_loss:
                 self.best_val_loss, self._since_best = em["val_loss"], 0
             else:

@@ -233,11 +233,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for i in picks:
             r = rows[i]
             counts = r.get("step_count_by_k") or [1] * len(r["step_w_mean_by_k"])
-            ks = [k + 2 for k, c in enumerate(counts) if c]
+            ks = [k + 1 for k, c in enumerate(counts) if c]  # element i holds assistant turn k = i + 1
             if not ks:
                 continue
-            a1.plot(ks, [r["step_w_mean_by_k"][k - 2] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
-            a2.plot(ks, [r["step_d_mean_by_k"][k - 2] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
+            a1.plot(ks, [r["step_w_mean_by_k"][k - 1] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
+            a2.plot(ks, [r["step_d_mean_by_k"][k - 1] for k in ks], marker="o", ms=4, label=f"step {r['step']}")
         a1.set_title("Mean step weight w_k")
         a2.set_title("Mean step divergence d_k = mean |s - q|")
         for a, yl in ((a1, "w_k"), (a2, "d_k")):

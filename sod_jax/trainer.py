@@ -164,11 +164,8 @@ class Trainer:
         from sod_jax.sandbox.local import LocalSandbox, LocalSandboxConfig
         from sod_jax.sandbox.protocol import SandboxUnavailable
 
-        kw = dict(workers=s.workers, allow_unconfined=s.allow_unconfined)
-        if hasattr(s, "mode") and "mode" in LocalSandboxConfig.__dataclass_fields__:
-            kw["mode"] = s.mode
         try:
-            return LocalSandbox(LocalSandboxConfig(**kw))
+            return LocalSandbox(LocalSandboxConfig.from_config(s))
         except SandboxUnavailable as e:
             raise SetupError(f"sandbox: {e}") from None
 
@@ -189,7 +186,8 @@ class Trainer:
         from sod_jax.rollout.agent import Agent, AgentConfig
         from sod_jax.rollout.engine import Engine
         from sod_jax.tracking import RunDir
-        from sod_jax.train_step import UpdateSpec, build_update, init_train_state, make_optimizer
+        from sod_jax.train_step import (UpdateSpec, build_update, init_train_state, make_optimizer,
+                                        num_optimizer_steps, train_state_shardings)
 
         cfg = self.cfg
         self.is_main = jax.process_index() == 0
@@ -209,11 +207,13 @@ class Trainer:
         self.loader = PromptLoader(self.train_rows, cfg.train.prompts_per_step // jax.process_count(),
                                    seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.total_steps = self._total_steps()
-        opt_steps = self.total_steps * cfg.train.mini_batches
-        self.tx = make_optimizer(cfg.optim, opt_steps)
+        self.opt_steps = num_optimizer_steps(cfg.train, self.total_steps)
+        self.tx = make_optimizer(cfg.optim, self.opt_steps)
         self.spec = UpdateSpec.from_config(cfg)
-        self.state = init_train_state(self.tx, params, cfg.train.seed)
-        self.update = build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh)
+        shardings = train_state_shardings(self.tx, params, jax.tree.map(lambda x: x.sharding, params), self.mesh)
+        self.state = init_train_state(self.tx, params, cfg.train.seed, shardings)
+        self.update = build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh,
+                                   state_shardings=shardings)
         self.max_len = cfg.data.max_prompt_length + cfg.rollout.max_response_length
         self.buckets = list(getattr(cfg.train, "length_buckets", None) or length_buckets(self.max_len))
         budget = cfg.rollout.kv_cache_budget_gb
@@ -227,8 +227,7 @@ class Trainer:
         self.run_dir = RunDir(self.out, enabled=self.is_main, tensorboard=cfg.logging.tensorboard,
                               wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())
         ck = cfg.checkpoint
-        self.ckpt = Checkpointer(ck.dir or self.out / "checkpoints", save_every=ck.save_every, keep=ck.keep,
-                                 async_save=ck.async_save)
+        self.ckpt = Checkpointer.from_config(ck, self.out)
         self.start_step = 0
         self.compiled_shapes: set = set()
         if ck.resume:
@@ -400,16 +399,11 @@ class Trainer:
         tokens = int(np.sum(batch.attention_mask)) if jax.process_count() == 1 else None
         out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
                     "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
-                    "lr": float(self._lr(int(self.state.step)))})
+                    "optimizer_step": int(self.state.step)})
         if tokens:
             out["update_tokens_per_s"] = tokens / max(t_update, 1e-9)
         self.run_dir.log_step_weights(step, self._step_weight_samples(metrics, ro))
         return out
-
-    def _lr(self, opt_step: int) -> float:
-        from sod_jax.train_step import learning_rate
-
-        return learning_rate(self.cfg.optim, self.total_steps * self.cfg.train.mini_batches)(opt_step)
 
     # -----------------------------------------------------------------------------------------
     # Eval and held-out KL
@@ -425,7 +419,8 @@ class Trainer:
         agent_cfg = AgentConfig.from_config(self.cfg)
         summary = evaluate(self.engine, self.tok, self.sandbox, self.val_rows, eval_cfg=self.cfg.eval,
                            agent_cfg=agent_cfg, reward_pool=self.rewards, step=step, out_dir=None,
-                           seed=self.cfg.train.seed, progress=self.progress and self.is_main)
+                           seed=self.cfg.train.seed, progress=self.progress and self.is_main, loop=self.loop,
+                           tools=self.tools)
         if self.needs_teacher and getattr(self.cfg.eval, "kl_prompts", 0):
             summary["heldout_kl"] = self.heldout_kl(step)
         summary["seconds"] = time.perf_counter() - t0
@@ -472,7 +467,10 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def save(self, step: int, force: bool = False) -> float:
-        extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict()}
+        from sod_jax.models.hf import config_to_hf
+
+        extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict(),
+                 "hf_config": config_to_hf(self.student.config, self.cfg.model.param_dtype)}
         t0 = time.perf_counter()
         self.ckpt.save(step, self.state, extra=extra, force=force)
         return time.perf_counter() - t0
@@ -501,16 +499,18 @@ class Trainer:
                     last_eval = self.evaluate(step)
                     metrics["time/eval"] = last_eval["seconds"] if last_eval else 0.0
                     self._print(f"step {step} eval: {_eval_line(last_eval)}", bar)
-                if step % cfg.checkpoint.save_every == 0 or step == self.total_steps or guard.requested:
+                stop = guard.stop_now()  # agreed across processes: every host stops at the same step
+                if step % cfg.checkpoint.save_every == 0 or step == self.total_steps or stop:
                     metrics["time/checkpoint"] = self.save(step, force=True)
-                    metrics["checkpoint_blocking_s"] = getattr(self.ckpt, "last_save_blocking_s", None)
-                if step % cfg.logging.log_every == 0 or step == self.total_steps:
+                    metrics["checkpoint_blocking_s"] = self.ckpt.last_save_blocking_s
+                if step % cfg.logging.log_every == 0 or step == self.total_steps or stop:
                     self.run_dir.log_metrics(step, metrics)
+                self._print(f"step {step}/{self.total_steps}: {_step_line(metrics)}", bar)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(_step_line(metrics), refresh=False)
-                if guard.requested:
-                    self._print(f"stopping at step {step} on request; checkpoint saved, resume by rerunning", bar)
+                if stop:
+                    self._print(f"stopping at step {step} on a signal; checkpoint saved, rerun the same command "
+                                "to resume", bar)
                     break
         self.ckpt.wait()
         if bar is not None:

@@ -1,6 +1,7 @@
 """Config tree: paper defaults, YAML + dotted overrides, and errors that name key, file and nearest key."""
 
 import subprocess
+from typing import Any
 import sys
 
 import pytest
@@ -19,7 +20,7 @@ def test_defaults_are_the_paper_run():
     assert (cfg.optim.lr, cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-6, 0.9, 0.999, 0.01, 1.0)
     assert (cfg.train.prompts_per_step, cfg.rollout.n, cfg.train.mini_batches) == (64, 16, 4)
     assert (cfg.data.max_prompt_length, cfg.rollout.max_response_length, cfg.rollout.max_assistant_turns) == (2560, 20480, 16)
-    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.val_top_p, cfg.rollout.val_n) == (1.0, 1.0, 0.6, 32)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.eval.top_p, cfg.eval.n) == (1.0, 1.0, 0.6, 32)
     assert (cfg.reward.overlong_buffer_len, cfg.tool.max_output_chars, cfg.tool.max_parallel_calls) == (1024, 256, 1)
 
 
@@ -27,9 +28,9 @@ def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"algo": {"name": "grpo", "delta": 0.3}, "mesh": {"fsdp": 2, "tensor": 4},
                                  "data": {"train_files": ["a.parquet"]}}))
-    cfg = load_config(f, ["algo.delta=0.5", "mesh.fsdp=4", "rollout.stop_strings=['</answer>']", "optim.lr=3e-6"])
+    cfg = load_config(f, ["algo.delta=0.5", "mesh.fsdp=4", "data.train_files=['a.parquet', 'b.parquet']", "optim.lr=3e-6"])
     assert cfg.algo.name == "grpo" and cfg.algo.delta == 0.5 and cfg.mesh.fsdp == 4 and cfg.mesh.tensor == 4
-    assert cfg.data.train_files == ["a.parquet"] and cfg.rollout.stop_strings == ["</answer>"]
+    assert cfg.data.train_files == ["a.parquet", "b.parquet"]
     assert cfg.optim.lr == 3e-6 and isinstance(cfg.optim.lr, float)
     # the resolved config round-trips
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
@@ -111,8 +112,10 @@ def test_shipped_configs_load():
     files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert files
     for f in files:
-        cfg = load_config(f)
-        assert cfg.model.path
+        job = "sft" if f.name.startswith(("sft_", "demo_teacher_sft", "demo_student_sft")) else (
+            "eval" if f.name.startswith("eval_") else "train")
+        cfg = load_config(f, job=job)
+        assert cfg.model.path or cfg.sft.init, f  # a checkpoint to start from, or SFT from a random init
 
 
 def test_readme_config_reference_is_current():
@@ -120,3 +123,72 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference_markdown().strip() in readme, "regenerate with: python -m sod_jax.config --reference"
+
+
+def test_new_sections_and_keys():
+    cfg = load_config(overrides=TEACHER + ["distributed.coordinator=10.0.0.1:1234", "distributed.num_processes=2",
+                                           "distributed.process_id=1", "train.micro_batch_size=16",
+                                           "teacher.logprob_chunk=128", "teacher.attention_block=0",
+                                           "model.tokenizer=/tok"])
+    assert (cfg.distributed.coordinator, cfg.distributed.num_processes, cfg.distributed.process_id) == ("10.0.0.1:1234", 2, 1)
+    assert (cfg.train.micro_batch_size, cfg.teacher.logprob_chunk, cfg.teacher.attention_block) == (16, 128, 0)
+    assert cfg.model.tokenizer == "/tok"
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(48\) must divide .* = 256"):
+        load_config(overrides=TEACHER + ["train.micro_batch_size=48"])
+    with pytest.raises(ConfigError, match="distributed.process_id must be in"):
+        load_config(overrides=TEACHER + ["distributed.num_processes=2", "distributed.process_id=2",
+                                         "distributed.coordinator=h:1"])
+    with pytest.raises(ConfigError, match="needs distributed.coordinator"):
+        load_config(overrides=TEACHER + ["distributed.num_processes=2", "distributed.process_id=0"])
+    ref = reference_markdown()
+    for key in ("distributed.coordinator", "distributed.num_processes", "distributed.process_id",
+                "train.micro_batch_size", "teacher.logprob_chunk", "teacher.attention_block", "model.tokenizer"):
+        assert f"`{key}`" in ref, key
+
+
+def test_nested_values_name_the_inner_key():
+    """dict-of-section and list-of-dict values: errors point inside the value."""
+    import dataclasses
+    from typing import Optional
+
+    from sod_jax.config import _coerce
+
+    @dataclasses.dataclass
+    class Scorer:
+        name: str = "math"
+        timeout: float = 1.0
+        extra: Optional[dict] = None
+
+    out = _coerce({"aime": {"name": "math", "timeout": 2}, "gpqa": {"name": "choice"}}, dict[str, Scorer])
+    assert out["aime"] == Scorer("math", 2.0) and out["gpqa"] == Scorer("choice")
+    assert _coerce([{"a": 1}, {"b": [2]}], list[dict[str, Any]]) == [{"a": 1}, {"b": [2]}]
+    from sod_jax.config import _BadNested
+
+    with pytest.raises(_BadNested) as e:
+        _coerce({"aime": {"timout": 2}}, dict[str, Scorer])
+    assert e.value.path == "['aime'].timout" and "valid fields: name, timeout, extra" in e.value.msg
+    with pytest.raises(_BadNested) as e:
+        _coerce([{"name": "x"}, {"timeout": "slow"}], list[Scorer])
+    assert e.value.path == "[1].timeout" and "must be float" in e.value.msg
+
+
+def test_unimplemented_key_is_rejected_by_name(monkeypatch):
+    import dataclasses
+
+    import sod_jax.config as c
+
+    orig = c._fields
+
+    def patched(cls):
+        out = dict(orig(cls))
+        if cls is c.RolloutConfig:
+            f, tp = out["kv_cache_budget_gb"]
+            g = dataclasses.field(default=f.default, metadata={**f.metadata, "implemented": False})
+            g.name = f.name
+            out["kv_cache_budget_gb"] = (g, tp)
+        return out
+
+    monkeypatch.setattr(c, "_fields", patched)
+    load_config(overrides=TEACHER)  # the default is accepted
+    with pytest.raises(ConfigError, match=r"rollout.kv_cache_budget_gb is not implemented yet"):
+        load_config(overrides=TEACHER + ["rollout.kv_cache_budget_gb=2"])

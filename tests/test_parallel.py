@@ -60,12 +60,12 @@ def test_sharded_logits_equal_unsharded(ckpt, shape):
 
     @jax.jit
     def forward(state, ids, mask):
-        with parallel.use_mesh(mesh):
-            return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+        return nnx.merge(graphdef, state)(ids, attention_mask=mask)
 
     ids_g, mask_g = parallel.put_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
     assert ids_g.sharding.spec == P(("data", "fsdp"), None) if shape["data"] > 1 else P("fsdp", None)
-    out = np.asarray(forward(state, ids_g, mask_g))
+    with parallel.use_mesh(mesh):
+        out = np.asarray(forward(state, ids_g, mask_g))
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -84,12 +84,12 @@ def test_sharded_blocked_attention_equals_dense(ckpt):
         @jax.jit
         def f(state, ids, mask):
             def loss(state):
-                with parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                    logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
+                logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
                 return jnp.sum(jnp.tanh(logits) * real), logits
             return jax.value_and_grad(loss, has_aux=True)(state)
 
-        (_, logits), grads = f(state, ids, mask)
+        with parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            (_, logits), grads = f(state, ids, mask)
         return np.asarray(logits) * np.asarray(real), grads
 
     ref_logits, ref_grads = loss_and_grads(load_pretrained(ckpt, attention_block=0), ids, mask)
@@ -126,3 +126,28 @@ def test_mesh_shape_errors_are_explained():
     with pytest.raises(ValueError, match="data\\*fsdp\\*tensor = 4 but 8 devices"):
         parallel.make_mesh(data=2, fsdp=2, tensor=1)
     assert parallel.make_mesh(data=2, fsdp=-1, tensor=2).shape == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_constraints_follow_the_mesh_of_each_call_not_of_the_first_trace():
+    """One jitted function, first called without a mesh, then under one: the second call is traced
+    again with its constraints (JAX's mesh context is part of the cache key), and vice versa."""
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    f = jax.jit(lambda x: parallel.constrain(x * 2, ("batch", None)))
+    x = jnp.ones((8, 4))
+    assert "sharding_constraint" not in f.lower(x).as_text()
+    with parallel.use_mesh(mesh):
+        assert "sharding_constraint" in f.lower(x).as_text()
+        assert f(x).sharding.spec[0] == "fsdp"
+    f(x)  # back outside: unconstrained again
+    assert "sharding_constraint" not in f.lower(x).as_text()
+
+
+def test_put_batch_process_local_rows_make_the_global_batch():
+    """Per-process data: each process passes its own rows; with one process the local rows are the
+    whole batch, placed with the same sharding as the single-process path."""
+    mesh = parallel.make_mesh(data=2, fsdp=4, tensor=1)
+    x = np.arange(16 * 3).reshape(16, 3)
+    local = parallel.put_batch(x, mesh, process_local=True)
+    whole = parallel.put_batch(x, mesh)
+    assert local.shape == (16, 3) and local.sharding.spec == whole.sharding.spec == P(("data", "fsdp"), None)
+    np.testing.assert_array_equal(np.asarray(local), x)

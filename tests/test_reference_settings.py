@@ -41,9 +41,12 @@ def test_defaults_are_the_reference_settings():
         assert getattr(getattr(cfg, sec), key) == value, f"{sec}.{key}"
 
 
-def test_epochs_other_than_one_are_rejected():
-    with pytest.raises(ConfigError, match=r"train.epochs=2 is not supported.*one PPO pass"):
-        load_config(overrides=["algo.name=grpo", "train.epochs=2"])
+def test_ppo_epochs_reach_the_update():
+    from sod_jax.train_step import UpdateSpec
+
+    assert UpdateSpec.from_config(load_config(overrides=["algo.name=grpo", "train.epochs=2"])).epochs == 2
+    with pytest.raises(ConfigError, match=r"train.epochs must be >= 1"):
+        load_config(overrides=["algo.name=grpo", "train.epochs=0"])
 
 
 @pytest.mark.parametrize("value,ok", [("null", True), ("0", True), ("500", True), ("-1", False)])

@@ -34,21 +34,33 @@ class GroupStats(NamedTuple):
     zero_variance: jax.Array  # [B] bool: the row's group has identical rewards (A = 0)
 
 
-def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, eps: float = 1e-6) -> GroupStats:
+def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, eps: float = 1e-6,
+                    valid: Optional[jax.Array] = None) -> GroupStats:
     """``A_i = (R_i - mean_g) / (std_g + eps)`` with the unbiased std; a group of one has mean 0, std 1.
 
-    ``rewards [B]`` float, ``group_ids [B]`` int in ``[0, num_groups)`` (rows of one prompt share an id).
+    ``rewards [B]`` float, ``group_ids [B]`` int in ``[0, num_groups)`` (rows of one prompt share an id),
+    ``valid [B]`` bool (False on padded rows; default all True). A padded row, or a row whose id is
+    outside ``[0, num_groups)`` (e.g. ``-1``), joins no group: it changes no group's statistics
+    (its reward may even be NaN) and gets advantage 0.
     """
     r = rewards.astype(jnp.float32)
-    count = jax.ops.segment_sum(jnp.ones_like(r), group_ids, num_segments=num_groups)
-    total = jax.ops.segment_sum(r, group_ids, num_segments=num_groups)
+    real = (group_ids >= 0) & (group_ids < num_groups)
+    if valid is not None:
+        real &= valid.astype(bool)
+    # Rows without a group go to one extra segment that is never read back as a real group (an id
+    # of -1 would otherwise wrap around to the last group in the gathers below).
+    gid = jnp.where(real, group_ids, num_groups)
+    r = jnp.where(real, r, 0.0)
+    count = jax.ops.segment_sum(real.astype(jnp.float32), gid, num_segments=num_groups + 1)
+    total = jax.ops.segment_sum(r, gid, num_segments=num_groups + 1)
     mean_g = total / jnp.maximum(count, 1.0)
-    sq = jax.ops.segment_sum((r - mean_g[group_ids]) ** 2, group_ids, num_segments=num_groups)
+    sq = jax.ops.segment_sum(jnp.where(real, (r - mean_g[gid]) ** 2, 0.0), gid, num_segments=num_groups + 1)
     std_g = jnp.sqrt(sq / jnp.maximum(count - 1.0, 1.0))
-    single = count[group_ids] <= 1
-    mean = jnp.where(single, 0.0, mean_g[group_ids])
-    std = jnp.where(single, 1.0, std_g[group_ids])
-    return GroupStats((r - mean) / (std + eps), mean, std, (~single) & (std_g[group_ids] == 0))
+    single = count[gid] <= 1
+    mean = jnp.where(single, 0.0, mean_g[gid])
+    std = jnp.where(single, 1.0, std_g[gid])
+    adv = jnp.where(real, (r - mean) / (std + eps), 0.0)
+    return GroupStats(adv, mean, std, real & (~single) & (std_g[gid] == 0))
 
 
 def overlong_penalty(response_len: jax.Array, max_response_length: int, buffer_len: int,

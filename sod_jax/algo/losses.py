@@ -17,6 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# A finite stand-in for +inf (about fp32's largest value) in masked max/min: an empty selection
+# gives a large finite number instead of inf, which JSON and plots handle.
+BIG = 3.4e38
+
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(jnp.float32)
@@ -71,7 +75,7 @@ def ppo_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Arr
         loss_tok = loss_tok * jnp.where(on, jax.lax.stop_gradient(is_weights), 1.0)
     loss = aggregate(loss_tok, mask, loss_agg)
     m = mask.astype(bool)
-    big = jnp.float32(3.4e38)
+    big = jnp.float32(BIG)
     metrics = {
         "pg_loss": loss,
         "clip_frac": masked_mean(took_clip, mask),
@@ -89,7 +93,7 @@ def ppo_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, mask: jax.Arr
 def advantage_stats(adv_tok: jax.Array, mask: jax.Array) -> dict:
     mean = masked_mean(adv_tok, mask)
     m = mask.astype(bool)
-    big = jnp.float32(3.4e38)
+    big = jnp.float32(BIG)
     return {"adv_mean": mean, "adv_std": jnp.sqrt(masked_mean((adv_tok - mean) ** 2, mask)),
             "adv_max": jnp.max(jnp.where(m, adv_tok, -big)), "adv_min": jnp.min(jnp.where(m, adv_tok, big))}
 
@@ -111,7 +115,7 @@ def step_weight_stats(step_weight: jax.Array, divergence: jax.Array, step_len: j
     w_k = jnp.sum(jnp.where(exists, step_weight, 0.0)[:, 1:K + 1], axis=0) / jnp.maximum(n_k, 1)
     d_k = jnp.sum(jnp.where(exists, divergence, 0.0)[:, 1:K + 1], axis=0) / jnp.maximum(n_k, 1)
     ex = exists.at[:, 0].set(False)
-    big = jnp.float32(3.4e38)
+    big = jnp.float32(BIG)
     return {"step_w_mean_by_k": w_k, "step_d_mean_by_k": d_k, "step_count_by_k": n_k,
            "d_mean": jnp.sum(jnp.where(ex, divergence, 0.0)) / jnp.maximum(jnp.sum(ex), 1),
            "d_max": jnp.max(jnp.where(ex, divergence, -big)),

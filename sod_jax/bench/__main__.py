@@ -6,8 +6,8 @@ speed over the baseline's (higher is better); for ``memory`` it is our bytes ove
 (lower is better).
 
 Benches:
-  sandbox  executions/s and p50/p99 latency of ``print(1)`` at concurrency 8: the isolated local
-           executor and the same behind ``sandbox serve`` over HTTP, against a bare subprocess.
+  sandbox  executions/s and p50/p99 latency of ``print(1)``: the warm executor against the cold one,
+           the cold one against a bare subprocess, and the server path at concurrency 8 and 32.
   rollout  generated tokens/s of the slot engine against transformers ``generate`` on the same
            random model, same prompts, same number of new tokens, greedy and
            sampled (top-p 0.9); default preset cpu-tiny (4 layers, d=128, V=512).
@@ -16,6 +16,8 @@ Benches:
            measured matmul peak. Preset: student 256/4 layers, teacher 384/6, vocab 4096, B=16, T=512.
   sod-weights  jitted segment-sum SOD step weights versus a per-token Python loop (the reference's
            approach) on B=64, T=8192 with ~8 steps per row.
+  rl-step  one whole RL step of the CPU demo's shape (rollouts with tool calls in the local sandbox,
+           rewards, the update) through the trainer, split into its parts (random cpu-tiny models).
   memory   compiled temporary memory of chunked sampled-token log-probs (value and gradient)
            versus the naive [T, V] log-softmax gather, at Qwen3's vocabulary; and of one layer's
            blocked causal attention (forward and backward) versus dense [T, T] scores.
@@ -26,9 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from sod_jax.bench import memory, rollout, sandbox, sod_weights, train_step
+from sod_jax.bench import memory, rl_step, rollout, sandbox, sod_weights, train_step
 
-BENCHES = (sandbox, rollout, train_step, sod_weights, memory)
+BENCHES = (sandbox, rollout, train_step, rl_step, sod_weights, memory)
 
 
 def main(argv: list[str] | None = None) -> None:

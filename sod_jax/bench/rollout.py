@@ -7,6 +7,30 @@ import argparse
 from sod_jax.bench.timing import best_time_pair
 
 
+def decode_flops_per_token(cfg, mean_len: float) -> float:
+    """Forward FLOPs of one decoded token: 2 x the matmul weights (layers and the lm head; the
+    embedding lookup is a gather) plus attention over ``mean_len`` cached positions
+    (q.k and p.v: 4 x heads x head_dim per position per layer)."""
+    D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per_layer = D * H * (N + 2 * K) + N * H * D + 3 * D * F
+    return 2.0 * (L * per_layer + D * V) + 4.0 * L * N * H * mean_len
+
+
+def matmul_peak_flops(dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a square ``n x n`` matmul in ``dtype`` on the default device, measured now (the
+    machine's attainable matmul rate under its current load)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sod_jax.bench.timing import best_time
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return 2.0 * n**3 / best_time(lambda: f(a).block_until_ready(), repeats)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import tempfile
 
@@ -50,10 +74,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         engine.generate(reqs)  # compile every bucket and the decode call
         run_hf()
         t_ours, t_hf = best_time_pair(lambda: engine.generate(reqs), run_hf, args.repeats)
+        peak = matmul_peak_flops(model.config.dtype)
         total = len(prompts) * N
+        mean_len = float(np.mean([len(p) for p in prompts])) + N / 2  # live length averaged over decoding
+        bound = decode_flops_per_token(cfg, mean_len) * total / t_ours / peak
         rows.append({"bench": "rollout", "mode": mode, "prompts": len(prompts), "new_tokens": N,
                      "slots": args.slots, "ours": round(total / t_ours, 1), "baseline": round(total / t_hf, 1),
                      "ratio": round(t_hf / t_ours, 2), "unit": "generated tokens/s",
+                     "bound_fraction": round(bound, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
                      "baseline_impl": f"transformers {__import__('transformers').__version__} generate (torch "
                                       f"{torch.__version__}, sdpa, batch of {len(prompts)})",
                      "device": jax.devices()[0].platform})

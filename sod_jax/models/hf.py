@@ -2,12 +2,14 @@
 
 Loading reads ``config.json`` and ``model.safetensors`` (or the shards listed in
 ``model.safetensors.index.json``) and builds every parameter with
-``jax.make_array_from_callback``: each device's shard is cut from the memory-mapped tensors of the
-layers it covers, so the host never holds more than one HF tensor (plus one device shard) at a
-time and never a second copy of the model.
+``jax.make_array_from_callback``: each device's shard is filled layer by layer with
+``safe_open(...).get_slice(name)[rows, cols]`` reads of exactly the part of that layer's tensor the
+device holds, so the host holds one device shard plus one layer's slice at a time, never a whole
+stacked weight and never a second copy of the model.
 
-Saving writes ``config.json``, ``generation_config.json`` and safetensors (sharded above
-``max_shard_bytes`` with an index) that ``transformers`` loads directly.
+Saving writes ``config.json``, safetensors (sharded above ``max_shard_bytes`` with an index) that
+``transformers`` loads directly, and ``generation_config.json``: the source checkpoint's file when
+one is given, else only the token ids we know.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -65,22 +67,8 @@ def _hf_shape(name: str, cfg: Qwen3Config) -> tuple[int, ...]:
             "gate": (F, D), "up": (F, D), "down": (D, F)}[name]
 
 
-def _from_hf(name: str, t: np.ndarray, cfg: Qwen3Config) -> np.ndarray:
-    """One layer's HF tensor -> our layout (without the layers axis)."""
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    if name == "q":
-        return t.reshape(N, H, -1).transpose(2, 0, 1)  # [D, N, H]
-    if name in ("k", "v"):
-        return t.reshape(K, H, -1).transpose(2, 0, 1)  # [D, K, H]
-    if name == "o":
-        return t.reshape(-1, N, H).transpose(1, 2, 0)  # [N, H, D]
-    if name in ("gate", "up", "down"):
-        return t.T
-    return t
-
-
 def _to_hf(name: str, t: np.ndarray) -> np.ndarray:
-    """One layer of our weight -> HF layout (inverse of :func:`_from_hf`)."""
+    """One layer of our weight -> HF layout (the inverse of :func:`_layer_slice` on a whole layer)."""
     if name in ("q", "k", "v"):
         D = t.shape[0]
         return t.transpose(1, 2, 0).reshape(-1, D)
@@ -200,8 +188,9 @@ class _TensorIndex:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
 
-    def read(self, name: str) -> np.ndarray:
-        return self.handles[self.where[name]].get_tensor(name)
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """``tensor[index]`` (basic slices) read from the file without loading the rest."""
+        return self.handles[self.where[name]].get_slice(name)[index]
 
 
 def _expected_tensors(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -280,18 +269,59 @@ def read_config(path: Union[str, os.PathLike], **runtime: Any) -> Qwen3Config:
 # ---------------------------------------------------------------------------------------------
 
 
+def np_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of a dtype name (``"bfloat16"``, ...) or jnp dtype: the one mapping used for
+    loading and saving (bfloat16 is ``ml_dtypes.bfloat16``)."""
+    return np.dtype(as_dtype(dtype))
+
+
+def _bounds(sl: slice, n: int) -> tuple[int, int]:
+    start, stop, step = sl.indices(n)
+    if step != 1:
+        raise ValueError(f"strided shard index {sl} is not supported")
+    return start, stop
+
+
+def _layer_slice(idx: _TensorIndex, ours: str, layer: int, sl: tuple, cfg: Qwen3Config) -> np.ndarray:
+    """The part ``sl`` (slices of our per-layer layout) of one layer's weight ``ours``, read from
+    the HF tensor with one ``get_slice`` read of the rows/columns it covers."""
+    name = f"model.layers.{layer}.{_LAYER_HF[ours]}"
+    H = cfg.head_dim
+    if ours in ("q", "k", "v"):  # HF [heads*H, D] -> ours [D, heads, H]
+        heads = cfg.num_attention_heads if ours == "q" else cfg.num_key_value_heads
+        d, n, h = sl
+        n0, n1 = _bounds(n, heads)
+        block = idx.read(name, (slice(n0 * H, n1 * H), d))
+        return block.reshape(n1 - n0, H, -1).transpose(2, 0, 1)[:, :, h]
+    if ours == "o":  # HF [D, N*H] -> ours [N, H, D]
+        n, h, d = sl
+        n0, n1 = _bounds(n, cfg.num_attention_heads)
+        block = idx.read(name, (d, slice(n0 * H, n1 * H)))
+        return block.reshape(block.shape[0], n1 - n0, H).transpose(1, 2, 0)[:, h, :]
+    if ours in ("gate", "up", "down"):  # HF Linear [out, in] -> ours [in, out]
+        return idx.read(name, (sl[1], sl[0])).T
+    return idx.read(name, sl)  # norms
+
+
 def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype: Any,
-           read_rows: Callable[[slice], np.ndarray], stacked: bool) -> jax.Array:
-    """Build a global array shard by shard. ``read_rows(layer_slice)`` returns our-layout host data
-    for those layers (``stacked``) or the whole tensor (not stacked)."""
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == jax.numpy.bfloat16 else np.dtype(dtype)
+           read: Callable[[tuple], np.ndarray], stacked: bool) -> jax.Array:
+    """Build a global array shard by shard. ``read(index)`` returns our-layout host data for a tuple
+    of slices: for ``stacked`` weights one layer's part (index = (layer, slices...)), else the part
+    of the whole tensor."""
+    dt = np_dtype(dtype)
 
     def callback(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        if stacked:
-            block = read_rows(index[0])
-            return np.ascontiguousarray(block[(slice(None),) + index[1:]].astype(np_dtype))
-        return np.ascontiguousarray(read_rows(slice(None))[index].astype(np_dtype))
+        if not stacked:
+            return np.ascontiguousarray(read(index).astype(dt))
+        layers = range(shape[0])[index[0]]
+        out = None
+        for j, layer in enumerate(layers):  # one layer's slice on the host at a time
+            part = read((layer,) + index[1:])
+            if out is None:
+                out = np.empty((len(layers),) + part.shape, dt)
+            out[j] = part
+        return out
 
     return jax.make_array_from_callback(shape, sharding, callback)
 
@@ -324,30 +354,24 @@ def load_pretrained(
     else:
         shardings = parallel.param_shardings(state, mesh, rules)
 
-    def reader(path_keys: tuple) -> tuple[Callable[[slice], np.ndarray], bool]:
+    def reader(path_keys: tuple) -> tuple[Callable[[tuple], np.ndarray], bool]:
         if path_keys[0] == "layers":
             ours = path_keys[1]
-            hf = _LAYER_HF[ours]
-
-            def rows(sl: slice) -> np.ndarray:
-                layers = range(cfg.num_hidden_layers)[sl]
-                return np.stack([_from_hf(ours, idx.read(f"model.layers.{i}.{hf}"), cfg) for i in layers])
-
-            return rows, True
+            return (lambda index: _layer_slice(idx, ours, index[0], index[1:], cfg)), True
         if path_keys[0] == "embed":
-            return lambda _: idx.read("model.embed_tokens.weight"), False
+            return (lambda index: idx.read("model.embed_tokens.weight", index)), False
         if path_keys[0] == "final_norm":
-            return lambda _: idx.read("model.norm.weight"), False
-        if path_keys[0] == "lm_head":
-            return lambda _: idx.read("lm_head.weight").T, False
+            return (lambda index: idx.read("model.norm.weight", index)), False
+        if path_keys[0] == "lm_head":  # HF [V, D] -> ours [D, V]
+            return (lambda index: idx.read("lm_head.weight", (index[1], index[0])).T), False
         raise CheckpointError(f"no HF tensor maps to parameter {'.'.join(map(str, path_keys))}")
 
     flat_shardings = dict(nnx.to_flat_state(shardings))
     for keys, var in nnx.to_flat_state(state):
-        read_rows, stacked = reader(tuple(str(k) for k in keys))
+        read, stacked = reader(tuple(str(k) for k in keys))
         sharding = flat_shardings[keys]
         sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        var.set_value(_place(var.shape, sharding, target_dtype, read_rows, stacked))
+        var.set_value(_place(var.shape, sharding, target_dtype, read, stacked))
     return nnx.merge(graphdef, state)
 
 
@@ -364,26 +388,28 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _hf_tensors(model: Qwen3, np_dtype: np.dtype):
+def _hf_tensors(model: Qwen3, dt: np.dtype):
     """Yield (HF name, host array) one tensor at a time."""
     cfg = model.config
-    yield "model.embed_tokens.weight", _to_host(model.embed[...]).astype(np_dtype)
+    yield "model.embed_tokens.weight", _to_host(model.embed[...]).astype(dt)
     for ours, theirs in _LAYER_HF.items():
         stacked = getattr(model.layers, ours)[...]
         for i in range(cfg.num_hidden_layers):
-            yield f"model.layers.{i}.{theirs}", np.ascontiguousarray(_to_hf(ours, _to_host(stacked[i])).astype(np_dtype))
-    yield "model.norm.weight", _to_host(model.final_norm[...]).astype(np_dtype)
+            yield f"model.layers.{i}.{theirs}", np.ascontiguousarray(_to_hf(ours, _to_host(stacked[i])).astype(dt))
+    yield "model.norm.weight", _to_host(model.final_norm[...]).astype(dt)
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(_to_host(model.lm_head[...]).T.astype(np_dtype))
+        yield "lm_head.weight", np.ascontiguousarray(_to_host(model.lm_head[...]).T.astype(dt))
 
 
 def save_pretrained(model: Qwen3, path: Union[str, os.PathLike], dtype: Optional[str] = None,
-                    max_shard_bytes: int = 4 * 1024**3) -> Path:
+                    max_shard_bytes: int = 4 * 1024**3, source: Union[str, os.PathLike, None] = None) -> Path:
     """Write an HF checkpoint directory ``transformers`` loads. ``dtype`` defaults to the param dtype.
+    ``source``: the checkpoint the model came from; its ``generation_config.json`` (sampling
+    defaults) is copied, else one holding only the bos/eos ids is written.
     Tensors are gathered to the host one at a time; files are written by process 0 only."""
     cfg = model.config
     dtype = dtype or cfg.param_dtype
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    out_dtype = np_dtype(dtype)
     root = Path(path)
     is_writer = jax.process_index() == 0
     if is_writer:
@@ -401,7 +427,7 @@ def save_pretrained(model: Qwen3, path: Union[str, os.PathLike], dtype: Optional
             written.append((tmp, list(shard)))
         shard, size = {}, 0
 
-    for name, arr in _hf_tensors(model, np_dtype):
+    for name, arr in _hf_tensors(model, out_dtype):
         if size and size + arr.nbytes > max_shard_bytes:
             flush()
         shard[name] = arr
@@ -422,7 +448,12 @@ def save_pretrained(model: Qwen3, path: Union[str, os.PathLike], dtype: Optional
             (root / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (root / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
-               "temperature": 0.6, "top_p": 0.95, "top_k": 20}
-        (root / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        src_gen = None if source is None else Path(source) / "generation_config.json"
+        if src_gen is not None and src_gen.is_file():
+            if src_gen.resolve() != (root / "generation_config.json").resolve():
+                shutil.copyfile(src_gen, root / "generation_config.json")
+        else:
+            gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id))
+                   if v is not None}
+            (root / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return root

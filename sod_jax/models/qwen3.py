@@ -9,7 +9,9 @@ checkpoint layout does not depend on that choice. Every parameter carries ``logi
 metadata; :mod:`sod_jax.parallel` maps those names to mesh axes.
 
 The math lives in pure functions of plain arrays (``rms_norm``, ``apply_rope``, ``attention``,
-``decoder_layer``) so it is easy to test and reuse (e.g. by the rollout engine's cached decode).
+``decoder_layer``) and ONE forward, :func:`forward`, that training, the teacher and the rollout
+engine (prefill, decode, cache extension: a :class:`KVCache` plus a :class:`CacheWrite`) all run.
+Each block runs under a ``jax.named_scope`` so profiles name it.
 Shapes use B batch, T query length, S key length, D hidden, N query heads, K kv heads,
 G = N // K, H head_dim, F mlp width, V vocab, L layers.
 """
@@ -168,15 +170,74 @@ class SelfMask(NamedTuple):
     block: int
 
 
-def decoder_layer(cfg: Qwen3Config, p: dict, x: jax.Array, cos, sin, mask) -> jax.Array:
-    """One full-sequence decoder layer (no cache): ``x [B, T, D]`` -> ``[B, T, D]``. ``mask`` is a
-    dense ``[B, T, T]`` mask or a :class:`SelfMask` (blocked attention)."""
-    q, k, v = layer_qkv(cfg, p, x, cos, sin)
-    if isinstance(mask, SelfMask):
-        attn = blocked_attention(q, k, v, mask.valid, mask.segment_ids, mask.block)
-    else:
-        attn = attention(q, k, v, mask)
-    return layer_out(cfg, p, x, attn)
+class KVCache(NamedTuple):
+    """Per-layer KV cache buffers (one buffer per layer, so a decode step updates each in place).
+    S = cache rows, C = positions each row holds."""
+
+    k: tuple  # per layer [S, K, H, C]: positions last, so q.k^T is a plain matmul per head
+    v: tuple  # per layer [S, K, C, H]: heads before positions, so p.v reads it in place
+
+
+class CacheWrite(NamedTuple):
+    """Where the T tokens of a cached forward go: batch row b is cache row ``rows[b]`` (all rows in
+    order when None), its token t lands at position ``start[b] + t`` and attends to positions
+    ``<= start[b] + t`` of that row. Tokens with ``write`` False (padding, inactive slots) are not
+    stored; out-of-range ``rows`` (batch padding) are dropped."""
+
+    rows: Optional[jax.Array]  # [B] int32 or None
+    start: jax.Array  # [B] int32 tokens already in the row
+    write: jax.Array  # [B, T] bool
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA attention against cache rows. q ``[B, T, N, H]``, k ``[B, K, H, C]``, v ``[B, K, C, H]``,
+    mask ``[B, T, C]`` -> ``[B, T, N, H]``. Same math as :func:`attention`, laid out so the cache
+    is read in place (no transpose of the C axis)."""
+    B, T, N, H = q.shape
+    K, C = k.shape[1], k.shape[3]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("bkqh,bkhc->bkqc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (H**-0.5)
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, C), jnp.float32(-1e30))
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, G * T, C)
+    out = jnp.einsum("bkqc,bkch->bkqh", probs, v.astype(q.dtype))
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
+    """Write this call's k/v ``[B, T, K, H]`` into the cache rows, then attend over them.
+    Returns (attention output ``[B, T, N, H]``, updated k buffer, updated v buffer)."""
+    B, T = q.shape[:2]
+    C = cv.shape[2]
+    idx = w.start[:, None] + jnp.arange(T)[None]  # [B, T] cache position of each token
+    at = jnp.where(w.write, idx, C)  # out of range: dropped
+    rows = (jnp.arange(B) if w.rows is None else w.rows)[:, None]  # [B, 1]
+    ck = ck.at[rows, :, :, at].set(k.astype(ck.dtype), mode="drop")
+    cv = cv.at[rows, :, at].set(v.astype(cv.dtype), mode="drop")
+    kr, vr = (ck, cv) if w.rows is None else (ck[w.rows], cv[w.rows])  # [B, K, H, C], [B, K, C, H]
+    mask = jnp.arange(C)[None, None, :] <= idx[:, :, None]  # [B, T, C]
+    return cache_attention(q, kr, vr, mask), ck, cv
+
+
+def decoder_layer(cfg: Qwen3Config, p: dict, x: jax.Array, cos, sin, mask, kv=None, write=None):
+    """One decoder layer. ``x [B, T, D]`` -> (``[B, T, D]``, updated ``(k, v)`` cache buffers or None).
+
+    Without a cache ``mask`` is a dense ``[B, T, T]`` mask or a :class:`SelfMask` (blocked
+    attention). With ``kv`` = this layer's ``(k, v)`` buffers the tokens are written at ``write``
+    and attend over the cache. ``p`` may hold the stored dtype: it is cast here, one layer at a time."""
+    dt = as_dtype(cfg.dtype)
+    p = {name: a.astype(dt) for name, a in p.items()}  # a no-op when stored in the compute dtype
+    with jax.named_scope("attention"):
+        q, k, v = layer_qkv(cfg, p, x, cos, sin)
+        if kv is not None:
+            attn, ck, cv = _cached_attention(q, k, v, kv[0], kv[1], write)
+            kv = (ck, cv)
+        elif isinstance(mask, SelfMask):
+            attn = blocked_attention(q, k, v, mask.valid, mask.segment_ids, mask.block)
+        else:
+            attn = attention(q, k, v, mask)
+    with jax.named_scope("mlp"):
+        return layer_out(cfg, p, x, attn), kv
 
 
 _REMAT = {
@@ -185,20 +246,70 @@ _REMAT = {
 }
 
 
-def run_layers(cfg: Qwen3Config, layers: dict, x: jax.Array, cos, sin, mask) -> jax.Array:
-    """Apply all L layers (stacked weights ``[L, ...]``) by scan or unrolled loop, with remat."""
+def run_layers(cfg: Qwen3Config, layers, x: jax.Array, cos, sin, mask=None,
+               cache: Optional[KVCache] = None, write: Optional[CacheWrite] = None):
+    """Apply all L layers. ``layers``: stacked weights ``{name: [L, ...]}`` (lax.scan when
+    ``cfg.scan_layers`` and no cache, else an unrolled loop slicing layer i) or a list of L per-layer
+    dicts (an unrolled loop; the rollout engine's sampling layout). With a ``cache`` every layer
+    reads and writes its own buffers (always unrolled). Returns (x ``[B, T, D]``, cache or None)."""
 
     def body(h, p):
-        return decoder_layer(cfg, p, h, cos, sin, mask), None
+        return decoder_layer(cfg, p, h, cos, sin, mask)[0], None
 
-    if cfg.remat != "none":
+    if cfg.remat != "none" and cache is None:
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
-    if cfg.scan_layers:
+    per_layer = isinstance(layers, (list, tuple))
+    if cache is None and cfg.scan_layers and not per_layer:
         x, _ = jax.lax.scan(body, x, layers)
-        return x
+        return x, None
+    k_out, v_out = [], []
     for i in range(cfg.num_hidden_layers):
-        x, _ = body(x, jax.tree.map(lambda a: a[i], layers))
-    return x
+        p = layers[i] if per_layer else jax.tree.map(lambda a: a[i], layers)
+        with jax.named_scope(f"layer_{i}"):
+            if cache is None:
+                x, _ = body(x, p)
+                continue
+            x, (ck, cv) = decoder_layer(cfg, p, x, cos, sin, None, (cache.k[i], cache.v[i]), write)
+        k_out.append(ck)
+        v_out.append(cv)
+    return x, (KVCache(tuple(k_out), tuple(v_out)) if cache is not None else None)
+
+
+def embed_lookup(cfg: Qwen3Config, embed: jax.Array, ids: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, T, D]`` in the compute dtype (only the gathered rows are cast)."""
+    x = jnp.take(embed, ids, axis=0).astype(as_dtype(cfg.dtype))
+    return constrain(x, ("batch", None, None))
+
+
+def forward(
+    cfg: Qwen3Config,
+    weights: dict,  # {"embed": [V, D], "layers": stacked dict or list of per-layer dicts, "final_norm": [D], ...}
+    input_ids: jax.Array,  # [B, T] int
+    positions: jax.Array,  # [B, T] int (RoPE positions)
+    mask=None,  # without a cache: dense [B, T, T] bool or SelfMask
+    cache: Optional[KVCache] = None,
+    write: Optional[CacheWrite] = None,
+) -> tuple[jax.Array, Optional[KVCache]]:
+    """THE Qwen3 forward, used by training, the teacher, and the rollout engine's prefill, decode and
+    cache extension. Returns final-normed hidden states ``[B, T, D]`` (the lm head's input) and the
+    updated cache (None without one). Weights may be stored in any dtype: each layer is cast to the
+    compute dtype inside the layer loop, never as a full copy of the stack."""
+    with jax.named_scope("embed"):
+        x = embed_lookup(cfg, weights["embed"], input_ids)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    x, cache = run_layers(cfg, weights["layers"], x, cos, sin, mask, cache, write)
+    with jax.named_scope("final_norm"):
+        return rms_norm(x, weights["final_norm"], cfg.rms_norm_eps), cache
+
+
+def lm_logits(cfg: Qwen3Config, weights: dict, h: jax.Array) -> jax.Array:
+    """Output projection of final-normed ``h [..., D]`` -> fp32 logits ``[..., V]``. A tied head
+    contracts with the embedding ``[V, D]`` directly (no transposed copy)."""
+    with jax.named_scope("lm_head"):
+        dt = as_dtype(cfg.dtype)
+        if "lm_head" in weights:
+            return jnp.einsum("...d,dv->...v", h, weights["lm_head"].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,vd->...v", h, weights["embed"].astype(dt), preferred_element_type=jnp.float32)
 
 
 def default_positions(
@@ -261,8 +372,10 @@ class Qwen3Layers(nnx.Module):
                 value = init(rngs.params(), shape, pd)
             setattr(self, name, nnx.Param(value, logical_axes=LAYER_AXES[name]))
 
-    def arrays(self, dtype) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...].astype(dtype) for name in LAYER_AXES}
+    def arrays(self, dtype=None) -> dict[str, jax.Array]:
+        """The stacked weights ``{name: [L, ...]}`` (as stored, or cast to ``dtype``)."""
+        return {name: getattr(self, name)[...] if dtype is None else getattr(self, name)[...].astype(dtype)
+                for name in LAYER_AXES}
 
 
 class Qwen3(nnx.Module):
@@ -290,8 +403,14 @@ class Qwen3(nnx.Module):
         return w.astype(dt)
 
     def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(as_dtype(self.config.dtype))
-        return constrain(x, ("batch", None, None))
+        return embed_lookup(self.config, self.embed[...], input_ids)
+
+    def weights(self) -> dict:
+        """The plain-array weights :func:`forward` reads, as stored (no cast, no copy)."""
+        w = {"embed": self.embed[...], "layers": self.layers.arrays(), "final_norm": self.final_norm[...]}
+        if not self.config.tie_word_embeddings:
+            w["lm_head"] = self.lm_head[...]
+        return w
 
     def hidden_states(
         self,
@@ -310,10 +429,7 @@ class Qwen3(nnx.Module):
             mask = SelfMask(valid, segment_ids, cfg.attention_block)  # O(T x block) memory
         else:
             mask = attention_mask_from(jnp.broadcast_to(jnp.arange(T)[None], (B, T)), valid, segment_ids)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.embed_tokens(input_ids)
-        x = run_layers(cfg, self.layers.arrays(as_dtype(cfg.dtype)), x, cos, sin, mask)
-        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return forward(cfg, self.weights(), input_ids, positions, mask)[0]
 
     def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
         """Logits ``[B, T, V]`` in fp32. For training use :func:`sod_jax.models.logprobs.token_logprobs`

@@ -25,6 +25,7 @@ observation so the model can recover.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
@@ -36,6 +37,9 @@ from sod_jax.rollout.engine import Engine
 from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.rollout.tools import call_problem, prepare_code, reference_call, tool_text
 from sod_jax.sandbox.protocol import Sandbox, run_request
+
+from sod_jax.rollout.engine import EngineError  # noqa: E402 - kept apart from the imports above
+from sod_jax.rollout.scheduler import SlotScheduler, StartItem
 
 
 @dataclass
@@ -97,7 +101,11 @@ class AgentRequest:
 
 
 class TurnPolicy(Protocol):
-    """Generation as the agent needs it. Handles are opaque; at most ``capacity`` live at once."""
+    """Generation as the agent needs it. Handles are opaque; at most ``capacity`` live at once.
+
+    Optional batched forms (used when present): ``start_many([(prompt_ids, n, seed, budget), ...])``
+    returning per item a list of handles or an :class:`EngineError`, and ``extend([(handle, token_ids,
+    budget), ...])`` returning ``{handle: EngineError}`` for the items it could not serve."""
 
     capacity: int
 
@@ -116,61 +124,66 @@ class TurnPolicy(Protocol):
 
 
 class EnginePolicy:
-    """:class:`TurnPolicy` over the slot engine."""
+    """:class:`TurnPolicy` over the slot engine, through the shared
+    :class:`~sod_jax.rollout.scheduler.SlotScheduler`: prompts admitted together share prefill calls,
+    tool responses that arrived together share extension calls, and each :meth:`advance` dispatches
+    the next decode call before reading the previous one back."""
 
     def __init__(self, engine: Engine, sampling: SamplingParams):
         self.engine, self.sampling = engine, sampling
+        self.sched = SlotScheduler(engine)
         self.capacity = engine.num_slots
-        self.free = list(range(engine.num_slots))
-        self._first: list = []  # (slots, device outputs) of inserts/extends not yet reported
-        self._active: set[int] = set()
         self._stop = engine.stop_set
 
+    def start_many(self, items: Sequence[tuple[list[int], int, int, int]]) -> list:
+        """``[(prompt_ids, n, seed, budget), ...]`` -> per item its handles, or the EngineError that
+        keeps it from starting (the other items start)."""
+        out, starts = [], []
+        for prompt_ids, n, seed, budget in items:
+            err = self.engine.check_prompt(len(prompt_ids))
+            if err is None and n > self.sched.num_free:
+                err = EngineError(f"n={n} samples but {self.sched.num_free} free decode slots")
+            if err is None and budget < 1:
+                err = EngineError(f"token budget {budget} < 1")
+            if err is not None:
+                out.append(err)
+                continue
+            slots = self.sched.acquire(n)
+            starts.append(StartItem(prompt_ids, slots, self.sampling, seed,
+                                    min(budget, self.engine.max_len - len(prompt_ids))))
+            out.append(slots)
+        if starts:
+            self.sched.start(starts)
+        return out
+
     def start(self, prompt_ids, n, seed, budget):
-        slots = [self.free.pop(0) for _ in range(n)]
-        prefix = self.engine.prefill(prompt_ids)
-        out = self.engine.insert(prefix, slots, [self.sampling] * n, [seed] * n, list(range(n)), [budget] * n)
-        self._first.append((slots, out))
-        self._active.update(slots)
-        return slots
+        (res,) = self.start_many([(prompt_ids, n, seed, budget)])
+        if isinstance(res, EngineError):
+            raise res
+        return res
+
+    def extend(self, items: Sequence[tuple[int, list[int], int]]) -> dict[int, EngineError]:
+        """``[(handle, token_ids, budget), ...]``: all in one device call per tool-text bucket."""
+        return self.sched.extend(items)
 
     def append(self, handle, token_ids, budget):
-        tok, lp, active = self.engine.extend(handle, token_ids, budget)
-        self._first.append(([handle], ([tok], [lp], [active])))
-        self._active.add(handle)
+        errors = self.extend([(handle, token_ids, budget)])
+        if errors:
+            raise errors[handle]
 
     def release(self, handle):
-        self._active.discard(handle)
-        self.engine.release(handle)
-        self.free.append(handle)
+        self.sched.release(handle)
 
     def busy(self) -> bool:
-        return bool(self._active) or bool(self._first)
+        return self.sched.busy()
 
     async def advance(self):
-        events: dict[int, list] = {}
-        first, self._first = self._first, []
-        step = self.engine.step_async() if self._active else None
-        fetched = await asyncio.get_running_loop().run_in_executor(None, jax.device_get, (first, step))
-        for slots, (tok, lp, active) in fetched[0]:
-            for j, s in enumerate(slots):
-                ev = events.setdefault(s, [[], [], True])
-                ev[0].append(int(tok[j]))
-                ev[1].append(float(lp[j]))
-                ev[2] = bool(active[j])
-        if fetched[1] is not None:
-            tok, lp, emitted, active = fetched[1]
-            for s in list(self._active):
-                ev = events.setdefault(s, [[], [], True])
-                sel = emitted[:, s]
-                ev[0].extend(int(t) for t in tok[sel, s])
-                ev[1].extend(float(x) for x in lp[sel, s])
-                ev[2] = bool(active[s])
+        entries = self.sched.dispatch()
+        fetched = await asyncio.get_running_loop().run_in_executor(None, jax.device_get, [e.out for e in entries])
         out = {}
-        for s, (toks, lps, still) in events.items():
+        for s, (toks, lps, ended) in self.sched.harvest(entries, fetched).items():
             reason = None
-            if not still:
-                self._active.discard(s)
+            if ended:
                 reason = "stop" if toks and toks[-1] in self._stop else "length"
             out[s] = (toks, lps, reason)
         return out
@@ -182,6 +195,11 @@ class _Live:
     def __init__(self, traj: Trajectory, handle: Any, key: tuple[int, int]):
         self.traj, self.handle, self.key = traj, handle, key
         self.turn_start = 0
+
+
+# The running :meth:`Agent.run`'s bound on concurrent sandbox calls. A context variable, not an
+# attribute: every run (and the tool tasks it spawns) sees its own, so concurrent runs are safe.
+_TOOL_SEM: contextvars.ContextVar[asyncio.Semaphore] = contextvars.ContextVar("sod_jax_agent_tool_sem")
 
 
 class Agent:
@@ -200,7 +218,7 @@ class Agent:
     # -- one finished turn ------------------------------------------------------------------------
 
     async def _run_call(self, code: str) -> dict:
-        async with self._tool_sem:
+        async with _TOOL_SEM.get():
             return await self.sandbox.run(run_request(code, run_timeout=self.cfg.run_timeout,
                                                       memory_limit_mb=self.cfg.memory_limit_mb))
 
@@ -276,9 +294,12 @@ class Agent:
     # -- the loop -----------------------------------------------------------------------------------
 
     async def run(self, policy: TurnPolicy, requests: Sequence[AgentRequest]) -> list[Trajectory]:
-        """All trajectories of all requests (``n`` each), in request order."""
+        """All trajectories of all requests (``n`` each), in request order. Keeps no state on the
+        agent: concurrent runs (on different policies) are safe. An :class:`EngineError` for one
+        trajectory (a prompt or tool response that does not fit its slot) ends only that trajectory,
+        with ``finish_reason="engine_error"``."""
         cfg = self.cfg
-        self._tool_sem = asyncio.Semaphore(cfg.max_concurrent_tools)
+        _TOOL_SEM.set(asyncio.Semaphore(cfg.max_concurrent_tools))  # this task's context only
         queue = list(range(len(requests)))
         prompts = {i: self.prompt_ids(r.messages) for i, r in enumerate(requests)}
         for i, r in enumerate(requests):
@@ -288,6 +309,8 @@ class Agent:
         done: dict[tuple[int, int], Trajectory] = {}
         tools: dict[asyncio.Task, _Live] = {}
         used = 0
+        start_many = getattr(policy, "start_many", None)
+        extend = getattr(policy, "extend", None)
 
         def finish(lv: _Live) -> None:
             nonlocal used
@@ -298,14 +321,57 @@ class Agent:
             policy.release(lv.handle)
             used -= 1
 
-        while queue or live:
-            while queue and used + requests[queue[0]].n <= policy.capacity:
-                ri = queue.pop(0)
+        def start_failed(ri: int) -> None:
+            r = requests[ri]
+            for i in range(r.n):
+                done[(ri, i)] = Trajectory(list(prompts[ri]), request_id=r.id, sample_index=i,
+                                           finish_reason="engine_error")
+
+        def start(batch: list[int]) -> None:
+            nonlocal used
+            items = [(prompts[ri], requests[ri].n, requests[ri].seed, cfg.max_response_tokens) for ri in batch]
+            if start_many is not None:
+                results = start_many(items)
+            else:
+                results = []
+                for it in items:
+                    try:
+                        results.append(policy.start(*it))
+                    except EngineError as e:
+                        results.append(e)
+            for ri, handles in zip(batch, results):
+                if isinstance(handles, EngineError):
+                    start_failed(ri)
+                    continue
                 r = requests[ri]
-                handles = policy.start(prompts[ri], r.n, r.seed, cfg.max_response_tokens)
                 used += r.n
                 for i, h in enumerate(handles):
                     live[h] = _Live(Trajectory(list(prompts[ri]), request_id=r.id, sample_index=i), h, (ri, i))
+
+        def append(batch: list[tuple[_Live, list[int], int]]) -> None:
+            items = [(lv.handle, ids, room) for lv, ids, room in batch]
+            if extend is not None:
+                errors = extend(items)
+            else:
+                errors = {}
+                for h, ids, room in items:
+                    try:
+                        policy.append(h, ids, room)
+                    except EngineError as e:
+                        errors[h] = e
+            for lv, _, _ in batch:
+                if lv.handle in errors:
+                    lv.traj.finish_reason = "engine_error"
+                    finish(lv)
+
+        while queue or live:
+            batch, want = [], used
+            while queue and want + requests[queue[0]].n <= policy.capacity:
+                want += requests[queue[0]].n
+                batch.append(queue.pop(0))
+            if batch:
+                start(batch)
+                continue  # admit what the freed capacity allows (failed starts use none)
             if policy.busy():
                 events = await policy.advance()
             else:
@@ -328,6 +394,7 @@ class Agent:
                     continue
                 text = self.tok.decode(t.response_ids[lv.turn_start:])
                 tools[asyncio.ensure_future(self._observations(lv, text))] = lv
+            arrived = []  # every tool result that is in: extended together in one engine call per bucket
             for task in [tk for tk in tools if tk.done()]:
                 lv = tools.pop(task)
                 t = lv.traj
@@ -345,5 +412,7 @@ class Agent:
                 t.response_mask += [0] * len(ids)
                 t.logprobs += [0.0] * len(ids)
                 lv.turn_start = len(t.response_ids)
-                policy.append(lv.handle, ids, room)
+                arrived.append((lv, ids, room))
+            if arrived:
+                append(arrived)
         return [done[(ri, i)] for ri in range(len(requests)) for i in range(requests[ri].n)]

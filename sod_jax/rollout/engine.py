@@ -12,10 +12,16 @@ the positions that can be live, straight from the cache buffers, without slicing
 * :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call (a
   ``lax.while_loop`` that ends early once no slot is active); stop ids, per-slot token budgets and
   the cache capacity are checked on device, so the host syncs once per call, not per token.
-* :meth:`Engine.extend` appends tokens (a tool response) to a finished slot's cache row without
-  re-running its context and samples the next token: the multi-turn agent's fast path.
-* :meth:`Engine.generate` is the continuous-batching scheduler over whole requests: finished slots
+* :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
+  re-running their context and samples each one's next token, one device call per tool-text
+  bucket: the multi-turn agent's fast path.
+* :meth:`Engine.generate` runs whole requests through the continuous-batching
+  :class:`~sod_jax.rollout.scheduler.SlotScheduler` (the agent's scheduler too): finished slots
   are freed and refilled from the queue while the others keep decoding.
+
+Every device function runs the model's one forward (:func:`sod_jax.models.qwen3.forward`) with a
+:class:`~sod_jax.models.qwen3.KVCache`; this module owns only the cache layout, slot state and the
+host-side bookkeeping. The weights are the engine's own sampling copy (see :class:`Engine`).
 
 Every generated token comes with its log-prob under the raw policy (temperature 1, no filtering).
 The last token a slot generated is *pending*: it is not in the cache until the next decode step or
@@ -36,8 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sod_jax.models.qwen3 import Qwen3, Qwen3Config, as_dtype, layer_out, layer_qkv, rms_norm, rope_tables
-from sod_jax.models.qwen3 import attention as attend
+from sod_jax.models.qwen3 import CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
 
 log = logging.getLogger(__name__)
@@ -69,123 +74,61 @@ class SlotState(NamedTuple):
     greedy: jax.Array  # [S] bool
 
 
-def _lm_logits(model: Qwen3, h: jax.Array, head: Optional[jax.Array] = None) -> jax.Array:
-    """Final norm and output projection: ``h [..., D] -> [..., V]`` fp32 logits. ``head`` ``[D, V]``
-    may be passed in already materialised (the decode loop takes it once per call)."""
-    h = rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
-    return jnp.dot(h, model.lm_head_weight() if head is None else head, preferred_element_type=jnp.float32)
+def _last_logits(cfg: Qwen3Config, w: dict, h: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """Next-token logits ``[B, V]`` after each row's last real token of ``h [B, T, D]``."""
+    last = jnp.take_along_axis(h, (n_valid - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return lm_logits(cfg, w, last)
 
 
-def _chunk_forward(model: Qwen3, k_row: list, v_row: list, start, tokens, n_valid):
-    """Run ``tokens [C]`` (first ``n_valid`` real) at positions ``start..start+C`` against one slot's
-    cache (per layer k ``[K, H, cap]``, v ``[K, cap, H]``) holding ``start`` tokens; write their k/v
-    and return the slot's layers and the next-token logits ``[V]`` after the last real token."""
-    cfg = model.config
-    C, cap = tokens.shape[0], v_row[0].shape[1]
-    positions = (start + jnp.arange(C))[None]  # [1, C]
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    key_idx = jnp.arange(cap)[None, None, :]
-    mask = (key_idx <= positions[:, :, None]) & (key_idx < start + n_valid)  # [1, C, cap]
-    x = model.embed_tokens(tokens[None])
-    k_out, v_out = [], []
-    for p, k_l, v_l in zip(_layer_list(model), k_row, v_row):
-        q, k, v = layer_qkv(cfg, p, x, cos, sin)
-        k_l = jax.lax.dynamic_update_slice(k_l, k[0].transpose(1, 2, 0).astype(k_l.dtype), (0, 0, start))
-        v_l = jax.lax.dynamic_update_slice(v_l, v[0].transpose(1, 0, 2).astype(v_l.dtype), (0, start, 0))
-        kk = k_l.transpose(2, 0, 1)[None].astype(q.dtype)  # [1, cap, K, H]
-        vv = v_l.transpose(1, 0, 2)[None].astype(q.dtype)
-        x = layer_out(cfg, p, x, attend(q, kk, vv, mask))
-        k_out.append(k_l)
-        v_out.append(v_l)
-    last = jax.lax.dynamic_index_in_dim(x[0], n_valid - 1, axis=0, keepdims=False)
-    return k_out, v_out, _lm_logits(model, last[None])[0]
-
-
-def _prefill_rows(model: Qwen3, tokens: jax.Array, n_valid: jax.Array):
-    """Prefill G prompts at once. ``tokens [G, C]`` right-padded, ``n_valid [G]``. Returns their
-    k/v ``[L, G, C, K, H]`` and next-token logits ``[G, V]``."""
-    cfg = model.config
-    G, C = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(C)[None], (G, C))
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    idx = jnp.arange(C)
-    mask = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, None, :] < n_valid[:, None, None])  # [G, C, C]
-    x = model.embed_tokens(tokens)
-    layers = model.layers.arrays(as_dtype(cfg.dtype))
-
-    def body(x, p):
-        q, k, v = layer_qkv(cfg, p, x, cos, sin)
-        return layer_out(cfg, p, x, attend(q, k, v, mask)), (k, v)
-
-    x, (k, v) = jax.lax.scan(body, x, layers)  # k, v: [L, G, C, K, H]
-    last = jnp.take_along_axis(x, (n_valid - 1)[:, None, None], axis=1)[:, 0]  # [G, D]
-    return k, v, _lm_logits(model, last)
-
-
-def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """One query per slot against its cache row. q ``[S, 1, N, H]``, k ``[S, K, H, M]``, v ``[S, K, M, H]``,
-    mask ``[S, M]``.
-    Same math as :func:`sod_jax.models.qwen3.attention`, laid out so the cache is read in place."""
-    S, _, N, H = q.shape
-    K = k.shape[1]
-    qg = q.reshape(S, K, N // K, H)
-    scores = jnp.einsum("skgh,skhm->skgm", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (H**-0.5)
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.float32(-1e30))
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("skgm,skmh->skgh", probs, v).astype(q.dtype).reshape(S, 1, N, H)
-
-
-class DecodeWeights(NamedTuple):
-    """The weights one decode call reads, laid out for the token loop."""
-
-    layers: list[dict]  # per layer: its weights in the compute dtype
-    head: jax.Array  # [D, V] output projection (the tied embedding already transposed)
-
-
-def _decode_weights(model: Qwen3) -> DecodeWeights:
-    """Taken once per decode call, outside the token loop, so the loop neither re-slices, re-casts
-    nor re-transposes weights (the price: one transient copy of them per ``decode_steps`` tokens)."""
-    return DecodeWeights(_layer_list(model), model.lm_head_weight())
-
-
-def _layer_list(model: Qwen3) -> list[dict]:
-    """Each layer's weights, sliced from the stacked arrays and cast to the compute dtype."""
-    stacked = model.layers.arrays(as_dtype(model.config.dtype))
-    return [{name: a[i] for name, a in stacked.items()} for i in range(model.config.num_hidden_layers)]
-
-
-def _decode_one(model: Qwen3, w: DecodeWeights, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int):
-    """Feed every active slot's pending token, sample the next one. Returns new state and
-    (token [S], logprob [S], emitted [S]). The caller guarantees every active slot stays below the
-    cache capacity during the call; ``max_len`` is the slot length a sample may reach."""
-    cfg = model.config
-    S, cap = st.lengths.shape[0], st.v[0].shape[2]
+def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int):
+    """Feed every active slot's pending token (one cached :func:`forward` step), sample the next one.
+    Returns new state and (token [S], logprob [S], emitted [S]). The caller guarantees every active
+    slot stays below the cache capacity during the call; ``max_len`` is the slot length a sample may
+    reach."""
     pos = st.lengths  # where the pending token goes
-    cos, sin = rope_tables(pos[:, None], cfg.head_dim, cfg.rope_theta)
-    mask = jnp.arange(cap)[None, :] <= pos[:, None]  # [S, cap]
-    write_at = jnp.where(st.active, pos, cap)  # out of range: dropped (inactive slots write nothing)
-    x = model.embed_tokens(st.next_token[:, None])  # [S, 1, D]
-    rows = jnp.arange(S)
-    k_all, v_all = list(st.k), list(st.v)
-    # A static loop over layers: weights arrive sliced per layer (once per call) and each layer's
-    # cache is its own buffer, read by the attention matmuls in place.
-    for i, p in enumerate(w.layers):
-        q, k, v = layer_qkv(cfg, p, x, cos, sin)
-        k_all[i] = k_all[i].at[rows, :, :, write_at].set(k[:, 0].astype(k_all[i].dtype), mode="drop")
-        v_all[i] = v_all[i].at[rows, :, write_at].set(v[:, 0].astype(v_all[i].dtype), mode="drop")
-        x = layer_out(cfg, p, x, _decode_attention(q, k_all[i], v_all[i], mask))
-    logits = _lm_logits(model, x[:, 0], w.head)
-    keys = token_keys(st.base_keys, st.counters)
-    tok, lp = sample(logits, keys, st.temperature, st.top_k, st.top_p, st.greedy, mode)
     act = st.active
+    h, cache = forward(cfg, w, st.next_token[:, None], pos[:, None], cache=KVCache(st.k, st.v),
+                       write=CacheWrite(None, pos, act[:, None]))
+    logits = lm_logits(cfg, w, h[:, 0])
+    with jax.named_scope("sample"):
+        tok, lp = sample(logits, token_keys(st.base_keys, st.counters), st.temperature, st.top_k, st.top_p,
+                         st.greedy, mode)
     lengths = jnp.where(act, pos + 1, st.lengths)
     remaining = jnp.where(act, st.remaining - 1, st.remaining)
     stopped = jnp.isin(tok, stop_ids) | (remaining <= 0) | (lengths >= max_len)
-    st = st._replace(k=tuple(k_all), v=tuple(v_all), lengths=lengths, remaining=remaining,
+    st = st._replace(k=cache.k, v=cache.v, lengths=lengths, remaining=remaining,
                      next_token=jnp.where(act, tok, st.next_token),
                      counters=jnp.where(act, st.counters + 1, st.counters),
                      active=act & ~stopped)
     return st, (tok, lp, act)
+
+
+def sampling_weights(cfg: Qwen3Config, weights: dict, dtype: Any) -> dict:
+    """The engine's sampling layout of ``Qwen3.weights()``: every float array cast to ``dtype`` and the
+    stacked layers split into a list of per-layer dicts (the decode loop then never slices or casts
+    a weight). Traced inside a jit, so every leaf is a fresh buffer."""
+    cast = lambda a: jnp.array(a, dtype=dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,  # noqa: E731
+                               copy=True)
+    out = {k: cast(v) for k, v in weights.items() if k != "layers"}
+    stacked = weights["layers"]
+    out["layers"] = [{n: cast(a[i]) for n, a in stacked.items()} for i in range(cfg.num_hidden_layers)]
+    return out
+
+
+def sampling_sharding(sharding: Any, drop_axes: Sequence[str] = ("fsdp",)) -> Any:
+    """The sampling layout of a trainer array's sharding: the same mesh and spec with the ``drop_axes``
+    mesh axes removed (replicated over them: decode then needs no all-gather of fsdp shards)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+
+    def keep(entry):
+        if entry is None:
+            return None
+        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n not in drop_axes)
+        return names if len(names) > 1 else (names[0] if names else None)
+
+    spec = jax.sharding.PartitionSpec(*(keep(e) for e in sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +165,16 @@ class Completion:
 
 @dataclass
 class Prefix:
-    """G prefilled prompts (device arrays): their k/v, next-token logits and true lengths."""
+    """G prefilled prompts (device arrays): their cache rows, next-token logits and true lengths."""
 
-    k: jax.Array  # [L, G, C, K, H]
-    v: jax.Array
+    k: tuple  # per layer [G, K, H, C]
+    v: tuple  # per layer [G, K, C, H]
     logits: jax.Array  # [G, V]
     lengths: list[int]
+
+    @property
+    def width(self) -> int:
+        return self.v[0].shape[2]
 
 
 def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -> int:
@@ -236,8 +183,32 @@ def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -
             * jnp.dtype(dtype).itemsize)
 
 
+def device_memory_bytes(device: Any = None) -> Optional[int]:
+    """Memory of one accelerator (``bytes_limit`` of its allocator), None where unknown (CPU)."""
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without allocator stats
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def default_kv_budget_bytes(weight_bytes: int, fraction: float = 0.9, device: Any = None) -> Optional[int]:
+    """KV budget when ``rollout.kv_cache_budget_gb`` is 0: ``fraction`` of one device's memory minus
+    the sampling copy of the weights; None (no check) where the device reports no memory limit."""
+    total = device_memory_bytes(device)
+    return None if total is None else max(int(total * fraction) - weight_bytes, 0)
+
+
 class Engine:
-    """The slot sampler. See the module docstring for the protocol."""
+    """The slot sampler. See the module docstring for the protocol.
+
+    Weights: the engine owns a *sampling copy* of the model's weights in the compute dtype
+    (``cfg.dtype``), made by :meth:`update_params` in one jitted cast + reshard. It never aliases the
+    trainer's arrays, so a later donation of those buffers (the jitted update) cannot touch it. It
+    costs ``num_params x itemsize(cfg.dtype)`` bytes (divided by the tensor-parallel degree when
+    sharded; fsdp is dropped from the sampling layout): 3.4 GB for Qwen3-1.7B in bf16.
+    """
 
     def __init__(
         self,
@@ -247,6 +218,7 @@ class Engine:
         max_len: int = 2048,
         decode_steps: int = 32,
         prefill_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+        extend_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512),
         stop_ids: Sequence[int] = (),
         tokenizer: Any = None,
         kv_budget_bytes: Optional[int] = None,
@@ -256,21 +228,30 @@ class Engine:
         self.cfg = cfg
         self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
         self.buckets = sorted(set(int(b) for b in prefill_buckets))
+        self.extend_buckets = sorted(set(int(b) for b in extend_buckets))
         self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
         self.stop_set = frozenset(int(i) for i in stop_ids)
         self.tokenizer = tokenizer
+        self.dtype = as_dtype(cfg.dtype)
         self.cache_dtype = as_dtype(cache_dtype or cfg.dtype)
         self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype)
+        self.weight_bytes = cfg.num_params() * jnp.dtype(self.dtype).itemsize
         log.info("KV cache: %d slots x %d tokens x %d layers x %d kv heads x %d x 2 x %s = %.3f GiB", num_slots,
                  max_len, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                  jnp.dtype(self.cache_dtype).name, self.kv_bytes / 2**30)
-        if kv_budget_bytes and self.kv_bytes > kv_budget_bytes:
+        budget = kv_budget_bytes if kv_budget_bytes else default_kv_budget_bytes(self.weight_bytes)
+        if budget and self.kv_bytes > budget:
+            src = "the budget" if kv_budget_bytes else "90% of the device's memory less the sampling weights"
             raise EngineError(
                 f"KV cache needs {self.kv_bytes / 2**30:.2f} GiB ({num_slots} slots x {max_len} tokens x "
                 f"{cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x 2 x "
-                f"{jnp.dtype(self.cache_dtype).itemsize} B) but the budget is {kv_budget_bytes / 2**30:.2f} GiB; "
-                "lower rollout.num_slots or the context length, or raise rollout.kv_cache_budget_gb")
-        self.graphdef, self.params = nnx.split(model)
+                f"{jnp.dtype(self.cache_dtype).itemsize} B) but {src} is {budget / 2**30:.2f} GiB; lower "
+                "rollout.num_slots or the slot length (rollout.max_response_length + data.max_prompt_length), "
+                "use a smaller cache dtype (model.dtype bfloat16), or raise rollout.kv_cache_budget_gb")
+        self.graphdef = nnx.graphdef(model)
+        self._copy = jax.jit(partial(sampling_weights, cfg, dtype=self.dtype))
+        self.params: dict = {}
+        self.update_params(model)
         self._cap = self.capacity_for(1)
         self.state = self._empty_state()
         self._build()
@@ -287,25 +268,49 @@ class Engine:
                          zi() - 1, jnp.ones((S,), jnp.float32), jnp.zeros((S,), bool))
 
     def update_params(self, model_or_params: Any) -> None:
-        """Use new weights (the trainer's current arrays; no host copy)."""
-        self.params = model_or_params if not isinstance(model_or_params, nnx.Module) else nnx.state(model_or_params)
+        """Refresh the engine's sampling copy from a :class:`Qwen3`, its ``nnx.State`` (the trainer's
+        ``TrainState.params``) or a ``Qwen3.weights()`` dict: ONE jitted cast to the compute dtype +
+        reshard (fsdp dropped) into new buffers. The caller may donate or delete its arrays afterwards.
+        Decode never casts a weight (the copy is already in the compute dtype)."""
+        src = model_or_params
+        if isinstance(src, Qwen3):
+            w = src.weights()
+        elif isinstance(src, dict) and "embed" in src and "layers" in src and not isinstance(src["layers"], nnx.State):
+            w = src
+        else:
+            w = nnx.merge(self.graphdef, src).weights()
+        out_shape = jax.eval_shape(self._copy, w)
+        if not self.params or jax.tree.structure(out_shape) != jax.tree.structure(self.params) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(out_shape), jax.tree.leaves(self.params))):
+            shard = {k: (sampling_sharding(v.sharding) if k != "layers" else None) for k, v in w.items()}
+            shard["layers"] = [{n: _drop_layer_axis(sampling_sharding(a.sharding)) for n, a in w["layers"].items()}
+                               for _ in range(self.cfg.num_hidden_layers)]
+            self._copy = jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype), out_shardings=shard)
+        self.params = {}  # drop the old copy first: the peak is one sampling copy, not two
+        self.params = self._copy(w)
 
     def _build(self) -> None:
-        g, M = self.graphdef, self.max_len
+        cfg, M = self.cfg, self.max_len
+        cache_dtype = self.cache_dtype
+        K, H = cfg.num_key_value_heads, cfg.head_dim
 
         @jax.jit
-        def prefill(params, tokens, n_valid):
-            return _prefill_rows(nnx.merge(g, params), tokens, n_valid)
+        def prefill(w, tokens, n_valid):
+            G, C = tokens.shape
+            cache = KVCache(tuple(jnp.zeros((G, K, H, C), cache_dtype) for _ in range(cfg.num_hidden_layers)),
+                            tuple(jnp.zeros((G, K, C, H), cache_dtype) for _ in range(cfg.num_hidden_layers)))
+            positions = jnp.broadcast_to(jnp.arange(C)[None], (G, C))
+            write = CacheWrite(None, jnp.zeros((G,), jnp.int32), positions < n_valid[:, None])
+            h, cache = forward(cfg, w, tokens, positions, cache=cache, write=write)
+            return cache.k, cache.v, _last_logits(cfg, w, h, n_valid)
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode",))
-        def insert(params, st, k_rows, v_rows, logits, lengths, src, slots, seeds, sample_idx, temp, top_k, top_p,
+        def insert(w, st, k_rows, v_rows, logits, lengths, src, slots, seeds, sample_idx, temp, top_k, top_p,
                    greedy, budget, mode):
             """Slot ``slots[j]`` gets prompt ``src[j]``; out-of-range slots (padding) are dropped."""
-            C = k_rows.shape[2]
-            k = tuple(a.at[slots, :, :, :C].set(r[src].transpose(0, 2, 3, 1).astype(a.dtype), mode="drop")
-                      for a, r in zip(st.k, k_rows))  # rows [n, C, K, H] -> [n, K, H, C]
-            v = tuple(a.at[slots, :, :C].set(r[src].transpose(0, 2, 1, 3).astype(a.dtype), mode="drop")
-                      for a, r in zip(st.v, v_rows))  # -> [n, K, C, H]
+            C = v_rows[0].shape[2]
+            k = tuple(a.at[slots, :, :, :C].set(r[src], mode="drop") for a, r in zip(st.k, k_rows))
+            v = tuple(a.at[slots, :, :C].set(r[src], mode="drop") for a, r in zip(st.v, v_rows))
             n = slots.shape[0]
             keys = jax.vmap(request_key)(seeds, sample_idx)  # on device: no per-request host dispatch
             tok, lp = sample(logits[src], token_keys(keys, jnp.zeros((n,), jnp.int32)), temp, top_k, top_p, greedy,
@@ -322,38 +327,41 @@ class Engine:
             return st, (tok, lp, active)
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
-        def step(params, st, steps, mode):
-            model = nnx.merge(g, params)
-            weights = _decode_weights(model)
+        def step(w, st, steps, mode):
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
 
             def body(carry):
                 i, st, (toks, lps, emitted) = carry
-                st, (tok, lp, act) = _decode_one(model, weights, st, self.stop_ids, mode, M)
+                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
             _, st, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, st, out))
             return st, out + (st.active,)  # a copy of the flags: the state itself is donated next call
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode",))
-        def extend(params, st, slot, tokens, n_valid, budget, mode):
-            model = nnx.merge(g, params)
-            start = st.lengths[slot]
-            k_row, v_row, logits = _chunk_forward(model, [a[slot] for a in st.k], [a[slot] for a in st.v], start,
-                                                  tokens, n_valid)
-            key = token_keys(st.base_keys[slot][None], st.counters[slot][None])
-            tok, lp = sample(logits[None], key, st.temperature[slot][None], st.top_k[slot][None],
-                             st.top_p[slot][None], st.greedy[slot][None], mode)
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode", "with_logits"))
+        def extend(w, st, rows, tokens, n_valid, budget, mode, with_logits=False):
+            """Rows ``rows [G]`` (out of range: padding) append ``tokens [G, C]`` (column 0 is filled
+            with each slot's pending token here), ``n_valid [G]`` real, and sample their next token."""
+            S = st.lengths.shape[0]
+            safe = jnp.minimum(rows, S - 1)
+            tokens = tokens.at[:, 0].set(st.next_token[safe])
+            start = st.lengths[safe]
+            C = tokens.shape[1]
+            write = CacheWrite(rows, start, (jnp.arange(C)[None] < n_valid[:, None]) & (rows < S)[:, None])
+            h, cache = forward(cfg, w, tokens, start[:, None] + jnp.arange(C)[None], cache=KVCache(st.k, st.v),
+                               write=write)
+            logits = _last_logits(cfg, w, h, n_valid)
+            tok, lp = sample(logits, token_keys(st.base_keys[safe], st.counters[safe]), st.temperature[safe],
+                             st.top_k[safe], st.top_p[safe], st.greedy[safe], mode)
             length = start + n_valid
-            active = ~jnp.isin(tok[0], self.stop_ids) & (budget > 1) & (length < M)
-            st = st._replace(k=tuple(a.at[slot].set(r) for a, r in zip(st.k, k_row)),
-                             v=tuple(a.at[slot].set(r) for a, r in zip(st.v, v_row)),
-                             lengths=st.lengths.at[slot].set(length), next_token=st.next_token.at[slot].set(tok[0]),
-                             counters=st.counters.at[slot].add(1), remaining=st.remaining.at[slot].set(budget - 1),
-                             active=st.active.at[slot].set(active))
-            return st, (tok[0], lp[0], active, logits)
+            active = ~jnp.isin(tok, self.stop_ids) & (budget > 1) & (length < M)
+            put = lambda a, x: a.at[rows].set(x, mode="drop")  # noqa: E731
+            st = st._replace(k=cache.k, v=cache.v, lengths=put(st.lengths, length), next_token=put(st.next_token, tok),
+                             counters=put(st.counters, st.counters[safe] + 1), remaining=put(st.remaining, budget - 1),
+                             active=put(st.active, active))
+            return st, (tok, lp, active) + ((logits,) if with_logits else ())
 
         @partial(jax.jit, donate_argnums=(0,))
         def set_slot(st, slot, length, active):
@@ -378,14 +386,24 @@ class Engine:
 
     # -- low-level protocol ----------------------------------------------------------------------
 
-    def bucket(self, n: int, room: int) -> int:
+    def bucket(self, n: int, room: int, buckets: Optional[Sequence[int]] = None) -> int:
         """Padded length for ``n`` tokens: the smallest bucket >= n (multiples of the largest beyond
         it), never more than ``room``."""
-        b = next((b for b in self.buckets if b >= n), None)
+        buckets = self.buckets if buckets is None else buckets
+        b = next((b for b in buckets if b >= n), None)
         if b is None:
-            top = self.buckets[-1] if self.buckets else n
+            top = buckets[-1] if buckets else n
             b = top * math.ceil(n / top)
         return max(n, min(b, room))
+
+    def check_prompt(self, n_tokens: int) -> Optional[EngineError]:
+        """Why a prompt of ``n_tokens`` cannot be served (None when it can)."""
+        if n_tokens == 0:
+            return EngineError("empty prompt")
+        if n_tokens >= self.max_len:
+            return EngineError(f"prompt has {n_tokens} tokens but a slot holds {self.max_len} (rollout max length); "
+                               "shorten the prompt or raise the slot length")
+        return None
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
         """Prefill several prompts in one device call (padded to a common length bucket; the
@@ -394,11 +412,9 @@ class Engine:
             prompts = [prompts]  # a single prompt
         lens = [len(p) for p in prompts]
         for n in lens:
-            if n == 0:
-                raise EngineError("empty prompt")
-            if n >= self.max_len:
-                raise EngineError(f"prompt has {n} tokens but a slot holds {self.max_len} (rollout max length); "
-                                  "shorten the prompt or raise the slot length")
+            err = self.check_prompt(n)
+            if err:
+                raise err
         C = self.bucket(max(lens), self.max_len)
         G = 1 << (len(prompts) - 1).bit_length()
         tokens = np.zeros((G, C), np.int32)
@@ -423,11 +439,12 @@ class Engine:
             self._modes[s] = mode_of(p)
             self._bound[s] = prefix.lengths[j] + 1
             self._left[s] = b - 1
-        self._reserve(max(prefix.k.shape[2], int(self._bound.max())))
+        self._reserve(max(prefix.width, int(self._bound.max())))
         arr = lambda xs, dt: jnp.asarray(np.asarray(xs, dt))  # noqa: E731
+        G = prefix.logits.shape[0]
         self.state, out = self._insert(
             self.params, self.state, prefix.k, prefix.v, prefix.logits,
-            arr(prefix.lengths + [1] * (prefix.k.shape[1] - len(prefix.lengths)), np.int32), arr(src, np.int32),
+            arr(prefix.lengths + [1] * (G - len(prefix.lengths)), np.int32), arr(src, np.int32),
             arr(slots, np.int32), arr(seeds, np.uint32), arr(sample_indices, np.int32),
             arr([p.temperature for p in sampling], np.float32), arr([p.top_k for p in sampling], np.int32),
             arr([p.top_p for p in sampling], np.float32), arr([p.greedy for p in sampling], bool),
@@ -471,28 +488,59 @@ class Engine:
         """:meth:`step_async` and wait: host numpy arrays."""
         return tuple(np.asarray(x) for x in jax.device_get(self.step_async(steps)))
 
+    def extend_many(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]], budgets: Sequence[int],
+                    lengths: Optional[Sequence[int]] = None, return_logits: bool = False) -> list:
+        """Append ``token_ids[j]`` (a tool response) to finished slot ``slots[j]`` after its pending last
+        token and sample each slot's next token: one device call per length bucket (tool-text buckets
+        ``extend_buckets``), no host sync when the caller passes the slots' cache ``lengths`` (else
+        one sync for all). ``budgets[j]`` = tokens the slot may still generate. Returns one
+        (token, logprob, active[, logits]) tuple of device arrays per bucket group with the group's
+        positions in ``slots``: ``[(idx, out), ...]``. Raises :class:`EngineError` when any
+        extension would overflow its slot (check first with :meth:`extend_problem`)."""
+        if lengths is None:
+            lengths = np.asarray(jax.device_get(self.state.lengths))[list(slots)].tolist()
+        for s, ids, ln in zip(slots, token_ids, lengths):
+            err = self.extend_problem(s, len(ids), ln)
+            if err:
+                raise err
+        groups: dict[int, list[int]] = {}
+        for j, (ids, ln) in enumerate(zip(token_ids, lengths)):
+            groups.setdefault(self.bucket(len(ids) + 1, self.max_len - ln, self.extend_buckets), []).append(j)
+        results = []
+        for C, idx in groups.items():
+            G = 1 << (len(idx) - 1).bit_length()
+            rows = np.full(G, self.num_slots, np.int32)  # out of range: padding rows
+            tokens = np.zeros((G, C), np.int32)
+            n_valid = np.ones(G, np.int32)
+            budget = np.ones(G, np.int32)
+            for g, j in enumerate(idx):
+                s, ids = slots[j], token_ids[j]
+                rows[g], n_valid[g], budget[g] = s, len(ids) + 1, budgets[j]
+                tokens[g, 1:len(ids) + 1] = ids
+                self._bound[s] = lengths[j] + len(ids) + 2
+                self._left[s] = budgets[j] - 1
+            self._reserve(max(lengths[j] for j in idx) + C)
+            self.state, out = self._extend(self.params, self.state, jnp.asarray(rows), jnp.asarray(tokens),
+                                           jnp.asarray(n_valid), jnp.asarray(budget),
+                                           mode=widest_mode(self._modes[slots[j]] for j in idx),
+                                           with_logits=return_logits)
+            results.append((idx, out))
+        return results
+
+    def extend_problem(self, slot: int, n_tokens: int, length: int) -> Optional[EngineError]:
+        """Why appending ``n_tokens`` to ``slot`` (holding ``length`` cached tokens) cannot be served."""
+        if length + n_tokens + 1 >= self.max_len:
+            return EngineError(f"extending slot {slot} by {n_tokens + 1} tokens overflows its {self.max_len}-token "
+                               f"cache ({length} used); raise the slot length or lower rollout.max_response_length")
+        return None
+
     def extend(self, slot: int, token_ids: Sequence[int], budget: int, return_logits: bool = False):
-        """Append ``token_ids`` to a finished slot (after its pending last token) and sample the next
-        token; ``budget`` = tokens it may still generate. Returns (token, logprob, still active) and,
-        with ``return_logits``, the next-token logits ``[V]`` as well."""
-        pending = int(jax.device_get(self.state.next_token[slot]))
-        ids = [pending] + list(token_ids)
-        start = int(jax.device_get(self.state.lengths[slot]))
-        room = self.max_len - start
-        if len(ids) >= room:
-            raise EngineError(f"extending slot {slot} by {len(ids)} tokens overflows its {self.max_len}-token cache "
-                              f"({start} used)")
-        C = self.bucket(len(ids), room)
-        tokens = np.zeros(C, np.int32)
-        tokens[:len(ids)] = ids
-        self._reserve(start + C)
-        self.state, out = self._extend(self.params, self.state, jnp.int32(slot), jnp.asarray(tokens),
-                                       jnp.int32(len(ids)), jnp.int32(budget), mode=self._modes[slot])
-        self._bound[slot] = start + len(ids) + 1
-        self._left[slot] = budget - 1
-        tok, lp, active, logits = out
-        res = (int(tok), float(lp), bool(active))
-        return res + (np.asarray(logits),) if return_logits else res
+        """One-slot :meth:`extend_many` with a host sync: (token, logprob, still active) and, with
+        ``return_logits``, the next-token logits ``[V]`` as well."""
+        (_, out), = self.extend_many([slot], [token_ids], [budget], return_logits=return_logits)
+        out = jax.device_get(out)
+        res = (int(out[0][0]), float(out[1][0]), bool(out[2][0]))
+        return res + (np.asarray(out[3][0]),) if return_logits else res
 
     def finish(self, slot: int, length: Optional[int] = None) -> None:
         """Stop a slot (e.g. a stop string was seen); optionally roll its cache back to ``length``."""
@@ -512,8 +560,11 @@ class Engine:
     # -- continuous batching -----------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request], progress: Any = None) -> list[Completion]:
-        """Complete every request (``n`` samples each) with continuous batching. Results are returned
-        in request order, samples in index order."""
+        """Complete every request (``n`` samples each) with continuous batching (the shared
+        :class:`~sod_jax.rollout.scheduler.SlotScheduler`). Results are returned in request order,
+        samples in index order."""
+        from sod_jax.rollout.scheduler import SlotScheduler, StartItem
+
         for r in requests:
             if r.n > self.num_slots:
                 raise EngineError(f"request {r.id!r} asks n={r.n} samples but there are only {self.num_slots} "
@@ -525,8 +576,8 @@ class Engine:
                                   f"{self.max_len} (rollout max length)")
             if r.stop_strings and self.tokenizer is None:
                 raise EngineError("stop strings need the engine to have a tokenizer")
+        sched = SlotScheduler(self)
         queue = deque(range(len(requests)))
-        free = list(range(self.num_slots))
         live: dict[int, dict] = {}  # slot -> {req, idx, tokens, logprobs}
         results: dict[tuple[int, int], Completion] = {}
 
@@ -536,12 +587,11 @@ class Engine:
             results[(rec["req"], rec["idx"])] = Completion(
                 r.id, rec["idx"], list(r.prompt_ids), rec["tokens"], rec["logprobs"], reason,
                 self.tokenizer.decode(rec["tokens"]) if self.tokenizer is not None else None)
-            free.append(slot)
-            self.release(slot)
+            sched.release(slot)
             if progress is not None:
                 progress.update(1)
 
-        def reason_for(slot: int, rec: dict) -> str:
+        def reason_for(rec: dict) -> str:
             r = requests[rec["req"]]
             if rec["tokens"] and int(rec["tokens"][-1]) in self.stop_set:
                 return "stop"
@@ -564,54 +614,34 @@ class Engine:
             self.finish(slot, len(r.prompt_ids) + keep - 1)
             return True
 
-        inflight = None
-        while queue or live or inflight is not None:
-            admitted = []
-            while queue and len(free) >= requests[queue[0]].n:
+        while queue or sched.busy():
+            items = []
+            while queue and sched.num_free >= requests[queue[0]].n:
                 ri = queue.popleft()
-                admitted.append((ri, [free.pop(0) for _ in range(requests[ri].n)]))
-            # One prefill + insert per prompt-length bucket, one host sync for all first tokens.
-            groups: dict[int, list] = {}
-            for ri, slots in admitted:
-                groups.setdefault(self.bucket(len(requests[ri].prompt_ids), self.max_len), []).append((ri, slots))
-            inserted = []
-            for grp in groups.values():
-                prefix = self.prefill([requests[ri].prompt_ids for ri, _ in grp])
-                all_slots, src, sps, seeds, idx, budgets = [], [], [], [], [], []
-                for g_i, (ri, slots) in enumerate(grp):
-                    r = requests[ri]
-                    for i, s in enumerate(slots):
-                        all_slots.append(s)
-                        src.append(g_i)
-                        sps.append(r.sampling)
-                        seeds.append(r.seed)
-                        idx.append(i)
-                        budgets.append(min(r.max_new_tokens, self.max_len - len(r.prompt_ids)))
-                        live[s] = {"req": ri, "idx": i, "tokens": [], "logprobs": []}
-                inserted.append((all_slots, self.insert(prefix, all_slots, sps, seeds, idx, budgets, src)))
-            for all_slots, (tok, lp, act) in jax.device_get(inserted):
-                for j, s in enumerate(all_slots):
-                    live[s]["tokens"].append(int(tok[j]))
-                    live[s]["logprobs"].append(float(lp[j]))
-                    if check_stop_strings(s, live[s]):
-                        close(s, "stop_string")
-                    elif not act[j]:
-                        close(s, reason_for(s, live[s]))
-            # Dispatch the next decode call, then do the host work of the previous one while the
-            # device runs (detokenising, stop strings, bookkeeping). Records are matched by identity so
-            # a chunk never feeds a slot's next occupant.
-            nxt = (self.step_async(), dict(live)) if live and self.may_generate(live) else None
-            if inflight is not None:
-                (tok, lp, emitted, active), owners = jax.device_get(inflight[0]), inflight[1]
-                for s, rec in owners.items():
-                    if live.get(s) is not rec:
-                        continue
-                    sel = emitted[:, s]
-                    rec["tokens"].extend(int(t) for t in tok[sel, s])
-                    rec["logprobs"].extend(float(x) for x in lp[sel, s])
-                    if check_stop_strings(s, rec):
-                        close(s, "stop_string")
-                    elif not active[s]:
-                        close(s, reason_for(s, rec))
-            inflight = nxt
+                r = requests[ri]
+                slots = sched.acquire(r.n)
+                items.append(StartItem(r.prompt_ids, slots, r.sampling, r.seed,
+                                       min(r.max_new_tokens, self.max_len - len(r.prompt_ids))))
+                for i, s in enumerate(slots):
+                    live[s] = {"req": ri, "idx": i, "tokens": [], "logprobs": []}
+            if items:
+                sched.start(items)
+            # The next decode call is dispatched before the previous one is read back, so the host
+            # work below (detokenising, stop strings) overlaps the device.
+            entries = sched.dispatch()
+            for s, (toks, lps, ended) in sched.harvest(entries, jax.device_get([e.out for e in entries])).items():
+                rec = live[s]
+                rec["tokens"].extend(toks)
+                rec["logprobs"].extend(lps)
+                if check_stop_strings(s, rec):
+                    close(s, "stop_string")
+                elif ended:
+                    close(s, reason_for(rec))
         return [results[(ri, i)] for ri in range(len(requests)) for i in range(requests[ri].n)]
+
+
+def _drop_layer_axis(sharding: Any) -> Any:
+    """Sharding of one layer's slice of a stacked ``[L, ...]`` weight (the leading axis removed)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))

@@ -16,7 +16,7 @@ from conftest import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "sft"))
-from conversations import make_rows, write_jsonl  # noqa: E402
+from sft_conversations import make_rows, write_jsonl  # noqa: E402
 
 CHILD = Path(__file__).with_name("sft_child.py")
 TIMING_KEYS = {"tokens_per_s", "checkpoint_blocking_s"}  # wall-clock figures differ run to run

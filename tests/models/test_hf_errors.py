@@ -90,3 +90,67 @@ def test_hub_id_offline_says_how_to_pass_a_directory(monkeypatch):
         load_pretrained("Qwen/Qwen3-0.6B")
     msg = str(e.value)
     assert "Hub id" in msg and "--local-dir" in msg and "Qwen/Qwen3-0.6B" in msg
+
+
+def test_sharded_load_peak_host_memory_is_about_one_layer(tmp_path, monkeypatch):
+    """8 equal layers, fsdp=8: each device's shard of a stacked weight is one layer's worth, and the
+    loader fills it layer slice by layer slice. Host memory beyond what the new arrays keep (on CPU
+    they alias host memory) stays well under one layer's tensor for every weight; stacking every
+    layer per device, as a whole-tensor reader does, would need 8 layers."""
+    import gc
+    import tracemalloc
+
+    import jax
+    from safetensors import safe_open
+
+    import sod_jax.models.hf as hf
+    from conftest import make_hf_model
+    from sod_jax import parallel
+
+    D, F, L = 64, 2048, 8
+    make_hf_model(seed=0, vocab_size=64, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                  rope_theta=10000.0).save_pretrained(tmp_path)
+    layer_bytes = F * D * 4  # one layer's gate/up/down tensor in fp32 (the largest)
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    transient = {}
+    place = hf._place
+
+    def measured(shape, *args):
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = jax.block_until_ready(place(shape, *args))
+        current, peak = tracemalloc.get_traced_memory()
+        transient[shape] = peak - max(current, before)
+        return out
+
+    monkeypatch.setattr(hf, "_place", measured)
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        model = load_pretrained(tmp_path, mesh=mesh)
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert transient[(L, D, F)] > 0  # really measured
+    assert max(transient.values()) < 0.5 * layer_bytes, (transient, layer_bytes)
+    gate = model.layers.gate[...]
+    assert gate.addressable_shards[0].data.shape == (L, D // 8, F)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+        np.testing.assert_array_equal(np.asarray(gate[5]), f.get_tensor("model.layers.5.mlp.gate_proj.weight").T)
+
+
+def test_generation_config_is_copied_or_minimal(hf_checkpoints, tmp_path):
+    from sod_jax.models import save_pretrained
+
+    src, _ = hf_checkpoints["tied_gqa1"]
+    model = load_pretrained(src)
+    save_pretrained(model, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "generation_config.json").read_text()) == {"bos_token_id": 1,
+                                                                                       "eos_token_id": 2}
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 5], "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(gen))
+    save_pretrained(model, tmp_path / "copied", source=tmp_path / "src")
+    assert json.loads((tmp_path / "copied" / "generation_config.json").read_text()) == gen

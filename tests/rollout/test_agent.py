@@ -9,6 +9,7 @@ import pytest
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+from sod_jax.rollout.engine import EngineError
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
 from sod_jax.sandbox.fusion import FusionSandbox
 
@@ -286,3 +287,124 @@ def test_agent_config_from_the_config_tree():
     a = AgentConfig.from_config(cfg)
     assert (a.on_parse_error, a.max_assistant_turns, a.run_timeout, a.max_response_tokens, a.max_output_chars) == (
         "end", 4, 3.0, 20480, 256)
+
+
+class SlowSandbox:
+    """A scripted sandbox: code ``sleep:<seconds>:<text>`` answers ``text`` after that long."""
+
+    def __init__(self):
+        self.returned = []
+
+    async def run(self, request):
+        _, secs, text = request["code"].split(":", 2)
+        await asyncio.sleep(float(secs))
+        self.returned.append(text)
+        return {"status": "Success", "run_result": {"status": "Finished", "return_code": 0, "stdout": text + "\n",
+                                                    "stderr": "", "execution_time": float(secs)}}
+
+
+class BatchedPolicy(ScriptedPolicy):
+    """ScriptedPolicy with the batched protocol; records every extend batch and fails on request."""
+
+    def __init__(self, tok, scripts, fail=(), on_extend=None):
+        super().__init__(tok, scripts)
+        self.batches, self.fail, self.on_extend = [], set(fail), on_extend
+
+    def start_many(self, items):
+        return [self.start(*it) for it in items]
+
+    def extend(self, items):
+        self.batches.append([h for h, _, _ in items])
+        if self.on_extend:
+            self.on_extend(items)
+        errors = {}
+        for h, ids, budget in items:
+            if h in self.fail:
+                errors[h] = EngineError(f"extending slot {h} overflows its cache")
+            else:
+                self.append(h, ids, budget)
+        return errors
+
+
+def test_early_tool_result_resumes_before_a_slow_one_and_engine_errors_end_one_trajectory(tok):
+    """Handle 0's call sleeps 1.5 s; handle 1's returns at once and its next turn is generated (and
+    its second call run) before handle 0's call returns. Handle 2's extension fails: only it ends."""
+    sandbox = SlowSandbox()
+    code = lambda s, t: turn("t", "", f"sleep:{s}:{t}")  # noqa: E731
+    scripts = [[code(1.5, "slow"), "<think>\n\n</think>\n\nA"],
+               [code(0, "fast1"), code(0, "fast2"), "<think>\n\n</think>\n\nB"],
+               [code(0, "doomed"), "never"]]
+    seen = []
+    policy = BatchedPolicy(tok, scripts, fail={2}, on_extend=lambda items: seen.append(list(sandbox.returned)))
+    agent = Agent(tok, sandbox, AgentConfig(extract_code_block=False, print_last_expression=False))
+    trajs = asyncio.run(agent.run(policy, [AgentRequest(QUESTION, n=3, id="r")]))
+    assert [t.finish_reason for t in trajs] == ["stop", "stop", "engine_error"]
+    assert [t.num_turns for t in trajs] == [2, 3, 1]
+    assert sandbox.returned.index("fast2") < sandbox.returned.index("slow")  # B's 2nd call ran meanwhile
+    assert 0 not in policy.batches[0] and 1 in policy.batches[0]  # B's result went in without waiting
+    assert all("slow" not in s for s, b in zip(seen, policy.batches) if 0 not in b)
+
+
+def test_two_concurrent_runs_on_one_agent(tok, sandbox):
+    agent = Agent(tok, sandbox, AgentConfig(max_concurrent_tools=1))
+
+    async def both():
+        a = ScriptedPolicy(tok, [[turn("a", "", "print(1)"), "<think>\n\n</think>\n\nA"]])
+        b = ScriptedPolicy(tok, [[turn("b", "", "print(2)"), turn("b", "", "print(3)"), "<think>\n\n</think>\n\nB"]])
+        return await asyncio.gather(agent.run(a, [AgentRequest(QUESTION, id="a")]),
+                                    agent.run(b, [AgentRequest(QUESTION, id="b")]))
+
+    (ta,), (tb,) = asyncio.run(both())
+    assert (ta.request_id, ta.num_turns, ta.finish_reason) == ("a", 2, "stop")
+    assert (tb.request_id, tb.num_turns, tb.finish_reason) == ("b", 3, "stop")
+    assert "1" in tok.decode(ta.response_ids) and "3" in tok.decode(tb.response_ids)
+
+
+def test_engine_policy_extends_some_slots_while_others_wait(tok, tmp_path):
+    """Real engine: after a first turn on two slots, only slot A gets its tool response; A decodes
+    while B keeps waiting, and A's tokens' log-probs equal the training path."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from conftest import make_hf_model
+    from sod_jax.models import load_pretrained
+    from sod_jax.rollout import Engine, SamplingParams
+    from sod_jax.train_step import sequence_logprobs
+
+    make_hf_model(seed=7, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    policy = EnginePolicy(Engine(model, num_slots=2, max_len=512, decode_steps=4, stop_ids=[]),
+                          SamplingParams(temperature=1.0))
+    prompt = tok.encode_chat(QUESTION, TOOLS)
+    (ha, hb), = policy.start_many([(prompt, 2, 4, 6)])
+    seqs = {ha: list(prompt), hb: list(prompt)}
+    lps = {ha: [], hb: []}
+    ended = set()
+    while len(ended) < 2:
+        for h, (toks, lp, reason) in asyncio.run(policy.advance()).items():
+            seqs[h] += toks
+            lps[h] += lp
+            if reason:
+                ended.add(h)
+    tool = tok.tool_response_ids(["42\n"], TOOLS)
+    assert policy.extend([(ha, tool, 5)]) == {}
+    n_gen_a = len(lps[ha])
+    seqs[ha] += tool
+    got = {ha: [], hb: []}
+    while policy.busy():
+        for h, (toks, lp, reason) in asyncio.run(policy.advance()).items():
+            got[h] += toks
+            lps[h] += lp
+    assert len(got[ha]) == 5 and got[hb] == []  # B waited, A went on
+    seq = seqs[ha] + got[ha]
+    graph, params = nnx.split(model)
+    ids = jnp.asarray([seq])
+    lp, _ = sequence_logprobs(graph, params, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 64)
+    lp = np.asarray(lp)[0]
+    P, T = len(prompt), len(tool)
+    want = np.concatenate([lp[P:P + n_gen_a], lp[P + n_gen_a + T:]])
+    np.testing.assert_allclose(want, lps[ha], atol=1e-4)
+    err = policy.extend([(hb, list(range(600)), 5)])  # does not fit: an error for B only
+    assert "overflows" in str(err[hb])

@@ -175,7 +175,91 @@ def test_update_params_uses_the_new_arrays(ckpt):
     after = engine.generate(req)[0].token_ids
     assert after != before
     assert after == Engine(other, num_slots=2, max_len=48).generate(req)[0].token_ids
-    assert engine.params["layers"]["up"][...] is nnx.state(other)["layers"]["up"][...]  # no copy
+    # an engine-owned copy: no leaf aliases the model's buffers
+    theirs = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(nnx.state(other))}
+    assert not theirs & {a.unsafe_buffer_pointer() for a in jax.tree.leaves(engine.params)}
+
+
+def test_donated_update_then_rollouts_use_the_new_weights(ckpt):
+    """The trainer's update donates its params; the engine's sampling copy survives, and after
+    update_params the rollout's log-probs are the updated model's."""
+    path, _ = ckpt
+    model = load_pretrained(path)
+    graph, params = nnx.split(model)
+    engine = Engine(model, num_slots=4, max_len=64, decode_steps=8, prefill_buckets=(16,))
+
+    update = jax.jit(lambda p: jax.tree.map(lambda x: x * 0.9 + 0.01, p), donate_argnums=(0,))
+    new = update(params)
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))  # the old buffers are gone
+    sp = SamplingParams(temperature=1.0)
+    reqs = [Request(p, max_new_tokens=12, sampling=sp, seed=1, n=2) for p in prompts(2)]
+    engine.generate(reqs)  # still the old weights, from the engine's own copy: no deleted buffer read
+    engine.update_params(new)
+    newer = update(new)  # donates `new` too: the engine must not read it any more
+    assert all(x.is_deleted() for x in jax.tree.leaves(new))
+    outs = engine.generate(reqs)
+    for o in outs:
+        seq = o.prompt_ids + o.token_ids
+        ids = jnp.asarray([seq])
+        # the rollout's weights are `new`, recomputed as newer = 0.9 * new + 0.01  =>  new = (newer - 0.01) / 0.9
+        ref = jax.tree.map(lambda x: (x - 0.01) / 0.9, newer)
+        lp, _ = sequence_logprobs(graph, ref, ids, jnp.arange(len(seq))[None], jnp.ones_like(ids), 8)
+        np.testing.assert_allclose(np.asarray(lp)[0, len(o.prompt_ids):], o.logprobs, atol=2e-4)
+
+
+def test_batched_extension_equals_full_prefill(ckpt):
+    """Three finished slots get tool responses of different lengths (two buckets) in one call each;
+    each slot's next-token logits equal a full prefill of its whole sequence."""
+    path, _ = ckpt
+    model = load_pretrained(path)
+    engine = Engine(model, num_slots=4, max_len=128, decode_steps=8, prefill_buckets=(32,), extend_buckets=(8, 32))
+    ps = prompts(3)
+    prefix = engine.prefill(ps)
+    budgets = [5, 9, 7]
+    engine.insert(prefix, [0, 2, 3], [SamplingParams(greedy=True)] * 3, [0] * 3, [0] * 3, budgets, src=[0, 1, 2])
+    gen = {s: [int(engine.state.next_token[s])] for s in (0, 2, 3)}
+    while engine.may_generate():
+        tok, _, emitted, _ = engine.step(4)
+        for s in gen:
+            gen[s] += tok[emitted[:, s], s].tolist()
+    tools = {0: [9, 8, 7], 2: list(range(20, 40)), 3: [50]}
+    calls = []
+    real = engine._extend
+    engine._extend = lambda *a, **k: (calls.append(a[3].shape), real(*a, **k))[1]
+    slots = [0, 2, 3]
+    lengths = [len(p) + len(gen[s]) - 1 for p, s in zip(ps, slots)]
+    groups = engine.extend_many(slots, [tools[s] for s in slots], [4, 4, 4], lengths=lengths, return_logits=True)
+    assert sorted(calls) == [(1, 32), (2, 8)]  # slots 0 and 3 share a bucket; slot 2 has its own
+    for idx, (_, _, _, logits) in groups:
+        logits = np.asarray(logits)
+        for g, j in enumerate(idx):
+            s = slots[j]
+            full = ps[j] + gen[s] + tools[s]
+            np.testing.assert_allclose(logits[g], np.asarray(engine.prefill(full).logits)[0], atol=1e-4)
+    assert engine.extend_problem(0, 200, 20) is not None and "overflows" in str(engine.extend_problem(0, 200, 20))
+
+
+def test_one_forward_in_the_model_file():
+    """The engine runs the model's forward; it has no layer loop or attention of its own."""
+    import inspect
+
+    import sod_jax.rollout.engine as eng
+
+    src = inspect.getsource(eng)
+    for name in ("layer_qkv", "layer_out", "rope_tables", "attention(", "decoder_layer", "rms_norm"):
+        assert name not in src, name
+
+
+def test_default_kv_budget_from_device_memory(ckpt, monkeypatch):
+    from sod_jax.rollout import engine as eng
+
+    path, _ = ckpt
+    model = load_pretrained(path)
+    need = kv_cache_bytes(model.config, 64, 4096, jnp.float32)
+    monkeypatch.setattr(eng, "device_memory_bytes", lambda device=None: need // 2)
+    with pytest.raises(EngineError, match="device's memory.*rollout.num_slots.*rollout.kv_cache_budget_gb"):
+        Engine(model, num_slots=64, max_len=4096)
+    Engine(model, num_slots=2, max_len=64)  # fits
 
 
 def test_host_knows_when_budgets_are_spent(ckpt):

@@ -42,18 +42,27 @@ def setup(tmp_path_factory):
     from sod_jax.chat import ChatTokenizer
 
     vocab = ChatTokenizer.from_dir(tok).vocab_size
+    # The student is the teacher with an over-confident output distribution (final norm x8, i.e.
+    # logits x8 through the tied head): exact reverse KL ~0.9 nats/token, and on-policy distillation
+    # closes it by pushing down the student's own over-sampled tokens.
+    import torch
+
+    base = make_hf_model(seed=1, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         rope_theta=10000.0)
     dirs = {}
-    for name, seed, hidden, layers in (("student", 0, 32, 2), ("teacher", 1, 48, 2)):
-        m = make_hf_model(seed=seed, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                          tie_word_embeddings=True, rope_theta=10000.0)
+    for name in ("teacher", "student"):
+        if name == "student":
+            with torch.no_grad():
+                base.model.norm.weight.mul_(8.0)
         d = root / name
-        m.save_pretrained(d)
+        base.save_pretrained(d)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tok / f, d / f)
         dirs[name] = d
     train = _write_parquet(root / "train.parquet", _rows(QUESTIONS[:4]))
-    val = _write_parquet(root / "val.parquet", _rows(QUESTIONS[4:]))
+    val = _write_parquet(root / "val.parquet", _rows(QUESTIONS[4:] + [(f"What is {a} + {a + 7}?", str(2 * a + 7))
+                                                                       for a in range(11, 17)]))
     cfg = {
         "model": {"path": str(dirs["student"]), "dtype": "float32", "param_dtype": "float32", "remat": "none",
                   "attention_block": 0},
@@ -66,7 +75,7 @@ def setup(tmp_path_factory):
         "optim": {"lr": 1.0e-3},
         "train": {"prompts_per_step": 2, "mini_batches": 2, "total_steps": 3, "eval_every": 3,
                   "length_buckets": [576, 640]},
-        "eval": {"n": 2, "max_response_length": 40, "kl_prompts": 2},
+        "eval": {"n": 1, "ks": [1], "max_response_length": 40, "kl_prompts": 8},
         "checkpoint": {"save_every": 2},
         "mesh": {"data": 1, "fsdp": 2, "tensor": 1},
     }
@@ -145,7 +154,8 @@ def test_opd_and_sod_lower_heldout_kl(setup):
     for algo in ("opd", "sod"):
         out = root / f"kl_{algo}"
         run_cli("--config", str(base), f"algo.name={algo}", f"train.out_dir={out}", "train.total_steps=20",
-                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=3e-3")
+                "train.eval_every=20", "checkpoint.save_every=100", "algo.grpo_term=false", "optim.lr=1e-2",
+                "rollout.n=8", "rollout.num_slots=16", "train.prompts_per_step=4")
         evals = _records(out / "eval.jsonl")
         before, after = evals[0]["heldout_kl"], evals[-1]["heldout_kl"]
         assert after < 0.7 * before, (algo, before, after)

@@ -1,0 +1,174 @@
+"""Continuous batching over the slot engine: the one scheduler behind ``Engine.generate`` and the
+agent loop's :class:`~sod_jax.rollout.agent.EnginePolicy`.
+
+It owns the free-slot list and turns the engine's device outputs into per-slot token events:
+
+* :meth:`SlotScheduler.start` prefills a batch of prompts (one device call per prompt-length
+  bucket) and inserts each into its ``n`` slots.
+* :meth:`SlotScheduler.extend` appends tool responses to every slot whose tool results arrived,
+  one device call per tool-text bucket, without a host sync (the scheduler knows each slot's exact
+  cache length from the tokens it has harvested).
+* :meth:`SlotScheduler.dispatch` queues the next decode call *before* the previous outputs are read
+  back, so host work overlaps the device; :meth:`SlotScheduler.harvest` reads everything dispatched
+  earlier, in dispatch order.
+
+Every dispatched output is tagged with each slot's *turn* counter (bumped by every start, extend and
+release), so an output never feeds a slot's next turn or next occupant.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from sod_jax.rollout.engine import Engine, EngineError
+from sod_jax.rollout.sampling import SamplingParams
+
+
+@dataclass
+class StartItem:
+    """One prompt going into ``slots`` (its ``len(slots)`` samples share one prefill)."""
+
+    prompt_ids: Sequence[int]
+    slots: Sequence[int]
+    sampling: SamplingParams
+    seed: int
+    budget: int  # tokens each sample may generate
+
+
+class Dispatched(NamedTuple):
+    """One device call whose outputs are not read yet."""
+
+    kind: str  # "first": (token, logprob, active) per listed slot; "step": a decode call over all slots
+    slots: list  # slots of a "first" entry ([] for "step")
+    turns: np.ndarray  # the turn counter of every slot at dispatch
+    out: Any  # device arrays
+
+
+class SlotScheduler:
+    """Free slots, per-slot turns and the queue of dispatched device calls of one :class:`Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        S = engine.num_slots
+        self.free: deque[int] = deque(range(S))
+        self.turn = np.zeros(S, np.int64)
+        self.length = np.zeros(S, np.int64)  # prompt + harvested + appended tokens (incl. the pending one)
+        self.active: set[int] = set()  # slots whose current turn has not been reported as ended
+        self.queue: list[Dispatched] = []
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def acquire(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise EngineError(f"{n} slots asked but {len(self.free)} of {self.engine.num_slots} are free")
+        return [self.free.popleft() for _ in range(n)]
+
+    def release(self, slot: int) -> None:
+        self.turn[slot] += 1
+        self.active.discard(slot)
+        self.engine.release(slot)
+        self.free.append(slot)
+
+    def busy(self) -> bool:
+        """Whether anything is generating or waiting to be read back."""
+        return bool(self.active) or bool(self.queue)
+
+    def _first(self, slots: list[int], out: Any) -> None:
+        for s in slots:
+            self.turn[s] += 1
+        self.active.update(slots)
+        self.queue.append(Dispatched("first", slots, self.turn.copy(), out))
+
+    def start(self, items: Sequence[StartItem]) -> None:
+        """Prefill + insert every item: one prefill per prompt-length bucket, all its prompts' slots
+        filled by one insert. Prompts must fit (:meth:`Engine.check_prompt`)."""
+        groups: dict[int, list[StartItem]] = {}
+        for it in items:
+            groups.setdefault(self.engine.bucket(len(it.prompt_ids), self.engine.max_len), []).append(it)
+        for grp in groups.values():
+            prefix = self.engine.prefill([list(it.prompt_ids) for it in grp])
+            slots, src, sps, seeds, idx, budgets = [], [], [], [], [], []
+            for g, it in enumerate(grp):
+                for i, s in enumerate(it.slots):
+                    slots.append(s)
+                    src.append(g)
+                    sps.append(it.sampling)
+                    seeds.append(it.seed)
+                    idx.append(i)
+                    budgets.append(it.budget)
+                    self.length[s] = len(it.prompt_ids)
+            self._first(slots, self.engine.insert(prefix, slots, sps, seeds, idx, budgets, src))
+
+    def extend_problem(self, slot: int, n_tokens: int) -> Optional[EngineError]:
+        """Why ``n_tokens`` cannot be appended to ``slot`` now (None when they can)."""
+        if slot in self.active:
+            return EngineError(f"slot {slot} is still generating; extend it after its turn ended")
+        return self.engine.extend_problem(slot, n_tokens, int(self.length[slot]) - 1)
+
+    def extend(self, items: Sequence[tuple[int, Sequence[int], int]]) -> dict[int, EngineError]:
+        """Append ``(slot, token_ids, budget)`` for every item whose turn has ended, in as few device
+        calls as there are tool-text buckets. Items that cannot be served are left out and returned
+        as ``{slot: EngineError}``; the others continue."""
+        errors, ok = {}, []
+        for s, ids, budget in items:
+            err = self.extend_problem(s, len(ids))
+            if err:
+                errors[s] = err
+            else:
+                ok.append((s, list(ids), budget))
+        if ok:
+            slots = [s for s, _, _ in ok]
+            lengths = [int(self.length[s]) - 1 for s in slots]  # the pending token is not cached yet
+            for idx, out in self.engine.extend_many(slots, [ids for _, ids, _ in ok], [b for _, _, b in ok],
+                                                    lengths=lengths):
+                self._first([slots[j] for j in idx], out)
+            for s, ids, _ in ok:
+                self.length[s] += len(ids)
+        return errors
+
+    def dispatch(self) -> list[Dispatched]:
+        """Queue a decode call when a slot may still generate, and return what to read back now:
+        everything dispatched before it (or the call itself when nothing else is pending)."""
+        new = bool(self.active) and self.engine.may_generate(sorted(self.active))
+        if new:
+            self.queue.append(Dispatched("step", [], self.turn.copy(), self.engine.step_async()))
+        if new and len(self.queue) > 1:
+            ready, self.queue = self.queue[:-1], self.queue[-1:]
+        else:
+            ready, self.queue = self.queue, []
+        return ready
+
+    def harvest(self, entries: Sequence[Dispatched], fetched: Sequence[Any]) -> dict[int, tuple]:
+        """Host copies ``fetched`` of ``entries``' outputs -> ``{slot: (tokens, logprobs, ended)}`` for the
+        slots that produced tokens or ended (in dispatch order; stale outputs are skipped)."""
+        events: dict[int, list] = {}
+
+        def add(s, toks, lps, ended):
+            ev = events.setdefault(s, [[], [], False])
+            ev[0].extend(toks)
+            ev[1].extend(lps)
+            self.length[s] += len(toks)
+            if ended:
+                ev[2] = True
+                self.active.discard(s)
+
+        for e, out in zip(entries, fetched):
+            if e.kind == "first":
+                tok, lp, act = out[:3]
+                for j, s in enumerate(e.slots):
+                    if s in self.active and e.turns[s] == self.turn[s]:
+                        add(s, [int(tok[j])], [float(lp[j])], not bool(act[j]))
+            else:
+                tok, lp, emitted, act = out
+                for s in sorted(self.active):
+                    if e.turns[s] != self.turn[s]:
+                        continue
+                    sel = emitted[:, s]
+                    add(s, tok[sel, s].tolist(), lp[sel, s].tolist(), not bool(act[s]))
+        return {s: (t, l, d) for s, (t, l, d) in events.items()}
