@@ -76,9 +76,10 @@ def accuracies(heldout):
         tok = ChatTokenizer.from_dir(d)
         for key in ("0:64", "64:128"):
             a, b = map(int, key.split(":"))
-            ev = HeldoutEval(load_pretrained(d, dtype="float32"), tok, heldout[a:b])
+            model = load_pretrained(d, dtype="float32")
+            ev = HeldoutEval(model, tok, heldout[a:b])
             try:
-                out[name, key] = ev(ev.engine.params)
+                out[name, key] = ev(model)
             finally:
                 asyncio.run(ev.sandbox.close())
     return out
