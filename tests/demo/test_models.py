@@ -56,9 +56,9 @@ def test_greedy_tokens_equal_transformers(name, heldout):
 
 # Greedy held-out accuracy measured when the models were made, on held-out rows 0..63 (the subset
 # the training run evaluated and picked its checkpoints on) and 64..127 (never seen by that choice).
-MEASURED = {"teacher": {"0:64": None, "64:128": None},
-            "student": {"0:64": 8 / 64, "64:128": None}}
-TEACHER_GAP = None  # the teacher is at least this much more accurate than the student
+MEASURED = {"teacher": {"0:64": 57 / 64, "64:128": 53 / 64},
+            "student": {"0:64": 8 / 64, "64:128": 1 / 64}}
+TEACHER_GAP = 0.5  # the teacher is at least this much more accurate than the student (measured: 0.77, 0.81)
 # Greedy decoding is deterministic on one machine; another CPU / XLA build may flip a near-tie
 # logit, and one flip can change a trajectory: allow 3 prompts in 64.
 MARGIN = 3 / 64
@@ -76,9 +76,10 @@ def accuracies(heldout):
         tok = ChatTokenizer.from_dir(d)
         for key in ("0:64", "64:128"):
             a, b = map(int, key.split(":"))
-            ev = HeldoutEval(load_pretrained(d, dtype="float32"), tok, heldout[a:b])
+            model = load_pretrained(d, dtype="float32")
+            ev = HeldoutEval(model, tok, heldout[a:b])
             try:
-                out[name, key] = ev(ev.engine.params)
+                out[name, key] = ev(model)
             finally:
                 asyncio.run(ev.sandbox.close())
     return out
