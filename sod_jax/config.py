@@ -578,7 +578,7 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
     need(r.max_response_length >= 1, f"rollout.max_response_length must be >= 1, got {r.max_response_length}")
     need(r.max_assistant_turns >= 1, f"rollout.max_assistant_turns must be >= 1, got {r.max_assistant_turns}")
     need(r.num_slots >= 1, f"rollout.num_slots must be >= 1, got {r.num_slots}")
-    need(r.num_slots >= r.n, f"rollout.num_slots ({r.num_slots}) must be >= rollout.n ({r.n}): a GRPO group is decoded at once")
+    need(job != "train" or r.num_slots >= r.n, f"rollout.num_slots ({r.num_slots}) must be >= rollout.n ({r.n}): a GRPO group is decoded at once")
     need(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}")
     need(t.mini_batches >= 1 and t.prompts_per_step % t.mini_batches == 0,
          f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by train.mini_batches ({t.mini_batches})")
