@@ -6,8 +6,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,21 +134,34 @@ def test_each_algorithm_runs_three_steps(setup, algo):
 def test_resume_continues_step_counter_curves_and_data_order(setup):
     root, base, _ = setup
     out = root / "run_resume"
-    run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={out}", "train.total_steps=2",
-            "train.eval_every=0")
+    args = ["--config", str(base), "algo.name=sod", f"train.out_dir={out}", "train.total_steps=4",
+            "train.eval_every=0", "checkpoint.save_every=100"]
+    # SIGTERM once the first step is logged: the loop stops at the step boundary, saves, exits 0.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.Popen([sys.executable, "-m", "sod_jax.train", *args, "--no-progress"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-3000:]
     first = _records(out / "metrics.jsonl")
-    run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={out}", "train.total_steps=4",
-            "train.eval_every=0")
+    stopped = first[-1]["step"]
+    assert 1 <= stopped < 4 and "stopping at step" in text
+    run_cli(*args)  # the same command resumes from the signal's checkpoint
     both = _records(out / "metrics.jsonl")
     assert [m["step"] for m in both] == [1, 2, 3, 4]
-    assert both[:2] == first
+    assert both[:stopped] == first
     straight = root / "run_straight"
     run_cli("--config", str(base), "algo.name=sod", f"train.out_dir={straight}", "train.total_steps=4",
             "train.eval_every=0")
     ref = _records(straight / "metrics.jsonl")
-    for a, b in zip(ref, both):  # same prompts, same sampling streams, same rewards after the resume
-        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
-        assert a["response_length_mean"] == pytest.approx(b["response_length_mean"], abs=1e-6)
+    for a, b in zip(ref, both):  # same prompts, same sampling streams, same rewards and updates after the resume
+        for key in ("reward_mean", "response_length_mean", "pg_loss", "grad_norm", "kl_k1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def test_opd_and_sod_lower_heldout_kl(setup):
