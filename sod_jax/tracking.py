@@ -93,7 +93,11 @@ class RunDir:
         if not self.enabled:
             return
         self._append("metrics.jsonl", {"step": step, **metrics})
-        scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and isinstance(_plain(v), (int, float))}
+        self._trackers(step, {k: float(v) for k, v in metrics.items()
+                              if np.ndim(v) == 0 and isinstance(_plain(v), (int, float))})
+
+    def _trackers(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars to TensorBoard and wandb when enabled."""
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
@@ -106,15 +110,8 @@ class RunDir:
         if not self.enabled:
             return
         self._append("eval.jsonl", {"step": step, **summary})
-        if self._tb is not None or self._wandb is not None:
-            flat = {f"eval/{src}/{k}": float(v) for src, d in summary.items() if isinstance(d, dict)
-                    for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if self._tb is not None:
-                for k, v in flat.items():
-                    self._tb.add_scalar(k, v, step)
-                self._tb.flush()
-            if self._wandb is not None:
-                self._wandb.log(flat, step=step)
+        self._trackers(step, {f"eval/{src}/{k}": float(v) for src, d in summary.items() if isinstance(d, dict)
+                              for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def log_step_weights(self, step: int, samples: list[dict]) -> None:
         """One line of ``step_weights.jsonl``: ``samples`` is a short list of ``{"d": [...], "w": [...], ...}``."""
