@@ -254,7 +254,7 @@ class EvalConfig:
     files: list[str] = _f([], "Eval parquet files (Open-AgentRL-Eval rows).")
     n: int = _f(32, "Samples per prompt.")
     ks: list[int] = _f([1, 4, 8, 16, 32], "k values reported for pass@k / maj@k.")
-    temperature: float = _f(1.0, "Sampling temperature.")
+    temperature: float = _f(1.0, "Sampling temperature (0: greedy decoding).")
     top_p: float = _f(0.6, "Nucleus mass.")
     max_response_length: int = _f(20480, "Response budget per sample.")
     max_prompt_length: int = _f(4096, "Eval prompts longer than this many tokens are dropped (the reference's eval: 4096; long GPQA/LiveCodeBench prompts exceed the training 2560).")
@@ -298,6 +298,16 @@ class SFTConfig:
     save_every: int = _f(0, "Export an HF checkpoint to <out_dir>/hf/step_N every N steps (0: only the final one, <out_dir>/model).")
     out_dir: str = _f("runs/sft", "Run directory: config.yaml, metrics.jsonl, plots/, hf/, model/.")
     enable_thinking: bool = _f(True, "Passed to the chat template as enable_thinking (Qwen3's only uses it for generation prompts).")
+    accuracy_files: list[str] = _f([], "Held-out RL-layout prompt rows (data.* filters apply) for the tool-using accuracy during SFT: the model's rollouts through the agent loop (rollout.*, tool.*, sandbox.*) scored by the reward registry (reward.*).")
+    accuracy_prompts: int = _f(64, "Use the first N rows of sft.accuracy_files (0: all).")
+    accuracy_every: int = _f(0, "Held-out tool-using accuracy every N optimizer steps (0: never; needs sft.accuracy_files). Written to accuracy.jsonl.")
+    accuracy_after_loss: float = _f(1.0e9, "Measure the accuracy only once the last training loss is below this (early evaluations of a random model are wasted time).")
+    accuracy_temperature: float = _f(0.0, "Sampling temperature of the accuracy rollouts (0: greedy).")
+    accuracy_max_response_length: int = _f(256, "Response budget (assistant + tool tokens) of an accuracy rollout.")
+    stop_accuracy_at_least: Optional[float] = _f(None, "Stop (and export <out_dir>/model) at the first accuracy >= this (None: off).")
+    stop_accuracy_band: list[float] = _f([], "[low, high]: stop at the first accuracy inside it, e.g. a student with headroom for RL (empty: off).")
+    snapshot_accuracy_band: list[float] = _f([], "[low, high]: export the first checkpoint whose accuracy is inside it to sft.snapshot_out and go on (one run gives a weaker and a stronger model; empty: off).")
+    snapshot_out: Optional[str] = _f(None, "Where the sft.snapshot_accuracy_band checkpoint goes (HF format + tokenizer files).")
 
 
 @dataclass

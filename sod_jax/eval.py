@@ -88,8 +88,9 @@ def check_eval_config(cfg: Any) -> None:
         problems.append(f"eval.ks {e.ks} must lie in [1, eval.n={e.n}]")
     if e.max_response_length < 1:
         problems.append(f"eval.max_response_length must be >= 1, got {e.max_response_length}")
-    if not 0 < e.top_p <= 1 or e.temperature <= 0:
-        problems.append(f"eval.temperature must be > 0 and eval.top_p in (0, 1], got {e.temperature} and {e.top_p}")
+    if not 0 < e.top_p <= 1 or e.temperature < 0:
+        problems.append(f"eval.temperature must be >= 0 (0: greedy) and eval.top_p in (0, 1], got {e.temperature} "
+                        f"and {e.top_p}")
     if problems:
         raise ConfigError("invalid eval config:\n  - " + "\n  - ".join(problems))
 

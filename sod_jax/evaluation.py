@@ -252,7 +252,11 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
     if hasattr(engine, "advance"):
         policy = engine
     else:
-        policy = EnginePolicy(engine, SamplingParams(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p))
+        if float(eval_cfg.temperature) <= 0:  # temperature 0: greedy decoding (argmax)
+            sampling = SamplingParams(greedy=True)
+        else:
+            sampling = SamplingParams(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p)
+        policy = EnginePolicy(engine, sampling)
     if n > policy.capacity:
         raise EvalError(f"eval.n={n} samples per prompt but the engine has {policy.capacity} decode slots; raise "
                         "rollout.num_slots to at least eval.n (or lower eval.n)")

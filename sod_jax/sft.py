@@ -63,6 +63,9 @@ def check_sft_config(cfg: Any) -> None:
         if not ok:
             extra = " (it must be >= sft.max_length, or 0)" if key == "pack_length" else ""
             problems.append(f"sft.{key}={getattr(s, key)!r} is out of range{extra}")
+    from sod_jax.sft_accuracy import check_accuracy_config
+
+    problems += check_accuracy_config(s)
     if problems:
         raise ConfigError("invalid SFT config:\n  - " + "\n  - ".join(problems))
 
@@ -146,6 +149,10 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     from sod_jax.sft_checkpoint import SFTCheckpointHook
 
     hooks = [*hooks, SFTCheckpointHook(cfg)]  # orbax checkpoints, auto-resume, SIGTERM/SIGINT (cfg.checkpoint)
+    if s.accuracy_every:  # after the checkpoint hook: it sees the restored step
+        from sod_jax.sft_accuracy import AccuracyHook
+
+        hooks.append(AccuracyHook(cfg, tokenizer))
     trainer = SFTTrainer(cfg, model, train_ex, val_ex, tokenizer_dir=tok_dir, mesh=mesh, hooks=hooks,
                          progress=progress)
     p = trainer.plan

@@ -1,14 +1,11 @@
 """``python -m sod_jax.demo``: the CPU demo's data, tokenizer, models and the SOD/OPD/GRPO comparison.
 
 The package ships everything the demo needs (``sod_jax/demo/assets``: parquet splits, tokenizer,
-teacher, student); these commands rebuild them:
+teacher, student); these commands rebuild them (the models come from ``python -m sod_jax.sft --config
+configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
 
     python -m sod_jax.demo data --out DIR              # train / held-out splits + expert SFT rows
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
-    python -m sod_jax.demo train-model teacher --out DIR   # SFT, stops at >= 90% held-out accuracy
-    python -m sod_jax.demo train-model student --out DIR   # SFT, stops inside the 10-30% band
-    python -m sod_jax.demo train-model student --out DIR --stop-at-least 0.85 --snapshot-band 0.10 0.30
-        --snapshot-out DIR/student         # one lineage: the in-band student snapshot, then the teacher
     python -m sod_jax.demo compare --algos sod,opd,grpo --seeds 3
 """
 
@@ -36,24 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sft", default=str(ASSETS / "data" / "sft_train.parquet"), help="expert SFT parquet")
     t.add_argument("--out", default=str(ASSETS / "tokenizer"), help="output directory")
     t.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (added tokens included)")
-    m = sub.add_parser("train-model", help="SFT the demo teacher or student, stopped by held-out accuracy")
-    m.add_argument("which", choices=["teacher", "student"])
-    m.add_argument("--out", required=True, help="run directory (the model is written to OUT/model)")
-    m.add_argument("--data", default=str(ASSETS / "data"), help="directory with sft_train/heldout parquet")
-    m.add_argument("--tokenizer", default=str(ASSETS / "tokenizer"), help="tokenizer directory")
-    m.add_argument("--max-steps", type=int, default=None, help="override the step limit")
-    m.add_argument("--seed", type=int, default=None, help="override the seed")
-    m.add_argument("--init-from", default=None, help="continue from this HF checkpoint (fresh optimizer state)")
-    m.add_argument("--eval-every", type=int, default=None, help="override the evaluation interval")
-    m.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
-    m.add_argument("--warmup-steps", type=int, default=None, help="override the warmup steps")
-    m.add_argument("--eval-after-loss", type=float, default=None,
-                   help="override: evaluate only once the smoothed training loss is below this")
-    m.add_argument("--stop-at-least", type=float, default=None,
-                   help="stop at this held-out accuracy (replaces the preset's stopping rule)")
-    m.add_argument("--snapshot-band", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="write the first evaluation with accuracy in [LOW, HIGH] to --snapshot-out and keep training")
-    m.add_argument("--snapshot-out", default=None, help="directory for the in-band snapshot (HF format)")
     c = sub.add_parser("compare", help="run SOD / OPD / GRPO from the demo student (same budget), tabulate, plot")
     c.add_argument("--algos", default="sod,opd,grpo", help="comma-separated algo.name values")
     c.add_argument("--seeds", type=int, default=3, help="seeds per algorithm")
@@ -73,40 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: str(v) for k, v in paths.items()}))
         return 0
     if args.cmd == "tokenizer":
-        import pyarrow.parquet as pq
-
+        from sod_jax.data import load_rows
         from sod_jax.demo.tokenizer import corpus_from_rows, train_tokenizer
-        from sod_jax.demo.train_models import _clean_messages
 
-        rows = pq.read_table(args.sft).to_pylist()
-        rows = [dict(r, messages=_clean_messages(r["messages"])) for r in rows]
+        rows, _ = load_rows([args.sft], "sft")
         out = train_tokenizer(corpus_from_rows(rows), Path(args.out), args.vocab_size)
         print(out)
-        return 0
-    if args.cmd == "train-model":
-        from sod_jax.demo.train_models import STUDENT, TEACHER, SFTRun, train
-
-        preset = dict(TEACHER if args.which == "teacher" else STUDENT)
-        if args.max_steps is not None:
-            preset["max_steps"] = args.max_steps
-        if args.seed is not None:
-            preset["seed"] = args.seed
-        if args.eval_every is not None:
-            preset["eval_every"] = args.eval_every
-        for key in ("lr", "warmup_steps", "eval_after_loss"):
-            if getattr(args, key) is not None:
-                preset[key] = getattr(args, key)
-        if args.stop_at_least is not None:
-            preset.update(stop_at_least=args.stop_at_least, stop_band=None)
-        if args.snapshot_band is not None:
-            if not args.snapshot_out:
-                raise SystemExit("--snapshot-band needs --snapshot-out DIR")
-            preset.update(snapshot_band=tuple(args.snapshot_band), snapshot_out=args.snapshot_out)
-        preset["init_from"] = args.init_from
-        data = Path(args.data)
-        run = SFTRun(out_dir=args.out, tokenizer_dir=args.tokenizer, sft_files=[str(data / "sft_train.parquet")],
-                     heldout_files=[str(data / "heldout.parquet")], **preset)
-        print(json.dumps(train(run)))
         return 0
     if args.cmd == "compare":
         from sod_jax.demo.compare import run_compare

@@ -5,7 +5,6 @@ teacher clearly above it."""
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -65,23 +64,26 @@ MARGIN = 3 / 64
 
 
 @pytest.fixture(scope="module")
-def accuracies(heldout):
-    import asyncio
+def accuracies(tmp_path_factory):
+    """Each model on each subset through `python -m sod_jax.eval` (greedy, real agent loop, local
+    sandbox; the settings the models were measured with: 4 turns, 256 response tokens)."""
+    from sod_jax.eval import main as eval_main
 
-    from sod_jax.demo.train_models import HeldoutEval
-    from sod_jax.models import load_pretrained
-
+    table = pq.read_table(DATA_DIR / "heldout.parquet")
     out = {}
-    for name, d in MODELS.items():
-        tok = ChatTokenizer.from_dir(d)
-        for key in ("0:64", "64:128"):
-            a, b = map(int, key.split(":"))
-            model = load_pretrained(d, dtype="float32")
-            ev = HeldoutEval(model, tok, heldout[a:b])
-            try:
-                out[name, key] = ev(model)
-            finally:
-                asyncio.run(ev.sandbox.close())
+    for key in ("0:64", "64:128"):
+        a, b = map(int, key.split(":"))
+        d = tmp_path_factory.mktemp(f"rows_{a}_{b}")
+        pq.write_table(table.slice(a, b - a), d / "rows.parquet")
+        for name, model_dir in MODELS.items():
+            ev = d / name
+            rc = eval_main(["--config", "configs/demo.yaml", "--no-progress", f"model.path={model_dir}",
+                            f"eval.files=[{d / 'rows.parquet'}]", f"eval.out_dir={ev}", "eval.n=1", "eval.ks=[1]",
+                            "eval.temperature=0", "eval.max_response_length=256", "rollout.max_assistant_turns=4",
+                            "rollout.prefill_buckets=[64,128]"])
+            assert rc == 0
+            fig = json.loads((ev / "summary.json").read_text())["per_source"]["demo_chain"]
+            out[name, key] = {"acc": fig["acc"], "tool_calls": fig["tool_calls_mean"]}
     return out
 
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
 from sod_jax.demo import DATA_DIR, TOKENIZER_DIR
 from sod_jax.demo.tokenizer import ADDED, SPECIAL, corpus_from_rows, train_tokenizer
-from sod_jax.demo.train_models import _clean_messages
+from sod_jax.data import load_rows
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,10 @@ def theirs():
 
 @pytest.fixture(scope="module")
 def rows():
+    # raw parquet rows (tool-call arguments as the JSON text the model writes); parquet gives every
+    # struct field to every message, so drop the null ones
     rs = pq.read_table(DATA_DIR / "sft_train.parquet").slice(0, 50).to_pylist()
-    return [dict(r, messages=_clean_messages(r["messages"])) for r in rs]
+    return [dict(r, messages=[{k: v for k, v in m.items() if v is not None} for m in r["messages"]]) for r in rs]
 
 
 def test_special_tokens(ours, theirs):
@@ -80,8 +82,7 @@ def test_token_in_token_out_equals_rerender(ours, rows):
 
 
 def test_shipped_tokenizer_is_reproducible(tmp_path):
-    rs = pq.read_table(DATA_DIR / "sft_train.parquet").to_pylist()
-    rs = [dict(r, messages=_clean_messages(r["messages"])) for r in rs]
+    rs, _ = load_rows([DATA_DIR / "sft_train.parquet"], "sft")
     vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["model"]["vocab"]
     train_tokenizer(corpus_from_rows(rs), tmp_path, vocab_size=512)
     assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())

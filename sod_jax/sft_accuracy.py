@@ -1,0 +1,199 @@
+"""Held-out tool-using accuracy during SFT, and stopping by it (``sft.accuracy_*``).
+
+The held-out loss says little about whether a model can *run* the task: one miscopied digit in a
+tool call makes the whole answer wrong. :class:`AccuracyHook` measures what RL will see: every
+``sft.accuracy_every`` steps the current weights drive the real agent loop (rollout engine,
+sandbox, hermes tool calls) on the first ``sft.accuracy_prompts`` rows of ``sft.accuracy_files``,
+and the reward registry scores the answers (:func:`sod_jax.evaluation.evaluate`, the function the
+eval CLI and the RL loop use). Each measurement is a line of ``accuracy.jsonl``.
+
+What a measurement can trigger:
+
+* ``sft.snapshot_accuracy_band = [low, high]``: the first checkpoint inside the band is exported to
+  ``sft.snapshot_out`` and training goes on (one run gives a weaker and a stronger model, e.g. the
+  demo's student and teacher);
+* ``sft.stop_accuracy_at_least`` / ``sft.stop_accuracy_band``: the run stops, and its final export
+  (``<out_dir>/model``) holds exactly the measured weights;
+* the best measurement so far is always exported to ``<out_dir>/best`` (the fallback when no
+  target is reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from sod_jax.sft_trainer import SFTHook
+
+
+def accuracy_decision(acc: float, sft: Any, snapshot_taken: bool) -> tuple[bool, Optional[str]]:
+    """(export the in-band snapshot now?, stop reason or None) for a measured accuracy ``acc``."""
+    band = sft.snapshot_accuracy_band
+    snap = bool(band) and not snapshot_taken and band[0] <= acc <= band[1]
+    stop = None
+    if sft.stop_accuracy_at_least is not None and acc >= sft.stop_accuracy_at_least:
+        stop = "accuracy_reached"
+    sb = sft.stop_accuracy_band
+    if sb and sb[0] <= acc <= sb[1]:
+        stop = "accuracy_in_band"
+    return snap, stop
+
+
+def check_accuracy_config(sft: Any) -> list[str]:
+    """Problems with the ``sft.accuracy_*`` / stop / snapshot keys (messages name the key)."""
+    problems = []
+    wants = sft.stop_accuracy_at_least is not None or sft.stop_accuracy_band or sft.snapshot_accuracy_band
+    if (sft.accuracy_every or wants) and not sft.accuracy_files:
+        problems.append("sft.accuracy_every / sft.stop_accuracy_* / sft.snapshot_accuracy_band need "
+                        "sft.accuracy_files (held-out RL-layout prompt rows)")
+    if wants and not sft.accuracy_every:
+        problems.append("sft.stop_accuracy_* / sft.snapshot_accuracy_band need sft.accuracy_every > 0")
+    for f in sft.accuracy_files:
+        if not Path(f).is_file():
+            problems.append(f"data file '{f}' (sft.accuracy_files) does not exist: generate it or fix the path")
+    for key in ("stop_accuracy_band", "snapshot_accuracy_band"):
+        band = getattr(sft, key)
+        if band and (len(band) != 2 or not 0 <= band[0] <= band[1] <= 1):
+            problems.append(f"sft.{key}={band!r} must be [low, high] with 0 <= low <= high <= 1")
+    if sft.snapshot_accuracy_band and not sft.snapshot_out:
+        problems.append("sft.snapshot_accuracy_band needs sft.snapshot_out (where the in-band checkpoint goes)")
+    if sft.accuracy_every < 0 or sft.accuracy_prompts < 0 or sft.accuracy_max_response_length < 1:
+        problems.append("sft.accuracy_every and sft.accuracy_prompts must be >= 0, "
+                        "sft.accuracy_max_response_length >= 1")
+    return problems
+
+
+class AccuracyHook(SFTHook):
+    """Tool-using held-out accuracy every ``sft.accuracy_every`` steps; snapshot / stop by it."""
+
+    def __init__(self, cfg: Any, tokenizer: Any):
+        self.cfg, self.sft, self.tok = cfg, cfg.sft, tokenizer
+        self.last_loss: Optional[float] = None
+        self.snapshot_taken = False
+        self.best: Optional[float] = None
+        self.records: list[dict] = []
+        self._ready = False
+
+    # -- set-up and tear-down ----------------------------------------------------------------------
+
+    def on_start(self, trainer: Any) -> None:
+        from sod_jax.data import load_prompt_rows
+        from sod_jax.eval import make_sandbox, tool_schemas
+        from sod_jax.rewards import RewardPool
+        from sod_jax.rollout import Engine
+        from sod_jax.rollout.agent import AgentConfig
+
+        cfg, s = self.cfg, self.sft
+        self.tools = tool_schemas(cfg)
+        rows, _ = load_prompt_rows(s.accuracy_files, cfg.data, self.tok, kind="eval", reward_cfg=cfg.reward,
+                                   tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
+        if s.accuracy_prompts:
+            rows = rows[: s.accuracy_prompts]
+        if not rows:
+            raise ValueError(f"sft.accuracy_files {s.accuracy_files}: no prompt left after the length filter "
+                             f"(data.max_prompt_length={cfg.data.max_prompt_length})")
+        self.rows = rows
+        longest = max(len(self.tok.encode_chat(r["prompt"], self.tools, True, cfg.rollout.enable_thinking))
+                      for r in rows)
+        self.engine = Engine(trainer.model(), num_slots=min(cfg.rollout.num_slots, len(rows)),
+                             max_len=longest + s.accuracy_max_response_length + 1,
+                             decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
+                             stop_ids=self.tok.stop_ids, tokenizer=self.tok)
+        self.agent_cfg = AgentConfig.from_config(cfg)
+        self.eval_cfg = SimpleNamespace(n=1, ks=[1], temperature=s.accuracy_temperature, top_p=1.0,
+                                        max_response_length=s.accuracy_max_response_length, chunk_prompts=0,
+                                        overlong_buffer_len=0, overlong_penalty_factor=1.0)
+        self.loop = asyncio.new_event_loop()
+        self.sandbox = make_sandbox(cfg)
+        self.pool = RewardPool(cfg.reward, sandbox=self.sandbox)
+        self._ready = True
+        self._resume(trainer)
+
+    def _resume(self, trainer: Any) -> None:
+        """Keep the measurements up to the (restored) step; a fresh run starts an empty file. The
+        snapshot counts as taken when an earlier measurement was inside the band."""
+        path = trainer.out_dir / "accuracy.jsonl"
+        old = []
+        if trainer.step > 0 and path.is_file():
+            old = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            old = [r for r in old if r["step"] <= trainer.step]
+        self.records = old
+        for r in old:
+            snap, _ = accuracy_decision(r["acc"], self.sft, self.snapshot_taken)
+            self.snapshot_taken |= snap
+            self.best = r["acc"] if self.best is None else max(self.best, r["acc"])
+        if trainer.is_writer:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in old))
+
+    def on_end(self, trainer: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._ready:
+            self._ready = False
+            self.pool.close()
+            self.loop.run_until_complete(self.sandbox.close())
+            self.loop.close()
+
+    # -- measuring ---------------------------------------------------------------------------------
+
+    def measure(self, trainer: Any, step: int) -> dict:
+        """Accuracy of ``trainer``'s current weights: ``acc`` (mean over data sources),
+        ``tool_calls``, ``tool_error_rate``, ``turns``, ``seconds``."""
+        from sod_jax.evaluation import evaluate
+
+        t0 = time.perf_counter()
+        self.engine.update_params(trainer.state.params)
+        figures = evaluate(self.engine, self.tok, self.sandbox, self.rows, eval_cfg=self.eval_cfg,
+                           agent_cfg=self.agent_cfg, reward_pool=self.pool, step=step, seed=self.sft.seed,
+                           progress=False, loop=self.loop, tools=self.tools)
+        per = [v for v in figures.values() if isinstance(v, dict) and "acc" in v]
+        mean = lambda k: float(sum(v.get(k, 0.0) for v in per) / max(len(per), 1))  # noqa: E731
+        return {"step": step, "acc": mean("acc"), "tool_calls": mean("tool_calls_mean"),
+                "tool_error_rate": mean("tool_error_rate"), "turns": mean("turns_mean"),
+                "prompts": len(self.rows), "train_loss": self.last_loss,
+                "seconds": time.perf_counter() - t0}
+
+    def on_metrics(self, trainer: Any, step: int, metrics: dict) -> None:
+        if "loss" in metrics:
+            self.last_loss = float(metrics["loss"])
+
+    def on_step(self, trainer: Any, step: int) -> None:
+        s = self.sft
+        if not s.accuracy_every or step % s.accuracy_every:
+            return
+        if self.last_loss is None or self.last_loss >= s.accuracy_after_loss:
+            return
+        rec = self.measure(trainer, step)
+        self.records.append(rec)
+        if trainer.is_writer:
+            with open(trainer.out_dir / "accuracy.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        snap, stop = accuracy_decision(rec["acc"], s, self.snapshot_taken)
+        note = f"step {step}: held-out tool-using accuracy {rec['acc']:.3f} ({rec['prompts']} prompts)"
+        if snap:
+            trainer.export(Path(s.snapshot_out))
+            self.snapshot_taken = True
+            note += f"; in-band snapshot -> {s.snapshot_out}"
+        if self.best is None or rec["acc"] > self.best:
+            self.best = rec["acc"]
+            trainer.export(trainer.out_dir / "best")
+        if stop:
+            trainer.request_stop(stop)
+            note += f"; stopping ({stop})"
+        _say(trainer, note)
+
+
+def _say(trainer: Any, text: str) -> None:
+    if trainer.is_writer:
+        from tqdm import tqdm
+
+        tqdm.write(text)
+
+
+__all__ = ["AccuracyHook", "accuracy_decision", "check_accuracy_config"]
