@@ -76,9 +76,8 @@ def test_bench_rollout_small():
     assert [r["mode"] for r in rows] == ["greedy", "sampled"]
     for r in rows:
         assert r["bench"] == "rollout" and r["ours"] > 0 and r["baseline"] > 0 and r["new_tokens"] == 8
-
-
-@pytest.mark.slow
+        assert r["tokens_per_request"] == [8]  # both sides generated exactly 8 tokens per request
+    assert rows[0]["greedy_equal_fraction"] == 1.0  # the same greedy tokens as transformers
 
 
 @pytest.mark.slow

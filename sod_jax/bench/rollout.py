@@ -69,10 +69,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         def run_hf():
             with torch.no_grad():
-                hf.generate(ids, attention_mask=att, max_new_tokens=N, pad_token_id=0, **hf_kw)
+                return hf.generate(ids, attention_mask=att, max_new_tokens=N, pad_token_id=0, **hf_kw)
 
-        engine.generate(reqs)  # compile every bucket and the decode call
-        run_hf()
+        ours_out = engine.generate(reqs)  # also compiles every bucket and the decode call
+        theirs_out = run_hf()[:, width:].tolist()
+        # Both sides did the same work: every request got N tokens; greedy tokens agree token for token
+        # (the fraction of requests whose N tokens are equal; fp32 near-ties may flip one late token).
+        same = [o.token_ids == t for o, t in zip(ours_out, theirs_out)]
+        check = {"tokens_per_request": sorted({len(o.token_ids) for o in ours_out} | {len(t) for t in theirs_out})}
+        if mode == "greedy":
+            check["greedy_equal_fraction"] = round(sum(same) / len(same), 3)
         t_ours, t_hf = best_time_pair(lambda: engine.generate(reqs), run_hf, args.repeats)
         peak = matmul_peak_flops(model.config.dtype)
         total = len(prompts) * N
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "bound_fraction": round(bound, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
                      "baseline_impl": f"transformers {__import__('transformers').__version__} generate (torch "
                                       f"{torch.__version__}, sdpa, batch of {len(prompts)})",
-                     "device": jax.devices()[0].platform})
+                     "device": jax.devices()[0].platform, **check})
     return rows
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-_MASKED = -1e30  # finite: a fully masked row stays NaN-free
+MASKED_SCORE = -1e30  # for masked scores/logits: finite, so a fully masked row stays NaN-free
 
 
 def _block_mask(i, j, b: int, valid: jax.Array, seg: jax.Array) -> jax.Array:
@@ -40,7 +40,7 @@ def _block_mask(i, j, b: int, valid: jax.Array, seg: jax.Array) -> jax.Array:
 def _scores(qi, kj, mask, scale):
     """Masked fp32 scores ``[B, K, G, b, b]`` of a query block ``[B, K, G, b, H]`` and key block ``[B, K, b, H]``."""
     s = jnp.einsum("bkgqh,bksh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask[:, None, None], s, _MASKED)
+    return jnp.where(mask[:, None, None], s, MASKED_SCORE)
 
 
 def _forward(q, k, v, valid, seg, b: int):

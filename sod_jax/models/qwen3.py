@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sod_jax.models.blocked_attention import blocked_attention
+from sod_jax.models.blocked_attention import MASKED_SCORE, blocked_attention
 from sod_jax.parallel import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -62,10 +62,6 @@ class Qwen3Config:
 
     def replace(self, **kw) -> "Qwen3Config":
         return dataclasses.replace(self, **kw)
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def num_params(self) -> int:
         D, F, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
@@ -133,7 +129,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     scores = jnp.einsum("bkqh,bksh->bkqs", qg, kt, preferred_element_type=jnp.float32) * (H**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.float32(-1e30))
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(B, K, G, T, S), jnp.float32(MASKED_SCORE))
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
     out = jnp.einsum("bkqs,bksh->bkqh", probs, vt)
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -198,7 +194,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     G = N // K
     qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     scores = jnp.einsum("bkqh,bkhc->bkqc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (H**-0.5)
-    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, C), jnp.float32(-1e30))
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, C), jnp.float32(MASKED_SCORE))
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(B, K, G * T, C)
     out = jnp.einsum("bkqc,bkch->bkqh", probs, v.astype(q.dtype))
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from sod_jax.models.blocked_attention import MASKED_SCORE as NEG_INF  # the one masking constant
 
 
 @dataclass(frozen=True)

@@ -7,32 +7,12 @@ import pytest
 from sod_jax.algo.advantages import grpo_advantages, overlong_penalty, token_advantages
 from sod_jax.algo.losses import aggregate, kl_estimates, ppo_loss
 from sod_jax.algo.sod import step_stats, step_weights
+from sod_jax.bench.sod_weights import loop_step_weights
 
 
-def reference_weights(s, q, m, eps, delta):
-    """Per-token loop: find runs of m == 1, d_k = mean |s - q|, running product, clip at the output."""
-    B, T = m.shape
-    out = np.zeros((B, T))
-    for b in range(B):
-        steps, t = [], 0
-        while t < T:
-            if m[b, t]:
-                start = t
-                while t < T and m[b, t]:
-                    t += 1
-                steps.append((start, t))
-            else:
-                t += 1
-        d = [np.mean([abs(s[b, i] - q[b, i]) for i in range(a, e)]) for a, e in steps]
-        prod = 1.0
-        for k, (a, e) in enumerate(steps):
-            if k == 0:
-                w = 1.0
-            else:
-                prod *= (d[k - 1] + eps) / (d[k] + eps)
-                w = min(prod, 1.0 + delta)
-            out[b, a:e] = w
-    return out
+# The per-token reference is the benchmark's baseline loop (checked against hand-computed weights
+# in tests/test_bench.py): runs of m == 1, d_k = mean |s - q|, running product, clip at the output.
+reference_weights = loop_step_weights
 
 
 def random_mask(rng, B, T, p_switch):
