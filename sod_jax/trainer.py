@@ -28,12 +28,13 @@ import asyncio
 import copy
 import logging
 import math
+import re
 import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -62,6 +63,21 @@ class StepRollouts:
     rewards: list[float]
     seconds: float
     reward_seconds: float
+
+
+_TOOL_RESPONSE = re.compile(r"<tool_response>\n?(.*?)\n?</tool_response>", re.S)
+
+
+def turn_tool_outputs(tokenizer: Any, traj: Any, max_chars: int = 80) -> list[Optional[str]]:
+    """Per assistant turn of ``traj``: the text of the tool responses that follow it (several calls
+    joined by newlines, cut to ``max_chars``), or None when the turn made no tool call."""
+    spans = list(traj.turn_spans)
+    out: list[Optional[str]] = []
+    for k, (_, end) in enumerate(spans):
+        nxt = spans[k + 1][0] if k + 1 < len(spans) else len(traj.response_ids)
+        found = _TOOL_RESPONSE.findall(tokenizer.decode(traj.response_ids[end:nxt])) if nxt > end else []
+        out.append("\n".join(found)[:max_chars] if found else None)
+    return out
 
 
 class Trainer:
@@ -376,9 +392,13 @@ class Trainer:
             return []
         out = []
         for i in range(min(limit, len(w), len(ro.trajectories))):
-            k = ro.trajectories[i].num_turns
-            out.append({"row": i, "reward": ro.rewards[i], "tool_errors": ro.trajectories[i].num_tool_errors,
-                        "d": [float(x) for x in d[i][:k]], "w": [float(x) for x in w[i][:k]]})
+            t = ro.trajectories[i]
+            k = t.num_turns
+            user = [m.get("content", "") for m in ro.rows[i].get("prompt", []) if m.get("role") == "user"]
+            out.append({"row": i, "reward": ro.rewards[i], "tool_errors": t.num_tool_errors,
+                        "d": [float(x) for x in d[i][:k]], "w": [float(x) for x in w[i][:k]],
+                        # what a task-specific reader needs to tell which step went wrong (demo compare)
+                        "prompt": (user[-1] if user else "")[:400], "tool_outputs": turn_tool_outputs(self.tok, t)})
         return out
 
     def train_step(self, step: int) -> dict:

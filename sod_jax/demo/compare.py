@@ -8,9 +8,11 @@ code path of any run. Everything reported is read back from the run directories 
   data_source; with several sources their mean);
 * the final student-teacher KL on held-out prompts (``heldout_kl`` of the last ``eval.jsonl``
   record; GRPO loads no teacher, so it has none);
-* the mean step weight ``w_k`` of steps that follow a failed tool step, and of the later steps of
-  trajectories that ended wrong (``step_weights.jsonl`` samples: ``w`` per step, ``tool_errors``,
-  ``reward``), i.e. how much SOD shrinks the distillation signal where the cascade starts.
+* the mean step weight ``w_k`` of steps that follow a failed tool step, of steps that follow a
+  correct one, and of the later steps of trajectories that ended wrong (``step_weights.jsonl``
+  samples: ``w`` per step, the prompt and the tool outputs; a demo_chain tool step fails when its
+  output is not the step's true value, :func:`step_failures`), i.e. how much SOD shrinks the
+  distillation signal where the cascade starts.
 
 Writes ``compare.md`` (the markdown table, mean ± std over seeds) and ``compare_acc.png`` (held-out
 accuracy against step, mean with a ±1 std band per algorithm) into ``--out``.
@@ -44,20 +46,38 @@ def eval_acc(record: dict) -> Optional[float]:
     return float(np.mean(accs)) if accs else None
 
 
+def step_failures(sample: dict) -> Optional[list[bool]]:
+    """Per assistant turn of one ``step_weights.jsonl`` trajectory sample: did its tool step fail?
+
+    A demo_chain prompt (``prompt`` parses as a chain) fails at turn k when the tool output after it
+    is not the step's true value (a miscopied operand, a wrong expression, no call); this is the
+    cascade's start, since later steps copy the wrong value. Other prompts: ``failed_steps`` when
+    the writer gave them, else every turn counts as failed when the trajectory had a tool error and
+    none otherwise."""
+    from sod_jax.demo.task import failed_steps, parse_problem
+
+    if sample.get("failed_steps") is not None:
+        return [bool(x) for x in sample["failed_steps"]]
+    problem = parse_problem(sample.get("prompt") or "")
+    if problem is not None and sample.get("tool_outputs") is not None:
+        return failed_steps(problem, sample["tool_outputs"])
+    n = len(sample.get("w") or [])
+    return [sample.get("tool_errors", 0) > 0] * n
+
+
 def run_summary(run_dir: Path) -> dict:
     """The figures of one run directory (None where the run has no such record)."""
     evals = read_jsonl(run_dir / "eval.jsonl")
     curve = [(int(r["step"]), eval_acc(r)) for r in evals if eval_acc(r) is not None]
     kl = [r["heldout_kl"] for r in evals if isinstance(r.get("heldout_kl"), (int, float))]
-    after_fail, wrong_later = [], []
+    after_fail, after_ok, wrong_later = [], [], []
     for rec in read_jsonl(run_dir / "step_weights.jsonl"):
         for t in rec.get("trajectories", []):
             w = t.get("w") or []
-            failed = t.get("failed_steps")  # per-step flags when the writer provides them
-            if failed:
-                after_fail += [w[k] for k in range(1, len(w)) if failed[k - 1]]
-            elif t.get("tool_errors", 0) > 0:
-                after_fail += list(w[1:])
+            failed = step_failures(t)
+            if failed is not None:
+                for k in range(1, len(w)):
+                    (after_fail if failed[k - 1] else after_ok).append(w[k])
             if t.get("reward", 1.0) <= 0:
                 wrong_later += list(w[1:])
     return {
@@ -66,6 +86,8 @@ def run_summary(run_dir: Path) -> dict:
         "curve": curve,
         "kl_final": kl[-1] if kl else None,
         "w_after_failed_tool": float(np.mean(after_fail)) if after_fail else None,
+        "w_after_correct_tool": float(np.mean(after_ok)) if after_ok else None,
+        "steps_after_failed_tool": len(after_fail),
         "w_later_steps_wrong": float(np.mean(wrong_later)) if wrong_later else None,
     }
 
@@ -82,12 +104,15 @@ def _pm(values: Sequence[Optional[float]], fmt: str = "{:.3f}") -> str:
 def table(summaries: dict[str, list[dict]]) -> str:
     """Markdown table, one row per algorithm, mean ± std (ddof 1) over seeds."""
     head = ("| algo | seeds | held-out acc before | held-out acc after | final student-teacher KL | "
-            "mean w_k after a failed tool step | mean w_k, later steps of wrong trajectories |")
-    lines = [head, "|" + "---|" * 7]
+            "mean w_k after a failed tool step | mean w_k after a correct tool step | "
+            "mean w_k, later steps of wrong trajectories |")
+    lines = [head, "|" + "---|" * 8]
     for algo, runs in summaries.items():
         lines.append(f"| {algo} | {len(runs)} | {_pm([r['acc_before'] for r in runs])} | "
                      f"{_pm([r['acc_after'] for r in runs])} | {_pm([r['kl_final'] for r in runs], '{:.4f}')} | "
-                     f"{_pm([r['w_after_failed_tool'] for r in runs])} | {_pm([r['w_later_steps_wrong'] for r in runs])} |")
+                     f"{_pm([r['w_after_failed_tool'] for r in runs])} | "
+                     f"{_pm([r.get('w_after_correct_tool') for r in runs])} | "
+                     f"{_pm([r['w_later_steps_wrong'] for r in runs])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -97,6 +97,48 @@ def sample_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -
     return Problem(first, tuple(ops), tuple(operands), tuple(values))
 
 
+_LINE = re.compile(r"^x(\d+) = (x\d+|\d+)([+\-*])(\d+)$")
+
+
+def parse_problem(text: str) -> Optional[Problem]:
+    """The :class:`Problem` written as ``text`` (what :meth:`Problem.text` writes), or None when the
+    text is not a chain (another task's prompt)."""
+    lines = text.strip().splitlines()
+    if len(lines) < 2 or not re.fullmatch(r"Find x\d+\.", lines[-1].strip()):
+        return None
+    first, ops, operands, values = None, [], [], []
+    for k, line in enumerate(lines[:-1]):
+        m = _LINE.match(line.strip())
+        if m is None or int(m.group(1)) != k + 1:
+            return None
+        left = m.group(2)
+        if k == 0:
+            if left.startswith("x"):
+                return None
+            first = int(left)
+            x = first
+        elif left != f"x{k}":
+            return None
+        ops.append(m.group(3))
+        operands.append(int(m.group(4)))
+        x = _apply(x, ops[-1], operands[-1])
+        values.append(x)
+    return Problem(first, tuple(ops), tuple(operands), tuple(values))
+
+
+def failed_steps(problem: Problem, tool_outputs: Sequence[Optional[str]]) -> list[bool]:
+    """Per assistant turn: did the tool output after it miss the step's true value? Turn k (0-based)
+    is meant to compute ``x_{k+1}``; a turn past the last step, or one without a tool call, counts
+    as failed (it did not produce the step's value)."""
+    out = []
+    for k, text in enumerate(tool_outputs):
+        if k >= problem.num_steps:
+            out.append(text is not None)  # a final answer turn has no tool output: not a failure
+            continue
+        out.append(text is None or text.strip() != str(problem.values[k]))
+    return out
+
+
 def make_problems(n: int, seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
     """``n`` distinct problems from ``seed`` (none equal to one in ``exclude``)."""
     rng = random.Random(seed)

@@ -21,15 +21,22 @@ def _run(path, accs, kls, samples):
 
 def test_summary_table_and_plot(tmp_path):
     samples = [{"row": 0, "reward": 0.0, "tool_errors": 1, "d": [0.1, 0.5, 0.9], "w": [1.0, 0.2, 0.1]},
-               {"row": 1, "reward": 1.0, "tool_errors": 0, "d": [0.1, 0.1], "w": [1.0, 1.0]}]
+               {"row": 1, "reward": 1.0, "tool_errors": 0, "d": [0.1, 0.1], "w": [1.0, 1.0]},
+               # a demo_chain sample: the first tool output is right (x1 = 863), the second wrong (x2 is
+               # 1380, not 1381), the last turn answers without a call
+               {"row": 2, "reward": -1.0, "tool_errors": 0, "d": [0.1, 0.4, 0.8], "w": [1.0, 0.9, 0.3],
+                "prompt": "x1 = 592+271\nx2 = x1+517\nFind x2.", "tool_outputs": ["863", "1381", None]}]
     runs = {"sod": [run_summary(_run(tmp_path / f"sod{s}", [0.2, 0.3 + s / 10], [0.5, 0.2 + s / 10], samples))
                     for s in range(2)],
             "grpo": [run_summary(_run(tmp_path / "grpo0", [0.2, 0.25], [None, None], []))]}
     s0 = runs["sod"][0]
     assert s0["acc_before"] == 0.2 and s0["acc_after"] == 0.3 and s0["kl_final"] == 0.2
     assert s0["curve"] == [(0, 0.2), (10, 0.3)]
-    assert np.isclose(s0["w_after_failed_tool"], 0.15)  # later steps of the trajectory with a tool error
-    assert np.isclose(s0["w_later_steps_wrong"], 0.15)
+    # after a failed step: the tool-error trajectory's later steps (0.2, 0.1) and the step after the
+    # miscopied x2 (0.3); after a correct step: the clean trajectory's 1.0 and the step after x1 (0.9)
+    assert np.isclose(s0["w_after_failed_tool"], np.mean([0.2, 0.1, 0.3]))
+    assert np.isclose(s0["w_after_correct_tool"], np.mean([1.0, 0.9]))
+    assert np.isclose(s0["w_later_steps_wrong"], np.mean([0.2, 0.1, 0.9, 0.3]))
     md = table(runs)
     sod_row = [line for line in md.splitlines() if line.startswith("| sod |")][0]
     assert f"{np.mean([0.3, 0.4]):.3f} ± {np.std([0.3, 0.4], ddof=1):.3f}" in sod_row

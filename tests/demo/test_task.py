@@ -94,3 +94,21 @@ def test_shipped_splits():
         user = r["messages"][0]["content"]
         match = [t for t in train if t["prompt"][0]["content"] == user]
         assert match and score(last["content"], match[0]["reward_model"]["ground_truth"])["acc"]
+
+
+def test_parse_problem_inverts_text_and_flags_failed_steps():
+    import random
+
+    from sod_jax.demo.task import failed_steps, parse_problem, sample_problem
+
+    rng = random.Random(7)
+    for _ in range(200):
+        p = sample_problem(rng)
+        assert parse_problem(p.text()) == p
+    assert parse_problem("What is 12 * 13?") is None
+    assert parse_problem("x1 = x1+3\nFind x1.") is None  # the first step must start from a constant
+    p = parse_problem("x1 = 592+271\nx2 = x1+517\nFind x2.")
+    assert p.values == (863, 1380)
+    assert failed_steps(p, ["863", "1380", None]) == [False, False, False]
+    assert failed_steps(p, ["863\n", "1381", None]) == [False, True, False]
+    assert failed_steps(p, [None, "1380"]) == [True, False]  # a turn without a tool call did not compute x1
