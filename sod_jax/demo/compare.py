@@ -8,11 +8,11 @@ code path of any run. Everything reported is read back from the run directories 
   data_source; with several sources their mean);
 * the final student-teacher KL on held-out prompts (``heldout_kl`` of the last ``eval.jsonl``
   record; GRPO loads no teacher, so it has none);
-* the mean step weight ``w_k`` of steps that follow a failed tool step, of steps that follow a
-  correct one, and of the later steps of trajectories that ended wrong (``step_weights.jsonl``
-  samples: ``w`` per step, the prompt and the tool outputs; a demo_chain tool step fails when its
-  output is not the step's true value, :func:`step_failures`), i.e. how much SOD shrinks the
-  distillation signal where the cascade starts.
+* the mean step weight ``w_k`` (turns 2 and later; ``w_1`` is 1 by definition) at the tool step
+  where a trajectory first went wrong, at correct tool steps, and at the turns after the wrong
+  step (``step_weights.jsonl`` samples: ``w`` per turn, the prompt and the tool outputs; a
+  demo_chain tool step is wrong when its output is not the step's true value,
+  :func:`step_failures`): whether SOD shrinks the distillation signal where the cascade starts.
 
 Writes ``compare.md`` (the markdown table, mean ± std over seeds) and ``compare_acc.png`` (held-out
 accuracy against step, mean with a ±1 std band per algorithm) into ``--out``.
@@ -70,25 +70,32 @@ def run_summary(run_dir: Path) -> dict:
     evals = read_jsonl(run_dir / "eval.jsonl")
     curve = [(int(r["step"]), eval_acc(r)) for r in evals if eval_acc(r) is not None]
     kl = [r["heldout_kl"] for r in evals if isinstance(r.get("heldout_kl"), (int, float))]
-    after_fail, after_ok, wrong_later = [], [], []
+    at_fail, at_ok, after_fail = [], [], []
     for rec in read_jsonl(run_dir / "step_weights.jsonl"):
         for t in rec.get("trajectories", []):
             w = t.get("w") or []
             failed = step_failures(t)
-            if failed is not None:
-                for k in range(1, len(w)):
-                    (after_fail if failed[k - 1] else after_ok).append(w[k])
-            if t.get("reward", 1.0) <= 0:
-                wrong_later += list(w[1:])
+            if failed is None:
+                continue
+            outs = t.get("tool_outputs")
+            tool_turn = [o is not None for o in outs] if outs is not None else [True] * len(w)
+            first = next((k for k, f in enumerate(failed) if f), None)
+            for k in range(1, len(w)):  # w_1 is 1 by definition
+                if first is not None and k == first:
+                    at_fail.append(w[k])
+                elif first is not None and k > first:
+                    after_fail.append(w[k])
+                elif k < len(tool_turn) and tool_turn[k]:
+                    at_ok.append(w[k])
     return {
         "acc_before": curve[0][1] if curve else None,
         "acc_after": curve[-1][1] if curve else None,
         "curve": curve,
         "kl_final": kl[-1] if kl else None,
+        "w_failed_tool_step": float(np.mean(at_fail)) if at_fail else None,
+        "w_correct_tool_step": float(np.mean(at_ok)) if at_ok else None,
         "w_after_failed_tool": float(np.mean(after_fail)) if after_fail else None,
-        "w_after_correct_tool": float(np.mean(after_ok)) if after_ok else None,
-        "steps_after_failed_tool": len(after_fail),
-        "w_later_steps_wrong": float(np.mean(wrong_later)) if wrong_later else None,
+        "failed_tool_steps": len(at_fail),
     }
 
 
@@ -104,15 +111,14 @@ def _pm(values: Sequence[Optional[float]], fmt: str = "{:.3f}") -> str:
 def table(summaries: dict[str, list[dict]]) -> str:
     """Markdown table, one row per algorithm, mean ± std (ddof 1) over seeds."""
     head = ("| algo | seeds | held-out acc before | held-out acc after | final student-teacher KL | "
-            "mean w_k after a failed tool step | mean w_k after a correct tool step | "
-            "mean w_k, later steps of wrong trajectories |")
+            "mean w_k at the tool step that went wrong | mean w_k at correct tool steps | "
+            "mean w_k after the wrong step |")
     lines = [head, "|" + "---|" * 8]
     for algo, runs in summaries.items():
         lines.append(f"| {algo} | {len(runs)} | {_pm([r['acc_before'] for r in runs])} | "
                      f"{_pm([r['acc_after'] for r in runs])} | {_pm([r['kl_final'] for r in runs], '{:.4f}')} | "
-                     f"{_pm([r['w_after_failed_tool'] for r in runs])} | "
-                     f"{_pm([r.get('w_after_correct_tool') for r in runs])} | "
-                     f"{_pm([r['w_later_steps_wrong'] for r in runs])} |")
+                     f"{_pm([r['w_failed_tool_step'] for r in runs])} | {_pm([r['w_correct_tool_step'] for r in runs])} | "
+                     f"{_pm([r['w_after_failed_tool'] for r in runs])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ def test_summary_table_and_plot(tmp_path):
                {"row": 1, "reward": 1.0, "tool_errors": 0, "d": [0.1, 0.1], "w": [1.0, 1.0]},
                # a demo_chain sample: the first tool output is right (x1 = 863), the second wrong (x2 is
                # 1380, not 1381), the last turn answers without a call
-               {"row": 2, "reward": -1.0, "tool_errors": 0, "d": [0.1, 0.4, 0.8], "w": [1.0, 0.9, 0.3],
+               {"row": 2, "reward": -1.0, "tool_errors": 0, "d": [0.1, 0.5, 0.01], "w": [1.0, 0.2, 1.2],
                 "prompt": "x1 = 592+271\nx2 = x1+517\nFind x2.", "tool_outputs": ["863", "1381", None]}]
     runs = {"sod": [run_summary(_run(tmp_path / f"sod{s}", [0.2, 0.3 + s / 10], [0.5, 0.2 + s / 10], samples))
                     for s in range(2)],
@@ -32,11 +32,12 @@ def test_summary_table_and_plot(tmp_path):
     s0 = runs["sod"][0]
     assert s0["acc_before"] == 0.2 and s0["acc_after"] == 0.3 and s0["kl_final"] == 0.2
     assert s0["curve"] == [(0, 0.2), (10, 0.3)]
-    # after a failed step: the tool-error trajectory's later steps (0.2, 0.1) and the step after the
-    # miscopied x2 (0.3); after a correct step: the clean trajectory's 1.0 and the step after x1 (0.9)
-    assert np.isclose(s0["w_after_failed_tool"], np.mean([0.2, 0.1, 0.3]))
-    assert np.isclose(s0["w_after_correct_tool"], np.mean([1.0, 0.9]))
-    assert np.isclose(s0["w_later_steps_wrong"], np.mean([0.2, 0.1, 0.9, 0.3]))
+    # the wrong step: turn 2 of the demo_chain sample (w 0.2); correct tool steps (turn 1 aside, whose
+    # w is 1 by definition): the clean trajectory's turn 2 (1.0); after the wrong step: the answer turn
+    # of the demo_chain sample (1.2) and every later turn of the tool-error trajectory (0.2, 0.1)
+    assert np.isclose(s0["w_failed_tool_step"], 0.2) and s0["failed_tool_steps"] == 1
+    assert np.isclose(s0["w_correct_tool_step"], 1.0)
+    assert np.isclose(s0["w_after_failed_tool"], np.mean([0.2, 0.1, 1.2]))
     md = table(runs)
     sod_row = [line for line in md.splitlines() if line.startswith("| sod |")][0]
     assert f"{np.mean([0.3, 0.4]):.3f} ± {np.std([0.3, 0.4], ddof=1):.3f}" in sod_row
