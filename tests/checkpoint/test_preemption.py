@@ -28,11 +28,13 @@ LOOP = textwrap.dedent("""
         while True:
             step += 1
             state = {"w": jnp.full((1024, 1024, 4), float(step)), "step": jnp.int32(step)}  # 16 MiB
-            ckpt.save(step, state, extra={"step": step}, force=guard.requested)
+            # as the RL and SFT loops do: decide first, then save (forced when stopping), then stop
+            stop = honour and guard.stop_now()
+            ckpt.save(step, state, extra={"step": step}, force=stop or guard.requested)
             if step == 1:
                 ckpt.wait()
                 print("ready", flush=True)
-            if honour and guard.stop_now():
+            if stop:
                 print(f"stopped after step {step}", flush=True)
                 break
             time.sleep(0.02)
