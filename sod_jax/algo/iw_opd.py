@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sod_jax.algo.losses import BIG
+
 
 @jax.jit
 def iw_opd_weights(student_logp: jax.Array, teacher_logp: jax.Array, response_mask: jax.Array,
@@ -40,7 +42,7 @@ def iw_opd_stats(weights: jax.Array, response_mask: jax.Array) -> dict:
     """Mean / min / max weight over response tokens (TRL logs the same as ``iw_opd/*_weight``)."""
     on = response_mask > 0
     n = jnp.maximum(jnp.sum(on), 1)
-    big = jnp.float32(3.4e38)
+    big = jnp.float32(BIG)
     return {"iw_opd/mean_weight": jnp.sum(jnp.where(on, weights, 0.0)) / n,
             "iw_opd/min_weight": jnp.min(jnp.where(on, weights, big)),
             "iw_opd/max_weight": jnp.max(jnp.where(on, weights, -big))}

@@ -15,6 +15,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from sod_jax.parallel import constrain
+
 
 def _chunk_stats(h: jax.Array, w: jax.Array, y: jax.Array, with_entropy: bool, temperature: float):
     """h ``[B, C, D]``, w ``[D, V]``, y ``[B, C]`` -> (log p(y) ``[B, C]``, entropy ``[B, C]`` or zeros)."""
@@ -48,6 +50,10 @@ def token_logprobs_and_entropy(
     pad = n_win * window - T
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, n_win, window, D).swapaxes(0, 1)
     y = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(B, n_win, window).swapaxes(0, 1)
+    # The windows keep the rows' batch sharding (axis 1 now), in the forward and the backward pass:
+    # left to itself the partitioner may reshuffle them with an all-to-all at some shapes.
+    h = constrain(h, (None, "batch", None, None))
+    y = constrain(y, (None, "batch", None))
 
     body = jax.checkpoint(partial(_chunk_stats, with_entropy=with_entropy, temperature=float(temperature)))
 
