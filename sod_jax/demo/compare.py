@@ -46,7 +46,7 @@ def eval_acc(record: dict) -> Optional[float]:
     return float(np.mean(accs)) if accs else None
 
 
-def step_failures(sample: dict) -> Optional[list[bool]]:
+def step_failures(sample: dict) -> list[bool]:
     """Per assistant turn of one ``step_weights.jsonl`` trajectory sample: did its tool step fail?
 
     A demo_chain prompt (``prompt`` parses as a chain) fails at turn k when the tool output after it
@@ -75,8 +75,6 @@ def run_summary(run_dir: Path) -> dict:
         for t in rec.get("trajectories", []):
             w = t.get("w") or []
             failed = step_failures(t)
-            if failed is None:
-                continue
             outs = t.get("tool_outputs")
             tool_turn = [o is not None for o in outs] if outs is not None else [True] * len(w)
             first = next((k for k, f in enumerate(failed) if f), None)
