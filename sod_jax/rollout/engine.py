@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sod_jax.models.qwen3 import CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
+from sod_jax.models.qwen3 import CacheSplit, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,16 @@ def _last_logits(cfg: Qwen3Config, w: dict, h: jax.Array, n_valid: jax.Array) ->
     return lm_logits(cfg, w, last)
 
 
-def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int):
+def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int,
+                split: Optional[CacheSplit] = None):
     """Feed every active slot's pending token (one cached :func:`forward` step), sample the next one.
     Returns new state and (token [S], logprob [S], emitted [S]). The caller guarantees every active
-    slot stays below the cache capacity during the call; ``max_len`` is the slot length a sample may
-    reach."""
+    slot stays below the cache capacity during the call (and, with a ``split``, every slot outside
+    its tail rows below ``split.common``); ``max_len`` is the slot length a sample may reach."""
     pos = st.lengths  # where the pending token goes
     act = st.active
     h, cache = forward(cfg, w, st.next_token[:, None], pos[:, None], cache=KVCache(st.k, st.v),
-                       write=CacheWrite(None, pos, act[:, None]))
+                       write=CacheWrite(None, pos, act[:, None], split))
     logits = lm_logits(cfg, w, h[:, 0])
     with jax.named_scope("sample"):
         tok, lp = sample(logits, token_keys(st.base_keys, st.counters), st.temperature, st.top_k, st.top_p,
@@ -177,6 +178,13 @@ class Prefix:
         return self.v[0].shape[2]
 
 
+def engine_options(rollout_cfg: Any) -> dict:
+    """The :class:`Engine` keyword arguments set by the ``rollout`` config section beyond the sizes
+    each caller picks (extension buckets, ragged decode)."""
+    tail = int(rollout_cfg.tail_slots)
+    return {"extend_buckets": tuple(rollout_cfg.extend_buckets), "tail_slots": None if tail < 0 else tail}
+
+
 def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -> int:
     """slots x max_len x layers x kv_heads x head_dim x 2 (k and v) x bytes per element."""
     return (num_slots * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
@@ -223,10 +231,16 @@ class Engine:
         tokenizer: Any = None,
         kv_budget_bytes: Optional[int] = None,
         cache_dtype: Any = None,
+        tail_slots: Optional[int] = None,
     ):
         cfg = model.config
         self.cfg = cfg
         self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
+        # Ragged decode: the longest `tail_slots` slots read the whole cache, the others only up to the
+        # capacity that holds the rest (default: 1/8 of the slots, at least 1; 0 = off).
+        self.tail_slots = max(1, num_slots // 8) if tail_slots is None else int(tail_slots)
+        self.ragged_calls = 0  # decode calls that ran with a ragged read (diagnostics, tests)
+        self._no_tail = jnp.zeros((1,), jnp.int32)
         self.buckets = sorted(set(int(b) for b in prefill_buckets))
         self.extend_buckets = sorted(set(int(b) for b in extend_buckets))
         self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
@@ -326,14 +340,17 @@ class Engine:
                 top_k=put(st.top_k, top_k), top_p=put(st.top_p, top_p), greedy=put(st.greedy, greedy))
             return st, (tok, lp, active)
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
-        def step(w, st, steps, mode):
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "common"))
+        def step(w, st, tail_rows, steps, mode, common):
+            """``steps`` decode steps; ``common`` > 0: a ragged read (only ``tail_rows [R]`` read past
+            position ``common``, see :class:`CacheSplit`)."""
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
+            split = CacheSplit(common, tail_rows) if common else None
 
             def body(carry):
                 i, st, (toks, lps, emitted) = carry
-                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M)
+                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M, split)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
@@ -459,8 +476,24 @@ class Engine:
         self._bound = np.minimum(self._bound + grow, self.max_len)
         self._left -= grow
         self._reserve(int(self._bound.max()))
-        self.state, out = self._step(self.params, self.state, steps=steps, mode=widest_mode(self._modes))
+        common, tail = self._split_plan()
+        self.state, out = self._step(self.params, self.state, tail, steps=steps, mode=widest_mode(self._modes),
+                                     common=common)
+        self.ragged_calls += bool(common)
         return out
+
+    def _split_plan(self) -> tuple[int, jax.Array]:
+        """(common capacity, tail rows ``[R]``) of the next decode call: the ``tail_slots`` slots with
+        the largest length bounds read the whole cache, every other slot only the capacity that holds
+        the longest of them (a power of two). (0, a dummy row) when that saves nothing."""
+        R = self.tail_slots
+        if R <= 0 or R >= self.num_slots:
+            return 0, self._no_tail
+        order = np.argsort(-self._bound, kind="stable")
+        common = self.capacity_for(max(int(self._bound[order[R]]), 1))
+        if common >= self._cap:
+            return 0, self._no_tail
+        return common, jnp.asarray(np.sort(order[:R]).astype(np.int32))
 
     def may_generate(self, slots: Optional[Sequence[int]] = None) -> bool:
         """False when none of ``slots`` (default all) can still be active on the device: its token budget

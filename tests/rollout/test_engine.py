@@ -290,3 +290,25 @@ def test_cache_capacity_follows_the_live_lengths(ckpt):
     assert out.token_ids == hf_greedy(hf, p, 70)  # the cache grows from 64 to 128 mid-generation
     assert seen[0] == 64 and seen[-1] == 128 and max(seen) < 1000
     assert engine.capacity == 64 and engine.state.v[0].shape[2] == 64  # every slot free: small again
+
+
+def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
+    """One long request among short ones: the decode calls read the whole cache only for the tail
+    slot (the others stop at the capacity that holds them); tokens still equal transformers and
+    log-probs equal an engine without ragged reads."""
+    path, hf = ckpt
+    model = load_pretrained(path)
+    ps = prompts(4, seed=3)
+    reqs = [Request(p, max_new_tokens=150 if i == 1 else 10, sampling=SamplingParams(greedy=True), id=i)
+            for i, p in enumerate(ps)]
+    ragged = Engine(model, num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), tail_slots=1)
+    plain = Engine(model, num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), tail_slots=0)
+    seen = []
+    real = ragged._step
+    ragged._step = lambda *a, **k: (seen.append((k["common"], ragged.capacity)), real(*a, **k))[1]
+    outs, ref = ragged.generate(reqs), plain.generate(reqs)
+    assert ragged.ragged_calls > 0 and plain.ragged_calls == 0
+    assert (64, 256) in seen  # the short slots read 64 positions while the straggler reads 256
+    for p, r, o, b in zip(ps, reqs, outs, ref):
+        assert o.token_ids == b.token_ids == hf_greedy(hf, p, r.max_new_tokens)
+        np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
