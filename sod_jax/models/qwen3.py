@@ -236,7 +236,7 @@ def split_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     :func:`cache_attention`; equal to it when no row outside ``tail_rows`` sees a position at or past
     ``common``."""
     B, T, N, H = q.shape
-    K, c, rows = k.shape[1], split.common, split.tail_rows
+    c, rows = split.common, split.tail_rows
     acc, m, l = _partial_cache_attention(q, k[..., :c], v[:, :, :c], mask[..., :c])
     acc_t, m_t, l_t = _partial_cache_attention(q[rows], k[rows][..., c:], v[rows][:, :, c:], mask[rows][..., c:])
     top = jnp.maximum(m[rows], m_t)
