@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         if mode == "greedy":
             check["greedy_equal_fraction"] = round(sum(same) / len(same), 3)
         t_ours, t_hf = best_time_pair(lambda: engine.generate(reqs), run_hf, args.repeats)
+        if args.trace:  # one more run of ours under the profiler; every block is a named scope
+            with jax.profiler.trace(f"{args.trace}/{mode}", create_perfetto_trace=True):
+                engine.generate(reqs)
         peak = matmul_peak_flops(model.config.dtype)
         total = len(prompts) * N
         mean_len = float(np.mean([len(p) for p in prompts])) + N / 2  # live length averaged over decoding
@@ -129,6 +132,9 @@ def add_parser(sub) -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace", default="", metavar="DIR",
+                   help="write a jax.profiler trace of one more run of ours per mode to DIR/<mode> (TensorBoard / "
+                        "Perfetto); ops are named by block (layer_i/attention, mlp, lm_head, sample)")
     p.add_argument("--straggler", type=int, default=0,
                    help="also time one request of STRAGGLER tokens among the others (greedy): ragged decode "
                         "reads vs every slot reading the straggler's length (0: skip)")
