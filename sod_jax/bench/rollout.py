@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
     """One request generates ``--straggler`` tokens, the others ``--new-tokens`` (greedy): the engine
-    with ragged reads (``rollout.tail_slots`` default) against the same engine without (0)."""
+    with ragged reads and compact decode (the defaults) against the same engine with neither."""
     import jax
 
     from sod_jax.rollout import Engine, Request, SamplingParams
@@ -110,7 +110,7 @@ def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
     reqs = [Request(p, L if i == 0 else N, SamplingParams(greedy=True), seed=i) for i, p in enumerate(prompts)]
     kw = dict(num_slots=args.slots, max_len=max(map(len, prompts)) + L + 1, decode_steps=args.decode_steps,
               prefill_buckets=(32, 64, 128, 256))
-    ragged, plain = Engine(model, **kw), Engine(model, tail_slots=0, **kw)
+    ragged, plain = Engine(model, **kw), Engine(model, tail_slots=0, compact_decode=False, **kw)
     a, b = ragged.generate(reqs), plain.generate(reqs)  # compiles every variant
     same = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(a)
     t_ours, t_base = best_time_pair(lambda: ragged.generate(reqs), lambda: plain.generate(reqs), args.repeats)
@@ -118,7 +118,8 @@ def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
     return {"bench": "rollout", "mode": "straggler", "prompts": len(prompts), "new_tokens": N, "straggler_tokens": L,
             "slots": args.slots, "tail_slots": ragged.tail_slots, "ours": round(total / t_ours, 1),
             "baseline": round(total / t_base, 1), "ratio": round(t_base / t_ours, 2), "unit": "generated tokens/s",
-            "baseline_impl": "the same engine without ragged reads (rollout.tail_slots 0)",
+            "baseline_impl": "the same engine decoding every slot over the whole cache (rollout.tail_slots 0, "
+                             "rollout.compact_decode false)",
             "device": jax.devices()[0].platform, "greedy_equal_fraction": round(same, 3)}
 
 
@@ -136,6 +137,6 @@ def add_parser(sub) -> None:
                    help="write a jax.profiler trace of one more run of ours per mode to DIR/<mode> (TensorBoard / "
                         "Perfetto); ops are named by block (layer_i/attention, mlp, lm_head, sample)")
     p.add_argument("--straggler", type=int, default=0,
-                   help="also time one request of STRAGGLER tokens among the others (greedy): ragged decode "
-                        "reads vs every slot reading the straggler's length (0: skip)")
+                   help="also time one request of STRAGGLER tokens among the others (greedy): ragged reads and "
+                        "compact decode vs every slot decoding over the straggler's length (0: skip)")
     p.set_defaults(fn=run)

@@ -301,8 +301,8 @@ def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
     ps = prompts(4, seed=3)
     reqs = [Request(p, max_new_tokens=150 if i == 1 else 10, sampling=SamplingParams(greedy=True), id=i)
             for i, p in enumerate(ps)]
-    ragged = Engine(model, num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), tail_slots=1)
-    plain = Engine(model, num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), tail_slots=0)
+    kw = dict(num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), compact_decode=False)
+    ragged, plain = Engine(model, tail_slots=1, **kw), Engine(model, tail_slots=0, **kw)
     seen = []
     real = ragged._step
     ragged._step = lambda *a, **k: (seen.append((k["common"], ragged.capacity)), real(*a, **k))[1]
@@ -312,3 +312,24 @@ def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
     for p, r, o, b in zip(ps, reqs, outs, ref):
         assert o.token_ids == b.token_ids == hf_greedy(hf, p, r.max_new_tokens)
         np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_compact_decode_of_the_stragglers(ckpt):
+    """Once at most a quarter of the slots can still generate, a decode call runs only those
+    (gathered into a smaller batch): greedy tokens still equal transformers, and sampled tokens and
+    log-probs equal the engine that decodes every slot (per-sample keys do not depend on the batch)."""
+    path, hf = ckpt
+    model = load_pretrained(path)
+    ps = prompts(7) + prompts(1, seed=5)
+    kw = dict(num_slots=8, max_len=192, decode_steps=16, prefill_buckets=(8, 16, 32))
+    compact, full = Engine(model, **kw), Engine(model, compact_decode=False, **kw)
+    for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, top_p=0.9)):
+        reqs = [Request(p, max_new_tokens=120 if i == 2 else 6, sampling=sp, seed=i, id=i) for i, p in enumerate(ps)]
+        calls = compact.compact_calls
+        outs, ref = compact.generate(reqs), full.generate(reqs)
+        assert compact.compact_calls > calls and full.compact_calls == 0
+        for p, r, o, b in zip(ps, reqs, outs, ref):
+            assert o.token_ids == b.token_ids
+            np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+            if sp.greedy:
+                assert o.token_ids == hf_greedy(hf, p, r.max_new_tokens)
