@@ -11,7 +11,11 @@ the positions that can be live, straight from the cache buffers, without slicing
   prefill) and samples each slot's first token with the slot's own key.
 * :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call (a
   ``lax.while_loop`` that ends early once no slot is active); stop ids, per-slot token budgets and
-  the cache capacity are checked on device, so the host syncs once per call, not per token.
+  the cache capacity are checked on device, so the host syncs once per call, not per token. Two
+  plans bound what stragglers cost, both made on the host from its length and budget bounds:
+  *ragged reads* (only the ``tail_slots`` longest slots read past the capacity that holds the
+  others, :class:`~sod_jax.models.qwen3.CacheSplit`) and *compact decode* (when at most a quarter
+  of the slots can still generate, only those are gathered and decoded).
 * :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
   re-running their context and samples each one's next token, one device call per tool-text
   bucket: the multi-turn agent's fast path.
