@@ -26,8 +26,16 @@ Each execution (why it cannot reach the zygote or leave anything behind):
 3. The execution process mounts a fresh size-limited tmpfs on ``/tmp`` (its scratch directory
    ``/tmp/sandbox`` with the request's files and ``main.py``) and on ``/dev/shm``, drops every
    capability (bounding, ambient, effective, permitted), sets its own rlimits (CPU, address space,
-   processes, file size, open files, no core), a new session, the clean environment, fresh
-   stdio and ``__main__``, reseeds numpy's global generator, and runs the code.
+   processes, file size, open files, no core), a new session and a fresh ``__main__``, and runs the
+   code.
+4. What every execution starts with the same is prepared once in the zygote, never per execution
+   (a forked process pays for every page it writes: each is copied): the default signal
+   dispositions, the stream objects of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds
+   are of the execution's kinds, never read or written by the zygote, so each execution gets them
+   unused; the zygote's own socket is off fd 0), and ``os.environ`` set to the request's
+   environment (only when it differs from the last one; the zygote itself never uses it). Just
+   before each fork the zygote reseeds numpy's global generator from the OS, so every execution
+   draws its own numbers and none can know the next one's.
 
 Nothing an execution changes (globals, modules, signal handlers, environment, threads, files,
 children) exists in the zygote, and the next execution is a fresh fork of the untouched zygote.
@@ -79,14 +87,17 @@ def _check(ret, what):
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+
 def _prctl(option, arg):
-    return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                      ctypes.c_ulong(0))
+    return libc.prctl(option, arg, 0, 0, 0)
 
 
 def _mount_tmpfs(target, options):
-    _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
-                      options.encode()), f"mount tmpfs on {target}")
+    _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()),
+           f"mount tmpfs on {target}")
 
 
 def _drop_capabilities():
@@ -122,9 +133,12 @@ def _clone_into_namespaces():
 
 def _map_own_ids(uid, gid):
     _prctl(PR_SET_DUMPABLE, 1)  # this copy only: its own /proc files must be writable for the id maps
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
+    for name, text in ((b"setgroups", b"deny"), (b"uid_map", b"%d %d 1" % (uid, uid)), (b"gid_map", b"%d %d 1" % (gid, gid))):
+        fd = os.open(b"/proc/self/" + name, os.O_WRONLY)  # raw descriptors: no file objects to build
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
 
 
 def _helper(req, out_fd, err_fd, report_fd):
@@ -149,7 +163,7 @@ def _helper(req, out_fd, err_fd, report_fd):
 
 def _execution(req, out_fd, err_fd):
     """pid 1 of the execution's namespaces: private scratch, no capabilities, own limits; run the code."""
-    _check(libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make mounts private")
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     _mount_tmpfs("/tmp", f"size={int(req['scratch_mb'])}m,mode=0755")
     if os.path.isdir("/dev/shm"):
         _mount_tmpfs("/dev/shm", f"size={int(req['scratch_mb'])}m,mode=1777")
@@ -157,13 +171,10 @@ def _execution(req, out_fd, err_fd):
     for rel, content in (req.get("files") or {}).items():
         path = os.path.join(WORKDIR, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(content or ""))
-    with open(os.path.join(WORKDIR, "main.py"), "w", encoding="utf-8") as f:
-        f.write(req["code"])
+        _write_file(path, base64.b64decode(content or ""))
+    _write_file(os.path.join(WORKDIR, "main.py"), req["code"].encode("utf-8"))
     stdin_path = "/tmp/.stdin"
-    with open(stdin_path, "wb") as f:
-        f.write((req.get("stdin") or "").encode())
+    _write_file(stdin_path, (req.get("stdin") or "").encode())
     in_fd = os.open(stdin_path, os.O_RDONLY)
     os.unlink(stdin_path)  # the open descriptor is all that is left of it
     os.chdir(WORKDIR)
@@ -177,24 +188,27 @@ def _execution(req, out_fd, err_fd):
                        (resource.RLIMIT_NOFILE, int(req["nofile"])), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     os.setsid()
-    os.environ.clear()
-    os.environ.update(req["env"])
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # environment and signal dispositions: already the execution's, set in the zygote (_prepare)
     _run_main(os.path.join(WORKDIR, "main.py"))
+
+
+def _write_file(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no file object to build
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _run_main(path):
     """Run ``path`` as a fresh ``__main__`` the way ``python path`` would, then exit the process."""
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1,
-                                       closefd=False)
+    # fds 0/1/2 are now the execution's; the stream objects on them were built by the zygote, never used
+    sys.stdin, sys.stdout, sys.stderr = _STDIO
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
     sys.argv = [path]
     sys.path[0] = os.path.dirname(path)
-    if "numpy" in sys.modules:  # every fork would otherwise draw the same numbers
-        sys.modules["numpy"].random.seed()
     main = types.ModuleType("__main__")
     main.__file__, main.__builtins__, main.__spec__, main.__loader__ = path, builtins, None, None
     sys.modules["__main__"] = main
@@ -242,6 +256,43 @@ def _exit_code(e):
 
 # -- the zygote's loop --------------------------------------------------------------------------
 
+_STDIO = None  # (stdin, stdout, stderr) for the executions, built once by _build_stdio
+_ENV = None  # the environment os.environ holds now, as last set for an execution
+
+
+def _build_stdio():
+    """The execution's sys.stdin/stdout/stderr, built once here on fds 0/1/2 (``closefd=False``) while
+    those are of the kinds the execution's will be (0 a seekable file, 1 and 2 pipes), so the streams'
+    cached properties (seekable, buffer size) are right; the zygote never reads or writes them, so
+    every execution starts with them untouched and empty. Returns the three streams."""
+    saved = os.dup(1), os.dup(2)
+    r, w = os.pipe()
+    try:
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        return (open(0, "r", encoding="utf-8", closefd=False),
+                open(1, "w", encoding="utf-8", closefd=False),
+                open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False))
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, r, w):
+            os.close(fd)
+
+
+def _prepare(req):
+    """Per execution, in the zygote just before the fork: what the execution must start with that is
+    not the same every time (the zygote itself never uses its environment or numpy's generator)."""
+    global _ENV
+    env = req["env"]
+    if env != _ENV:  # the same for every execution of a worker: in practice set once
+        os.environ.clear()
+        os.environ.update(env)
+        _ENV = dict(env)
+    if "numpy" in sys.modules:  # a state of its own for this execution, drawn from the OS (every fork
+        sys.modules["numpy"].random.seed()  # would otherwise draw the same numbers)
+
+
 def _recv_exact(sock, n):
     buf = bytearray()
     while len(buf) < n:
@@ -255,6 +306,7 @@ def _recv_exact(sock, n):
 def _launch(req, fds):
     """Start one execution; returns (pid of its pid 1 as seen here, None) or (None, error)."""
     global _SYS_CLONE
+    _prepare(req)
     if _SYS_CLONE is not None:
         uid, gid = os.getuid(), os.getgid()
         try:
@@ -337,9 +389,13 @@ def _serve_one(sock, req, fds):
 
 
 def main():
+    global _STDIO
     cfg = json.loads(sys.argv[1])
-    sock = socket.socket(fileno=0)
+    sock = socket.socket(fileno=os.dup(0))  # off fd 0, which becomes /dev/null: see _build_stdio
     sock.setblocking(True)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     missing = []
     for name in cfg.get("preload", []):
         try:
@@ -348,6 +404,10 @@ def main():
             missing.append(f"{name}: {type(e).__name__}")
     if "numpy" in sys.modules:  # its first seeding is slow (lazy set-up): pay it once, not per execution
         sys.modules["numpy"].random.seed()
+    _STDIO = _build_stdio()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)  # the executions' dispositions (never changed here)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import gc
 
     gc.collect()
