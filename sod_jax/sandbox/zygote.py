@@ -89,6 +89,9 @@ def _check(ret, what):
 
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_COLLAPSE = 25
+HUGE_PAGE = 1 << 21
 
 
 def _prctl(option, arg):
@@ -280,6 +283,32 @@ def _build_stdio():
             os.close(fd)
 
 
+def _collapse_heap():
+    """Best effort: back the zygote's anonymous private memory (the preloaded modules' objects) with
+    2 MB huge pages (``MADV_COLLAPSE``, Linux 6.1+). Every fork copies the page tables of this memory
+    and every execution's exit frees them: one PMD entry per 2 MB instead of 512 PTEs. A copy-on-write
+    fault in a fork then splits only the huge page it touches, back into 4 KB pages, and copies one.
+    Only ranges already populated are collapsed; no ``MADV_HUGEPAGE``, so memory faulted in later
+    (the executions' own) keeps the system's policy. Any failure (an older kernel: EINVAL; no free
+    huge pages: EAGAIN/ENOMEM) leaves the memory as it was; the zygote works the same, only slower.
+    Returns the number of ranges collapsed."""
+    done = 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "rw-p" or (len(parts) > 5 and parts[5] != "[heap]"):
+            continue  # file mappings, stacks, vdso: not the interpreter's heap
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        lo, hi = (lo + HUGE_PAGE - 1) & -HUGE_PAGE, hi & -HUGE_PAGE
+        if hi > lo and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            done += 1
+    return done
+
+
 def _prepare(req):
     """Per execution, in the zygote just before the fork: what the execution must start with that is
     not the same every time (the zygote itself never uses its environment or numpy's generator)."""
@@ -412,6 +441,7 @@ def main():
 
     gc.collect()
     gc.freeze()  # the collector never walks (and so never copies) the preloaded objects in a fork
+    _collapse_heap()
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
