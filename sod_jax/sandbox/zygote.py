@@ -176,10 +176,13 @@ def _execution(req, out_fd, err_fd):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _write_file(path, base64.b64decode(content or ""))
     _write_file(os.path.join(WORKDIR, "main.py"), req["code"].encode("utf-8"))
-    stdin_path = "/tmp/.stdin"
-    _write_file(stdin_path, (req.get("stdin") or "").encode())
-    in_fd = os.open(stdin_path, os.O_RDONLY)
-    os.unlink(stdin_path)  # the open descriptor is all that is left of it
+    if req.get("stdin"):
+        stdin_path = "/tmp/.stdin"
+        _write_file(stdin_path, req["stdin"].encode())
+        in_fd = os.open(stdin_path, os.O_RDONLY)
+        os.unlink(stdin_path)  # the open descriptor is all that is left of it
+    else:  # nothing to read: the same end of file, without a file to write
+        in_fd = os.open(os.devnull, os.O_RDONLY)
     os.chdir(WORKDIR)
     for fd, target in ((in_fd, 0), (out_fd, 1), (err_fd, 2)):
         if fd != target:
@@ -192,7 +195,7 @@ def _execution(req, out_fd, err_fd):
         resource.setrlimit(res, (value, value))
     os.setsid()
     # environment and signal dispositions: already the execution's, set in the zygote (_prepare)
-    _run_main(os.path.join(WORKDIR, "main.py"))
+    _run_main(os.path.join(WORKDIR, "main.py"), req["code"])
 
 
 def _write_file(path, data):
@@ -205,8 +208,9 @@ def _write_file(path, data):
         os.close(fd)
 
 
-def _run_main(path):
-    """Run ``path`` as a fresh ``__main__`` the way ``python path`` would, then exit the process."""
+def _run_main(path, source):
+    """Run ``path`` (its text is ``source``) as a fresh ``__main__`` the way ``python path`` would,
+    then exit the process."""
     # fds 0/1/2 are now the execution's; the stream objects on them were built by the zygote, never used
     sys.stdin, sys.stdout, sys.stderr = _STDIO
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
@@ -217,8 +221,7 @@ def _run_main(path):
     sys.modules["__main__"] = main
     rc = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            code = compile(f.read(), path, "exec")
+        code = compile(source, path, "exec")  # the text just written there: no need to read it back
     except SyntaxError as e:
         traceback.print_exception(type(e), e, None)
         code, rc = None, 1
