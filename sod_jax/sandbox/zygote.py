@@ -103,12 +103,18 @@ def _mount_tmpfs(target, options):
            f"mount tmpfs on {target}")
 
 
+_CAPSET_ARGS = (_CapHeader(0x20080522, 0), (_CapData * 2)())  # version 3, this process: all sets empty
+_prctl_held = _libc_gil.prctl  # a call too short to be worth releasing the GIL for (~40 of them in a row)
+_prctl_held.argtypes = libc.prctl.argtypes
+
+
 def _drop_capabilities():
+    drop = _prctl_held
     for cap in range(64):  # the bounding set first (needs CAP_SETPCAP, which goes last)
-        if _prctl(PR_CAPBSET_DROP, cap) != 0:
+        if drop(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             break  # EINVAL: past the last capability this kernel knows
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _check(libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)()), "capset")
+    _check(libc.capset(ctypes.byref(_CAPSET_ARGS[0]), _CAPSET_ARGS[1]), "capset")
 
 
 # -- one execution (runs in the forked processes only) --------------------------------------------
