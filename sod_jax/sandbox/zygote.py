@@ -71,6 +71,14 @@ WORKDIR = "/tmp/sandbox"
 libc = ctypes.CDLL(None, use_errno=True)
 _libc_gil = ctypes.PyDLL(None, use_errno=True)  # calls made holding the GIL, as os.fork does
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}.get(platform.machine())
+# ctypes looks a function up (and builds its object) on first use: done here, once, not in every fork
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_raw_syscall = _libc_gil.syscall
+_raw_syscall.restype = ctypes.c_long
+_raw_syscall.argtypes = [ctypes.c_long] + [ctypes.c_ulong] * 5
+_capset = libc.capset
 
 
 class _CapHeader(ctypes.Structure):
@@ -114,7 +122,7 @@ def _drop_capabilities():
         if drop(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             break  # EINVAL: past the last capability this kernel knows
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _check(libc.capset(ctypes.byref(_CAPSET_ARGS[0]), _CAPSET_ARGS[1]), "capset")
+    _check(_capset(ctypes.byref(_CAPSET_ARGS[0]), _CAPSET_ARGS[1]), "capset")
 
 
 # -- one execution (runs in the forked processes only) --------------------------------------------
@@ -126,15 +134,13 @@ def _clone_into_namespaces():
     if _SYS_CLONE is None:
         return None
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | signal.SIGCHLD
-    _libc_gil.syscall.restype = ctypes.c_long
-    ctypes.pythonapi.PyOS_BeforeFork()
-    pid = _libc_gil.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _before_fork()
+    pid = _raw_syscall(_SYS_CLONE, flags, 0, 0, 0, 0)
     if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
+        _after_fork_child()
         return 0
     err = ctypes.get_errno()
-    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    _after_fork_parent()
     if pid < 0:
         raise OSError(err, f"clone into new namespaces: {os.strerror(err)}")
     return pid
@@ -221,7 +227,7 @@ def _run_main(path, source):
     sys.stdin, sys.stdout, sys.stderr = _STDIO
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
     sys.argv = [path]
-    sys.path[0] = os.path.dirname(path)
+    sys.path[0] = WORKDIR  # the script's directory
     main = types.ModuleType("__main__")
     main.__file__, main.__builtins__, main.__spec__, main.__loader__ = path, builtins, None, None
     sys.modules["__main__"] = main
@@ -269,6 +275,8 @@ def _exit_code(e):
 # -- the zygote's loop --------------------------------------------------------------------------
 
 _STDIO = None  # (stdin, stdout, stderr) for the executions, built once by _build_stdio
+# what an execution replaces in sys, kept referenced here so that no fork frees it (freeing writes)
+_REPLACED = (sys.stdin, sys.stdout, sys.stderr, sys.argv)
 _ENV = None  # the environment os.environ holds now, as last set for an execution
 
 
