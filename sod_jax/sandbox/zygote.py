@@ -146,10 +146,19 @@ def _clone_into_namespaces():
     return pid
 
 
-def _map_own_ids(uid, gid):
+def _id_maps(uid, gid):
+    """What a new user namespace's /proc files get: only our own uid and gid, mapped to themselves."""
+    return ((b"/proc/self/setgroups", b"deny"), (b"/proc/self/uid_map", b"%d %d 1" % (uid, uid)),
+            (b"/proc/self/gid_map", b"%d %d 1" % (gid, gid)))
+
+
+_ID_MAPS = _id_maps(os.getuid(), os.getgid())  # the zygote's ids: the same for every execution
+
+
+def _map_own_ids(maps):
     _prctl(PR_SET_DUMPABLE, 1)  # this copy only: its own /proc files must be writable for the id maps
-    for name, text in ((b"setgroups", b"deny"), (b"uid_map", b"%d %d 1" % (uid, uid)), (b"gid_map", b"%d %d 1" % (gid, gid))):
-        fd = os.open(b"/proc/self/" + name, os.O_WRONLY)  # raw descriptors: no file objects to build
+    for path, text in maps:
+        fd = os.open(path, os.O_WRONLY)  # raw descriptors: no file objects to build
         try:
             os.write(fd, text)
         finally:
@@ -159,9 +168,9 @@ def _map_own_ids(uid, gid):
 def _helper(req, out_fd, err_fd, report_fd):
     """In the zygote's fork (where a raw clone is not available): new namespaces, then fork the
     execution (pid 1 there) and exit."""
-    uid, gid = os.getuid(), os.getgid()
+    maps = _id_maps(os.getuid(), os.getgid())
     _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
-    _map_own_ids(uid, gid)
+    _map_own_ids(maps)
     pid = os.fork()
     if pid == 0:
         os.close(report_fd)
@@ -357,7 +366,6 @@ def _launch(req, fds):
     global _SYS_CLONE
     _prepare(req)
     if _SYS_CLONE is not None:
-        uid, gid = os.getuid(), os.getgid()
         try:
             pid = _clone_into_namespaces()
         except OSError as e:
@@ -367,7 +375,7 @@ def _launch(req, fds):
         else:
             if pid == 0:
                 try:
-                    _map_own_ids(uid, gid)
+                    _map_own_ids(_ID_MAPS)
                     _execution(req, fds[0], fds[1])
                 except BaseException as e:  # set-up failed before any model code ran
                     try:
