@@ -35,7 +35,15 @@ Each execution (why it cannot reach the zygote or leave anything behind):
    unused; the zygote's own socket is off fd 0), and ``os.environ`` set to the request's
    environment (only when it differs from the last one; the zygote itself never uses it). Just
    before each fork the zygote reseeds numpy's global generator from the OS, so every execution
-   draws its own numbers and none can know the next one's.
+   draws its own numbers and none can know the next one's (the random module reseeds itself in
+   every fork).
+
+What an execution costs is mostly the kernel's: fork copies the page tables of the preloaded heap,
+each page the execution writes is copied, exit frees it all. So the zygote collapses its heap into
+2 MB huge pages once after the imports (``_collapse_heap``), binds the ctypes functions the
+executions call up front (ctypes builds a function's object on first use), keeps whatever an
+execution replaces in ``sys`` referenced (freeing it would write), and an execution writes its files
+with raw descriptors and compiles ``main.py`` from the text it just wrote.
 
 Nothing an execution changes (globals, modules, signal handlers, environment, threads, files,
 children) exists in the zygote, and the next execution is a fresh fork of the untouched zygote.
