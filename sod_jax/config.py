@@ -102,6 +102,9 @@ class RolloutConfig:
     num_slots: int = _f(256, "Concurrent decode slots (each holds one trajectory's KV cache).")
     decode_steps: int = _f(32, "Tokens generated per slot per device call.")
     prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
+    extend_buckets: list[int] = _f([16, 32, 64, 128, 256, 512], "Tool-response lengths are padded up to one of these when appended to a slot's cache (one device call per bucket per agent advance).")
+    compact_decode: bool = _f(True, "When at most a quarter of the slots can still generate (a batch's stragglers), decode only those (gathered into a smaller batch) instead of every slot.")
+    tail_slots: int = _f(-1, "Ragged decode: only this many of the longest slots read the whole KV cache in a decode call; the others read up to the capacity that holds them, so a straggler does not make every slot read its length (-1: num_slots/8, at least 1; 0: off).")
     kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: 90% of the device memory less the sampling weights; no check on CPU).")
     stop_strings: list[str] = _f([], "Extra strings that end an assistant turn (the agent stops on <|im_end|> / eos only).", implemented=False)
 

@@ -124,7 +124,7 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
     from sod_jax.evaluation import evaluate
     from sod_jax.models import load_pretrained
     from sod_jax.rewards import RewardPool
-    from sod_jax.rollout import Engine
+    from sod_jax.rollout.engine import Engine, engine_options
     from sod_jax.rollout.agent import AgentConfig
 
     check_eval_config(cfg)
@@ -148,6 +148,7 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
     slots = max(cfg.eval.n, min(cfg.rollout.num_slots, cfg.eval.n * len(rows)))
     engine = Engine(model, num_slots=slots, max_len=longest + cfg.eval.max_response_length + 1,
                     decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
+                    **engine_options(cfg.rollout),
                     stop_ids=tok.stop_ids, tokenizer=tok)
     sandbox = make_sandbox(cfg)
     loop = asyncio.new_event_loop()

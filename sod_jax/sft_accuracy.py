@@ -84,7 +84,7 @@ class AccuracyHook(SFTHook):
         from sod_jax.data import load_prompt_rows
         from sod_jax.eval import make_sandbox, tool_schemas
         from sod_jax.rewards import RewardPool
-        from sod_jax.rollout import Engine
+        from sod_jax.rollout.engine import Engine, engine_options
         from sod_jax.rollout.agent import AgentConfig
 
         cfg, s = self.cfg, self.sft
@@ -102,6 +102,7 @@ class AccuracyHook(SFTHook):
         self.engine = Engine(trainer.model(), num_slots=min(cfg.rollout.num_slots, len(rows)),
                              max_len=longest + s.accuracy_max_response_length + 1,
                              decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
+                             **engine_options(cfg.rollout),
                              stop_ids=self.tok.stop_ids, tokenizer=self.tok)
         self.agent_cfg = AgentConfig.from_config(cfg)
         self.eval_cfg = SimpleNamespace(n=1, ks=[1], temperature=s.accuracy_temperature, top_p=1.0,

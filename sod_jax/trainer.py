@@ -200,7 +200,7 @@ class Trainer:
         from sod_jax.models.hf import load_pretrained
         from sod_jax.rewards import RewardPool
         from sod_jax.rollout.agent import Agent, AgentConfig
-        from sod_jax.rollout.engine import Engine
+        from sod_jax.rollout.engine import Engine, engine_options
         from sod_jax.tracking import RunDir
         from sod_jax.train_step import (UpdateSpec, build_update, init_train_state, make_optimizer,
                                         num_optimizer_steps, train_state_shardings)
@@ -235,6 +235,7 @@ class Trainer:
         budget = cfg.rollout.kv_cache_budget_gb
         self.engine = Engine(self.student, num_slots=cfg.rollout.num_slots, max_len=self.max_len,
                              decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
+                             **engine_options(cfg.rollout),
                              stop_ids=self.tok.stop_ids, tokenizer=self.tok,
                              kv_budget_bytes=int(budget * 2**30) if budget else None)
         self.engine.update_params(self.state.params)

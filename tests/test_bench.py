@@ -72,8 +72,11 @@ def test_bench_cli_sod_weights_and_train_step():
 @pytest.mark.slow
 def test_bench_rollout_small():
     rows = run_bench("rollout", "--prompts", "3", "--slots", "2", "--new-tokens", "8", "--min-prompt", "4",
-                     "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student")
-    assert [r["mode"] for r in rows] == ["greedy", "sampled"]
+                     "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student", "--straggler", "80")
+    assert [r["mode"] for r in rows] == ["greedy", "sampled", "straggler"]
+    straggler = rows.pop()
+    assert straggler["straggler_tokens"] == 80 and straggler["tail_slots"] == 1 and straggler["ours"] > 0
+    assert straggler["greedy_equal_fraction"] == 1.0  # ragged reads change no token
     for r in rows:
         assert r["bench"] == "rollout" and r["ours"] > 0 and r["baseline"] > 0 and r["new_tokens"] == 8
         assert r["tokens_per_request"] == [8]  # both sides generated exactly 8 tokens per request

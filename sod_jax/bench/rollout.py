@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         if mode == "greedy":
             check["greedy_equal_fraction"] = round(sum(same) / len(same), 3)
         t_ours, t_hf = best_time_pair(lambda: engine.generate(reqs), run_hf, args.repeats)
+        if args.trace:  # one more run of ours under the profiler; every block is a named scope
+            with jax.profiler.trace(f"{args.trace}/{mode}", create_perfetto_trace=True):
+                engine.generate(reqs)
         peak = matmul_peak_flops(model.config.dtype)
         total = len(prompts) * N
         mean_len = float(np.mean([len(p) for p in prompts])) + N / 2  # live length averaged over decoding
@@ -91,7 +94,33 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "baseline_impl": f"transformers {__import__('transformers').__version__} generate (torch "
                                       f"{torch.__version__}, sdpa, batch of {len(prompts)})",
                      "device": jax.devices()[0].platform, **check})
+    if args.straggler:
+        rows.append(_straggler_row(args, model, prompts))
     return rows
+
+
+def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
+    """One request generates ``--straggler`` tokens, the others ``--new-tokens`` (greedy): the engine
+    with ragged reads and compact decode (the defaults) against the same engine with neither."""
+    import jax
+
+    from sod_jax.rollout import Engine, Request, SamplingParams
+
+    N, L = args.new_tokens, args.straggler
+    reqs = [Request(p, L if i == 0 else N, SamplingParams(greedy=True), seed=i) for i, p in enumerate(prompts)]
+    kw = dict(num_slots=args.slots, max_len=max(map(len, prompts)) + L + 1, decode_steps=args.decode_steps,
+              prefill_buckets=(32, 64, 128, 256))
+    ragged, plain = Engine(model, **kw), Engine(model, tail_slots=0, compact_decode=False, **kw)
+    a, b = ragged.generate(reqs), plain.generate(reqs)  # compiles every variant
+    same = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(a)
+    t_ours, t_base = best_time_pair(lambda: ragged.generate(reqs), lambda: plain.generate(reqs), args.repeats)
+    total = L + (len(prompts) - 1) * N
+    return {"bench": "rollout", "mode": "straggler", "prompts": len(prompts), "new_tokens": N, "straggler_tokens": L,
+            "slots": args.slots, "tail_slots": ragged.tail_slots, "ours": round(total / t_ours, 1),
+            "baseline": round(total / t_base, 1), "ratio": round(t_base / t_ours, 2), "unit": "generated tokens/s",
+            "baseline_impl": "the same engine decoding every slot over the whole cache (rollout.tail_slots 0, "
+                             "rollout.compact_decode false)",
+            "device": jax.devices()[0].platform, "greedy_equal_fraction": round(same, 3)}
 
 
 def add_parser(sub) -> None:
@@ -104,4 +133,10 @@ def add_parser(sub) -> None:
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trace", default="", metavar="DIR",
+                   help="write a jax.profiler trace of one more run of ours per mode to DIR/<mode> (TensorBoard / "
+                        "Perfetto); ops are named by block (layer_i/attention, mlp, lm_head, sample)")
+    p.add_argument("--straggler", type=int, default=0,
+                   help="also time one request of STRAGGLER tokens among the others (greedy): ragged reads and "
+                        "compact decode vs every slot decoding over the straggler's length (0: skip)")
     p.set_defaults(fn=run)

@@ -183,6 +183,17 @@ class CacheWrite(NamedTuple):
     rows: Optional[jax.Array]  # [B] int32 or None
     start: jax.Array  # [B] int32 tokens already in the row
     write: jax.Array  # [B, T] bool
+    split: Optional["CacheSplit"] = None  # a ragged read (decode): see CacheSplit
+
+
+class CacheSplit(NamedTuple):
+    """A ragged cache read: every row reads positions ``[0, common)`` of its cache row and only the
+    rows ``tail_rows`` (the longest ones) also read ``[common, C)``. The caller guarantees that no
+    other row attends at or past ``common``. One straggler then costs its own tail, not a tail for
+    every row: the reads are ``B x common + R x (C - common)`` positions instead of ``B x C``."""
+
+    common: int  # static, <= C
+    tail_rows: jax.Array  # [R] int32, distinct cache rows
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -200,6 +211,42 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def _partial_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
+    """Unnormalised :func:`cache_attention` over a span of cache positions, for merging spans.
+    q ``[B, T, N, H]``, k ``[B, K, H, P]``, v ``[B, K, P, H]``, mask ``[B, T, P]`` -> (acc
+    ``[B, K, G, T, H]`` = sum_p exp(s_p - m) v_p, m ``[B, K, G, T]`` the largest visible score
+    (MASKED_SCORE when none is visible), l ``[B, K, G, T]`` = sum_p exp(s_p - m)); masked positions
+    contribute exactly 0."""
+    B, T, N, H = q.shape
+    K, P = k.shape[1], k.shape[3]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    s = jnp.einsum("bkqh,bkhc->bkqc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (H**-0.5)
+    visible = mask[:, None, None]  # [B, 1, 1, T, P]
+    s = jnp.where(visible, s.reshape(B, K, G, T, P), jnp.float32(MASKED_SCORE))
+    m = s.max(axis=-1)
+    p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
+    acc = jnp.einsum("bkqc,bkch->bkqh", p.astype(q.dtype).reshape(B, K, G * T, P), v.astype(q.dtype))
+    return acc.reshape(B, K, G, T, H).astype(jnp.float32), m, p.sum(axis=-1)
+
+
+def split_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, split: CacheSplit) -> jax.Array:
+    """:func:`cache_attention` reading only ``[0, split.common)`` for most rows and the whole cache for
+    ``split.tail_rows`` (flash-decoding style: two spans merged by their log-sum-exp). Same shapes as
+    :func:`cache_attention`; equal to it when no row outside ``tail_rows`` sees a position at or past
+    ``common``."""
+    B, T, N, H = q.shape
+    c, rows = split.common, split.tail_rows
+    acc, m, l = _partial_cache_attention(q, k[..., :c], v[:, :, :c], mask[..., :c])
+    acc_t, m_t, l_t = _partial_cache_attention(q[rows], k[rows][..., c:], v[rows][:, :, c:], mask[rows][..., c:])
+    top = jnp.maximum(m[rows], m_t)
+    a, b = jnp.exp(m[rows] - top), jnp.exp(m_t - top)  # b == 0 when a tail row sees no tail position
+    acc = acc.at[rows].set(acc[rows] * a[..., None] + acc_t * b[..., None])
+    l = l.at[rows].set(l[rows] * a + l_t * b)
+    out = (acc / l[..., None]).astype(q.dtype)  # l > 0: position 0 is visible to every row
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
     """Write this call's k/v ``[B, T, K, H]`` into the cache rows, then attend over them.
     Returns (attention output ``[B, T, N, H]``, updated k buffer, updated v buffer)."""
@@ -212,6 +259,8 @@ def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
     cv = cv.at[rows, :, at].set(v.astype(cv.dtype), mode="drop")
     kr, vr = (ck, cv) if w.rows is None else (ck[w.rows], cv[w.rows])  # [B, K, H, C], [B, K, C, H]
     mask = jnp.arange(C)[None, None, :] <= idx[:, :, None]  # [B, T, C]
+    if w.split is not None and w.split.common < C:
+        return split_cache_attention(q, kr, vr, mask, w.split), ck, cv
     return cache_attention(q, kr, vr, mask), ck, cv
 
 

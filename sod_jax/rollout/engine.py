@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sod_jax.models.qwen3 import CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
+from sod_jax.models.qwen3 import CacheSplit, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,16 @@ def _last_logits(cfg: Qwen3Config, w: dict, h: jax.Array, n_valid: jax.Array) ->
     return lm_logits(cfg, w, last)
 
 
-def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int):
+def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int,
+                split: Optional[CacheSplit] = None):
     """Feed every active slot's pending token (one cached :func:`forward` step), sample the next one.
     Returns new state and (token [S], logprob [S], emitted [S]). The caller guarantees every active
-    slot stays below the cache capacity during the call; ``max_len`` is the slot length a sample may
-    reach."""
+    slot stays below the cache capacity during the call (and, with a ``split``, every slot outside
+    its tail rows below ``split.common``); ``max_len`` is the slot length a sample may reach."""
     pos = st.lengths  # where the pending token goes
     act = st.active
     h, cache = forward(cfg, w, st.next_token[:, None], pos[:, None], cache=KVCache(st.k, st.v),
-                       write=CacheWrite(None, pos, act[:, None]))
+                       write=CacheWrite(None, pos, act[:, None], split))
     logits = lm_logits(cfg, w, h[:, 0])
     with jax.named_scope("sample"):
         tok, lp = sample(logits, token_keys(st.base_keys, st.counters), st.temperature, st.top_k, st.top_p,
@@ -177,6 +178,14 @@ class Prefix:
         return self.v[0].shape[2]
 
 
+def engine_options(rollout_cfg: Any) -> dict:
+    """The :class:`Engine` keyword arguments set by the ``rollout`` config section beyond the sizes
+    each caller picks (extension buckets, ragged and compact decode)."""
+    tail = int(rollout_cfg.tail_slots)
+    return {"extend_buckets": tuple(rollout_cfg.extend_buckets), "tail_slots": None if tail < 0 else tail,
+            "compact_decode": bool(rollout_cfg.compact_decode)}
+
+
 def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -> int:
     """slots x max_len x layers x kv_heads x head_dim x 2 (k and v) x bytes per element."""
     return (num_slots * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
@@ -223,10 +232,21 @@ class Engine:
         tokenizer: Any = None,
         kv_budget_bytes: Optional[int] = None,
         cache_dtype: Any = None,
+        tail_slots: Optional[int] = None,
+        compact_decode: bool = True,
     ):
         cfg = model.config
         self.cfg = cfg
         self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
+        # Ragged decode: the longest `tail_slots` slots read the whole cache, the others only up to the
+        # capacity that holds the rest (default: 1/8 of the slots, at least 1; 0 = off).
+        self.tail_slots = max(1, num_slots // 8) if tail_slots is None else int(tail_slots)
+        self.ragged_calls = 0  # decode calls that ran with a ragged read (diagnostics, tests)
+        # Compact decode: when at most a quarter of the slots can be active (the tail of a rollout
+        # batch), a call decodes only those (gathered, padded to S/4, S/16, ...), not all S rows.
+        self.compact_decode = bool(compact_decode)
+        self.compact_calls = 0
+        self._no_tail = jnp.zeros((1,), jnp.int32)
         self.buckets = sorted(set(int(b) for b in prefill_buckets))
         self.extend_buckets = sorted(set(int(b) for b in extend_buckets))
         self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
@@ -326,19 +346,37 @@ class Engine:
                 top_k=put(st.top_k, top_k), top_p=put(st.top_p, top_p), greedy=put(st.greedy, greedy))
             return st, (tok, lp, active)
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
-        def step(w, st, steps, mode):
+        def decode_loop(w, st, tail_rows, steps, mode, common):
+            """``steps`` decode steps of every row of ``st``; ``common`` > 0: a ragged read (only
+            ``tail_rows [R]`` read past position ``common``, see :class:`CacheSplit`)."""
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
+            split = CacheSplit(common, tail_rows) if common else None
 
             def body(carry):
                 i, st, (toks, lps, emitted) = carry
-                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M)
+                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M, split)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
             _, st, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, st, out))
             return st, out + (st.active,)  # a copy of the flags: the state itself is donated next call
+
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "common"))
+        def step(w, st, tail_rows, steps, mode, common):
+            return decode_loop(w, st, tail_rows, steps, mode, common)
+
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "common"))
+        def step_rows(w, st, rows, tail_rows, steps, mode, common):
+            """Decode only the slots ``rows [P]`` (distinct; every other slot is inactive): their state
+            and cache rows are gathered, decoded as a batch of P and written back, so the matmuls
+            run on P rows, not S. ``tail_rows`` index into ``rows``. Outputs are ``[steps, S]``."""
+            S = st.lengths.shape[0]
+            sub, (toks, lps, emitted, _) = decode_loop(w, jax.tree.map(lambda a: a[rows], st), tail_rows, steps,
+                                                        mode, common)
+            st = jax.tree.map(lambda a, b: a.at[rows].set(b), st, sub)
+            wide = lambda x: jnp.zeros((x.shape[0], S), x.dtype).at[:, rows].set(x)  # noqa: E731
+            return st, (wide(toks), wide(lps), wide(emitted), st.active)
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode", "with_logits"))
         def extend(w, st, rows, tokens, n_valid, budget, mode, with_logits=False):
@@ -377,6 +415,7 @@ class Engine:
             return st._replace(k=tuple(fit(a, 3) for a in st.k), v=tuple(fit(a, 2) for a in st.v))
 
         self._prefill, self._insert, self._step, self._extend, self._set_slot = prefill, insert, step, extend, set_slot
+        self._step_rows = step_rows
         self._resize = resize
         self._modes = ["greedy"] * self.num_slots  # per slot: the static sampling mode it needs
         # Host-side bookkeeping without syncs, per slot: an upper bound on its cache length (sizes the
@@ -459,8 +498,46 @@ class Engine:
         self._bound = np.minimum(self._bound + grow, self.max_len)
         self._left -= grow
         self._reserve(int(self._bound.max()))
-        self.state, out = self._step(self.params, self.state, steps=steps, mode=widest_mode(self._modes))
+        mode = widest_mode(self._modes)
+        rows = self._compact_rows(grow > 0)
+        if rows is None:
+            common, tail = self._split_plan(self._bound)
+            self.state, out = self._step(self.params, self.state, tail, steps=steps, mode=mode, common=common)
+        else:
+            common, tail = self._split_plan(self._bound[rows])
+            self.state, out = self._step_rows(self.params, self.state, jnp.asarray(rows), tail, steps=steps,
+                                              mode=mode, common=common)
+            self.compact_calls += 1
+        self.ragged_calls += bool(common)
         return out
+
+    def _compact_rows(self, live: np.ndarray) -> Optional[np.ndarray]:
+        """The slots a decode call runs when few may be active (``live [S]``: budget left): the live
+        ones padded with idle ones to a size S/4, S/16, ... (a few compiled variants), or None when
+        more than S/4 are live (decode all S rows)."""
+        n, S = int(live.sum()), self.num_slots
+        if not self.compact_decode or n == 0 or 4 * n > S:
+            return None
+        P = S // 4
+        while P >= 4 and 4 * n <= P:
+            P //= 4
+        P = max(P, n)
+        idle = np.flatnonzero(~live)[: P - n]
+        return np.sort(np.concatenate([np.flatnonzero(live), idle])).astype(np.int32)
+
+    def _split_plan(self, bounds: np.ndarray) -> tuple[int, jax.Array]:
+        """(common capacity, tail rows ``[R]``) of a decode call over rows with length bounds
+        ``bounds``: the ``tail_slots`` rows with the largest bounds read the whole cache, every other
+        row only the capacity that holds the longest of them (a power of two). (0, a dummy row) when
+        that saves nothing."""
+        R = self.tail_slots
+        if R <= 0 or R >= len(bounds):
+            return 0, self._no_tail
+        order = np.argsort(-bounds, kind="stable")
+        common = self.capacity_for(max(int(bounds[order[R]]), 1))
+        if common >= self._cap:
+            return 0, self._no_tail
+        return common, jnp.asarray(np.sort(order[:R]).astype(np.int32))
 
     def may_generate(self, slots: Optional[Sequence[int]] = None) -> bool:
         """False when none of ``slots`` (default all) can still be active on the device: its token budget

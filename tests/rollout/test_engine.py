@@ -290,3 +290,46 @@ def test_cache_capacity_follows_the_live_lengths(ckpt):
     assert out.token_ids == hf_greedy(hf, p, 70)  # the cache grows from 64 to 128 mid-generation
     assert seen[0] == 64 and seen[-1] == 128 and max(seen) < 1000
     assert engine.capacity == 64 and engine.state.v[0].shape[2] == 64  # every slot free: small again
+
+
+def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
+    """One long request among short ones: the decode calls read the whole cache only for the tail
+    slot (the others stop at the capacity that holds them); tokens still equal transformers and
+    log-probs equal an engine without ragged reads."""
+    path, hf = ckpt
+    model = load_pretrained(path)
+    ps = prompts(4, seed=3)
+    reqs = [Request(p, max_new_tokens=150 if i == 1 else 10, sampling=SamplingParams(greedy=True), id=i)
+            for i, p in enumerate(ps)]
+    kw = dict(num_slots=4, max_len=256, decode_steps=16, prefill_buckets=(8, 16, 32), compact_decode=False)
+    ragged, plain = Engine(model, tail_slots=1, **kw), Engine(model, tail_slots=0, **kw)
+    seen = []
+    real = ragged._step
+    ragged._step = lambda *a, **k: (seen.append((k["common"], ragged.capacity)), real(*a, **k))[1]
+    outs, ref = ragged.generate(reqs), plain.generate(reqs)
+    assert ragged.ragged_calls > 0 and plain.ragged_calls == 0
+    assert (64, 256) in seen  # the short slots read 64 positions while the straggler reads 256
+    for p, r, o, b in zip(ps, reqs, outs, ref):
+        assert o.token_ids == b.token_ids == hf_greedy(hf, p, r.max_new_tokens)
+        np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_compact_decode_of_the_stragglers(ckpt):
+    """Once at most a quarter of the slots can still generate, a decode call runs only those
+    (gathered into a smaller batch): greedy tokens still equal transformers, and sampled tokens and
+    log-probs equal the engine that decodes every slot (per-sample keys do not depend on the batch)."""
+    path, hf = ckpt
+    model = load_pretrained(path)
+    ps = prompts(7) + prompts(1, seed=5)
+    kw = dict(num_slots=8, max_len=192, decode_steps=16, prefill_buckets=(8, 16, 32))
+    compact, full = Engine(model, **kw), Engine(model, compact_decode=False, **kw)
+    for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, top_p=0.9)):
+        reqs = [Request(p, max_new_tokens=120 if i == 2 else 6, sampling=sp, seed=i, id=i) for i, p in enumerate(ps)]
+        calls = compact.compact_calls
+        outs, ref = compact.generate(reqs), full.generate(reqs)
+        assert compact.compact_calls > calls and full.compact_calls == 0
+        for p, r, o, b in zip(ps, reqs, outs, ref):
+            assert o.token_ids == b.token_ids
+            np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+            if sp.greedy:
+                assert o.token_ids == hf_greedy(hf, p, r.max_new_tokens)
