@@ -295,6 +295,7 @@ _STDIO = None  # (stdin, stdout, stderr) for the executions, built once by _buil
 # what an execution replaces in sys, kept referenced here so that no fork frees it (freeing writes)
 _REPLACED = (sys.stdin, sys.stdout, sys.stderr, sys.argv)
 _ENV = None  # the environment os.environ holds now, as last set for an execution
+_MT_KEY = None  # numpy (when preloaded): the buffer the next execution's generator state is drawn into
 
 
 def _build_stdio():
@@ -352,11 +353,12 @@ def _prepare(req):
         os.environ.clear()
         os.environ.update(env)
         _ENV = dict(env)
-    np = sys.modules.get("numpy")
-    if np is not None:  # a state of its own for this execution, 128 bits from the OS (as numpy's own
-        # seed() draws, without its SeedSequence set-up: a tenth of the time); every fork would
-        # otherwise draw the same numbers
-        np.random.seed(np.frombuffer(os.urandom(16), np.uint32))
+    if _MT_KEY is not None:  # a state of its own for this execution (every fork would otherwise draw
+        # the same numbers): all 624 words of numpy's global Mersenne Twister straight from the OS.
+        # (numpy's seed() expands 128 bits from the OS through SeedSequence: ten times the time and
+        # twice the pages written, each one a page fault after the previous fork.)
+        memoryview(_MT_KEY).cast("B")[:] = os.urandom(_MT_KEY.nbytes)
+        sys.modules["numpy"].random.set_state(("MT19937", _MT_KEY, 624))  # 624: regenerate on first draw
 
 
 def _recv_exact(sock, n):
@@ -454,7 +456,7 @@ def _serve_one(sock, req, fds):
 
 
 def main():
-    global _STDIO
+    global _STDIO, _MT_KEY
     cfg = json.loads(sys.argv[1])
     sock = socket.socket(fileno=os.dup(0))  # off fd 0, which becomes /dev/null: see _build_stdio
     sock.setblocking(True)
@@ -468,7 +470,9 @@ def main():
         except Exception as e:  # noqa: BLE001 - a module this interpreter lacks is simply not preloaded
             missing.append(f"{name}: {type(e).__name__}")
     if "numpy" in sys.modules:  # its first seeding is slow (lazy set-up): pay it once, not per execution
-        sys.modules["numpy"].random.seed()
+        np = sys.modules["numpy"]
+        np.random.seed()
+        _MT_KEY = np.empty(624, np.uint32)
     _STDIO = _build_stdio()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)  # the executions' dispositions (never changed here)
