@@ -345,8 +345,8 @@ def _collapse_heap():
 
 
 def _prepare(req):
-    """Per execution, in the zygote just before the fork: what the execution must start with that is
-    not the same every time (the zygote itself never uses its environment or numpy's generator)."""
+    """Per execution, in the zygote just before the fork: the request's environment (when it differs
+    from the last one) and a fresh numpy generator state (the zygote itself never uses either)."""
     global _ENV
     env = req["env"]
     if env != _ENV:  # the same for every execution of a worker: in practice set once
