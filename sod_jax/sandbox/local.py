@@ -369,13 +369,13 @@ class LocalSandbox:
             status = "Error" if limit in done else "TimeLimitExceeded"
             z.kill_run()
         limit.cancel()
-        try:
-            msg = await asyncio.wait_for(reply, GRACE_S)
+        try:  # (no timer for what is already there: the usual case)
+            msg = reply.result() if reply.done() else await asyncio.wait_for(reply, GRACE_S)
         except (asyncio.TimeoutError, _warm.ZygoteDied, OSError, ValueError) as e:
             z.stop()  # hung or dead: kill its whole sandbox (this run with it); a new one starts next time
             msg = {"error": f"the sandbox worker's zygote failed ({type(e).__name__}: {e}); it is replaced"}
         try:
-            out, err = await asyncio.wait_for(readers, 5)
+            out, err = readers.result() if readers.done() else await asyncio.wait_for(readers, 5)
         except asyncio.TimeoutError:
             out, err = b"", b""
         if "error" in msg:

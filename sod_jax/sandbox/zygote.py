@@ -26,8 +26,24 @@ Each execution (why it cannot reach the zygote or leave anything behind):
 3. The execution process mounts a fresh size-limited tmpfs on ``/tmp`` (its scratch directory
    ``/tmp/sandbox`` with the request's files and ``main.py``) and on ``/dev/shm``, drops every
    capability (bounding, ambient, effective, permitted), sets its own rlimits (CPU, address space,
-   processes, file size, open files, no core), a new session, the clean environment, fresh
-   stdio and ``__main__``, reseeds numpy's global generator, and runs the code.
+   processes, file size, open files, no core), a new session and a fresh ``__main__``, and runs the
+   code.
+4. What every execution starts with the same is prepared once in the zygote, never per execution
+   (a forked process pays for every page it writes: each is copied): the default signal
+   dispositions, the stream objects of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds
+   are of the execution's kinds, never read or written by the zygote, so each execution gets them
+   unused; the zygote's own socket is off fd 0), and ``os.environ`` set to the request's
+   environment (only when it differs from the last one; the zygote itself never uses it). Just
+   before each fork the zygote reseeds numpy's global generator from the OS, so every execution
+   draws its own numbers and none can know the next one's (the random module reseeds itself in
+   every fork).
+
+What an execution costs is mostly the kernel's: fork copies the page tables of the preloaded heap,
+each page the execution writes is copied, exit frees it all. So the zygote collapses its heap into
+2 MB huge pages once after the imports (``_collapse_heap``), binds the ctypes functions the
+executions call up front (ctypes builds a function's object on first use), keeps whatever an
+execution replaces in ``sys`` referenced (freeing it would write), and an execution writes its files
+with raw descriptors and compiles ``main.py`` from the text it just wrote.
 
 Nothing an execution changes (globals, modules, signal handlers, environment, threads, files,
 children) exists in the zygote, and the next execution is a fresh fork of the untouched zygote.
@@ -63,6 +79,14 @@ WORKDIR = "/tmp/sandbox"
 libc = ctypes.CDLL(None, use_errno=True)
 _libc_gil = ctypes.PyDLL(None, use_errno=True)  # calls made holding the GIL, as os.fork does
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220, "ppc64le": 120, "s390x": 120}.get(platform.machine())
+# ctypes looks a function up (and builds its object) on first use: done here, once, not in every fork
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_raw_syscall = _libc_gil.syscall
+_raw_syscall.restype = ctypes.c_long
+_raw_syscall.argtypes = [ctypes.c_long] + [ctypes.c_ulong] * 5
+_capset = libc.capset
 
 
 class _CapHeader(ctypes.Structure):
@@ -79,22 +103,34 @@ def _check(ret, what):
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_COLLAPSE = 25
+HUGE_PAGE = 1 << 21
+
+
 def _prctl(option, arg):
-    return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                      ctypes.c_ulong(0))
+    return libc.prctl(option, arg, 0, 0, 0)
 
 
 def _mount_tmpfs(target, options):
-    _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
-                      options.encode()), f"mount tmpfs on {target}")
+    _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()),
+           f"mount tmpfs on {target}")
+
+
+_CAPSET_ARGS = (_CapHeader(0x20080522, 0), (_CapData * 2)())  # version 3, this process: all sets empty
+_prctl_held = _libc_gil.prctl  # a call too short to be worth releasing the GIL for (~40 of them in a row)
+_prctl_held.argtypes = libc.prctl.argtypes
 
 
 def _drop_capabilities():
+    drop = _prctl_held
     for cap in range(64):  # the bounding set first (needs CAP_SETPCAP, which goes last)
-        if _prctl(PR_CAPBSET_DROP, cap) != 0:
+        if drop(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             break  # EINVAL: past the last capability this kernel knows
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _check(libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), (_CapData * 2)()), "capset")
+    _check(_capset(ctypes.byref(_CAPSET_ARGS[0]), _CAPSET_ARGS[1]), "capset")
 
 
 # -- one execution (runs in the forked processes only) --------------------------------------------
@@ -106,33 +142,43 @@ def _clone_into_namespaces():
     if _SYS_CLONE is None:
         return None
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | signal.SIGCHLD
-    _libc_gil.syscall.restype = ctypes.c_long
-    ctypes.pythonapi.PyOS_BeforeFork()
-    pid = _libc_gil.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(flags), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    _before_fork()
+    pid = _raw_syscall(_SYS_CLONE, flags, 0, 0, 0, 0)
     if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
+        _after_fork_child()
         return 0
     err = ctypes.get_errno()
-    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    _after_fork_parent()
     if pid < 0:
         raise OSError(err, f"clone into new namespaces: {os.strerror(err)}")
     return pid
 
 
-def _map_own_ids(uid, gid):
+def _id_maps(uid, gid):
+    """What a new user namespace's /proc files get: only our own uid and gid, mapped to themselves."""
+    return ((b"/proc/self/setgroups", b"deny"), (b"/proc/self/uid_map", b"%d %d 1" % (uid, uid)),
+            (b"/proc/self/gid_map", b"%d %d 1" % (gid, gid)))
+
+
+_ID_MAPS = _id_maps(os.getuid(), os.getgid())  # the zygote's ids: the same for every execution
+
+
+def _map_own_ids(maps):
     _prctl(PR_SET_DUMPABLE, 1)  # this copy only: its own /proc files must be writable for the id maps
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
+    for path, text in maps:
+        fd = os.open(path, os.O_WRONLY)  # raw descriptors: no file objects to build
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
 
 
 def _helper(req, out_fd, err_fd, report_fd):
     """In the zygote's fork (where a raw clone is not available): new namespaces, then fork the
     execution (pid 1 there) and exit."""
-    uid, gid = os.getuid(), os.getgid()
+    maps = _id_maps(os.getuid(), os.getgid())
     _check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
-    _map_own_ids(uid, gid)
+    _map_own_ids(maps)
     pid = os.fork()
     if pid == 0:
         os.close(report_fd)
@@ -149,7 +195,7 @@ def _helper(req, out_fd, err_fd, report_fd):
 
 def _execution(req, out_fd, err_fd):
     """pid 1 of the execution's namespaces: private scratch, no capabilities, own limits; run the code."""
-    _check(libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make mounts private")
+    _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     _mount_tmpfs("/tmp", f"size={int(req['scratch_mb'])}m,mode=0755")
     if os.path.isdir("/dev/shm"):
         _mount_tmpfs("/dev/shm", f"size={int(req['scratch_mb'])}m,mode=1777")
@@ -157,15 +203,15 @@ def _execution(req, out_fd, err_fd):
     for rel, content in (req.get("files") or {}).items():
         path = os.path.join(WORKDIR, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(content or ""))
-    with open(os.path.join(WORKDIR, "main.py"), "w", encoding="utf-8") as f:
-        f.write(req["code"])
-    stdin_path = "/tmp/.stdin"
-    with open(stdin_path, "wb") as f:
-        f.write((req.get("stdin") or "").encode())
-    in_fd = os.open(stdin_path, os.O_RDONLY)
-    os.unlink(stdin_path)  # the open descriptor is all that is left of it
+        _write_file(path, base64.b64decode(content or ""))
+    _write_file(os.path.join(WORKDIR, "main.py"), req["code"].encode("utf-8"))
+    if req.get("stdin"):
+        stdin_path = "/tmp/.stdin"
+        _write_file(stdin_path, req["stdin"].encode())
+        in_fd = os.open(stdin_path, os.O_RDONLY)
+        os.unlink(stdin_path)  # the open descriptor is all that is left of it
+    else:  # nothing to read: the same end of file, without a file to write
+        in_fd = os.open(os.devnull, os.O_RDONLY)
     os.chdir(WORKDIR)
     for fd, target in ((in_fd, 0), (out_fd, 1), (err_fd, 2)):
         if fd != target:
@@ -177,31 +223,34 @@ def _execution(req, out_fd, err_fd):
                        (resource.RLIMIT_NOFILE, int(req["nofile"])), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     os.setsid()
-    os.environ.clear()
-    os.environ.update(req["env"])
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    _run_main(os.path.join(WORKDIR, "main.py"))
+    # environment and signal dispositions: already the execution's, set in the zygote (_prepare)
+    _run_main(os.path.join(WORKDIR, "main.py"), req["code"])
 
 
-def _run_main(path):
-    """Run ``path`` as a fresh ``__main__`` the way ``python path`` would, then exit the process."""
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1,
-                                       closefd=False)
+def _write_file(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no file object to build
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _run_main(path, source):
+    """Run ``path`` (its text is ``source``) as a fresh ``__main__`` the way ``python path`` would,
+    then exit the process."""
+    # fds 0/1/2 are now the execution's; the stream objects on them were built by the zygote, never used
+    sys.stdin, sys.stdout, sys.stderr = _STDIO
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
     sys.argv = [path]
-    sys.path[0] = os.path.dirname(path)
-    if "numpy" in sys.modules:  # every fork would otherwise draw the same numbers
-        sys.modules["numpy"].random.seed()
+    sys.path[0] = WORKDIR  # the script's directory
     main = types.ModuleType("__main__")
     main.__file__, main.__builtins__, main.__spec__, main.__loader__ = path, builtins, None, None
     sys.modules["__main__"] = main
     rc = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            code = compile(f.read(), path, "exec")
+        code = compile(source, path, "exec")  # the text just written there: no need to read it back
     except SyntaxError as e:
         traceback.print_exception(type(e), e, None)
         code, rc = None, 1
@@ -242,6 +291,76 @@ def _exit_code(e):
 
 # -- the zygote's loop --------------------------------------------------------------------------
 
+_STDIO = None  # (stdin, stdout, stderr) for the executions, built once by _build_stdio
+# what an execution replaces in sys, kept referenced here so that no fork frees it (freeing writes)
+_REPLACED = (sys.stdin, sys.stdout, sys.stderr, sys.argv)
+_ENV = None  # the environment os.environ holds now, as last set for an execution
+_MT_KEY = None  # numpy (when preloaded): the buffer the next execution's generator state is drawn into
+
+
+def _build_stdio():
+    """The execution's sys.stdin/stdout/stderr, built once here on fds 0/1/2 (``closefd=False``) while
+    those are of the kinds the execution's will be (0 a seekable file, 1 and 2 pipes), so the streams'
+    cached properties (seekable, buffer size) are right; the zygote never reads or writes them, so
+    every execution starts with them untouched and empty. Returns the three streams."""
+    saved = os.dup(1), os.dup(2)
+    r, w = os.pipe()
+    try:
+        os.dup2(w, 1)
+        os.dup2(w, 2)
+        return (open(0, "r", encoding="utf-8", closefd=False),
+                open(1, "w", encoding="utf-8", closefd=False),
+                open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False))
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, r, w):
+            os.close(fd)
+
+
+def _collapse_heap():
+    """Best effort: back the zygote's anonymous private memory (the preloaded modules' objects) with
+    2 MB huge pages (``MADV_COLLAPSE``, Linux 6.1+). Every fork copies the page tables of this memory
+    and every execution's exit frees them: one PMD entry per 2 MB instead of 512 PTEs. A copy-on-write
+    fault in a fork then splits only the huge page it touches, back into 4 KB pages, and copies one.
+    Only ranges already populated are collapsed; no ``MADV_HUGEPAGE``, so memory faulted in later
+    (the executions' own) keeps the system's policy. Any failure (an older kernel: EINVAL; no free
+    huge pages: EAGAIN/ENOMEM) leaves the memory as it was; the zygote works the same, only slower.
+    Returns the number of ranges collapsed."""
+    done = 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "rw-p" or (len(parts) > 5 and parts[5] != "[heap]"):
+            continue  # file mappings, stacks, vdso: not the interpreter's heap
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        lo, hi = (lo + HUGE_PAGE - 1) & -HUGE_PAGE, hi & -HUGE_PAGE
+        if hi > lo and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+            done += 1
+    return done
+
+
+def _prepare(req):
+    """Per execution, in the zygote just before the fork: the request's environment (when it differs
+    from the last one) and a fresh numpy generator state (the zygote itself never uses either)."""
+    global _ENV
+    env = req["env"]
+    if env != _ENV:  # the same for every execution of a worker: in practice set once
+        os.environ.clear()
+        os.environ.update(env)
+        _ENV = dict(env)
+    if _MT_KEY is not None:  # a state of its own for this execution (every fork would otherwise draw
+        # the same numbers): all 624 words of numpy's global Mersenne Twister straight from the OS.
+        # (numpy's seed() expands 128 bits from the OS through SeedSequence: ten times the time and
+        # twice the pages written, each one a page fault after the previous fork.)
+        memoryview(_MT_KEY).cast("B")[:] = os.urandom(_MT_KEY.nbytes)
+        sys.modules["numpy"].random.set_state(("MT19937", _MT_KEY, 624))  # 624: regenerate on first draw
+
+
 def _recv_exact(sock, n):
     buf = bytearray()
     while len(buf) < n:
@@ -255,8 +374,8 @@ def _recv_exact(sock, n):
 def _launch(req, fds):
     """Start one execution; returns (pid of its pid 1 as seen here, None) or (None, error)."""
     global _SYS_CLONE
+    _prepare(req)
     if _SYS_CLONE is not None:
-        uid, gid = os.getuid(), os.getgid()
         try:
             pid = _clone_into_namespaces()
         except OSError as e:
@@ -266,7 +385,7 @@ def _launch(req, fds):
         else:
             if pid == 0:
                 try:
-                    _map_own_ids(uid, gid)
+                    _map_own_ids(_ID_MAPS)
                     _execution(req, fds[0], fds[1])
                 except BaseException as e:  # set-up failed before any model code ran
                     try:
@@ -337,9 +456,13 @@ def _serve_one(sock, req, fds):
 
 
 def main():
+    global _STDIO, _MT_KEY
     cfg = json.loads(sys.argv[1])
-    sock = socket.socket(fileno=0)
+    sock = socket.socket(fileno=os.dup(0))  # off fd 0, which becomes /dev/null: see _build_stdio
     sock.setblocking(True)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     missing = []
     for name in cfg.get("preload", []):
         try:
@@ -347,11 +470,18 @@ def main():
         except Exception as e:  # noqa: BLE001 - a module this interpreter lacks is simply not preloaded
             missing.append(f"{name}: {type(e).__name__}")
     if "numpy" in sys.modules:  # its first seeding is slow (lazy set-up): pay it once, not per execution
-        sys.modules["numpy"].random.seed()
+        np = sys.modules["numpy"]
+        np.random.seed()
+        _MT_KEY = np.empty(624, np.uint32)
+    _STDIO = _build_stdio()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)  # the executions' dispositions (never changed here)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import gc
 
     gc.collect()
     gc.freeze()  # the collector never walks (and so never copies) the preloaded objects in a fork
+    _collapse_heap()
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -71,6 +71,12 @@ LEAKS = {
         "threading.Thread(target=spin, daemon=True).start()\ntime.sleep(0.1)\n",
         "import os, threading, time\ntime.sleep(0.2)\nprint(threading.active_count(), os.path.exists('from_thread'))\n",
         "1 False\n"),
+    "standard streams changed": (  # the warm executor's stream objects are built once, in the zygote
+        "import io, sys\nsys.stdout.write('unflushed')\nsys.stdout.reconfigure(line_buffering=True, errors='ignore')\n"
+        "sys.stdin.close()\nsys.stderr = io.StringIO()\nsys.__stdout__ = None\nimport os\nos._exit(0)\n",
+        "import sys\nprint(sys.stdout.line_buffering, sys.stdout.errors != 'ignore', sys.stdin.closed, repr(sys.stdin.read()), "
+        "sys.stderr is sys.__stderr__, sys.stdout is sys.__stdout__)\n",
+        "False True False '' True True\n"),
 }
 
 
@@ -83,6 +89,13 @@ def test_state_does_not_leak_into_the_next_execution(one_worker, leak):
     assert out(one_worker, second) == expected
     if one_worker.mode == "warm":
         assert zygote_identity(one_worker) == before or before == ({}, 0)  # same zygote served both
+
+
+def test_every_execution_draws_its_own_random_numbers(one_worker):
+    code = "import numpy, random\nprint(numpy.random.randint(1 << 62), numpy.random.rand(), random.getrandbits(64))\n"
+    draws = [out(one_worker, code).split() for _ in range(3)]
+    for column in zip(*draws):  # numpy's global generator and the random module, each run differently
+        assert len(set(column)) == 3, draws
 
 
 @pytest.mark.parametrize("how", ["daemon", "plain"])
