@@ -3,6 +3,11 @@ BPE tokenizer with Qwen3's special tokens are built here (nothing is downloaded)
 
 import os
 
+# Parallel test processes (pytest-xdist) get disjoint sandbox uid ranges: the hostile-code tests of
+# one must not exhaust the process limit of the other's workers. Subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["SOD_JAX_SANDBOX_UID_BASE"] = str(61000 + 1000 * int(os.environ["PYTEST_XDIST_WORKER"][2:]))
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

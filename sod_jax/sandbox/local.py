@@ -72,7 +72,10 @@ class LocalSandboxConfig:
     max_open_files: int = 256
     max_file_mb: int = 64  # RLIMIT_FSIZE
     python: str = sys.executable
-    uid_base: int = 61000  # worker i runs as uid/gid uid_base + i
+    # worker i runs as uid/gid uid_base + i. Sandboxes sharing uids share their process limits (a
+    # fork bomb in one makes the other's forks fail), so separate services on one host (or parallel
+    # test processes) each set their own range, e.g. through SOD_JAX_SANDBOX_UID_BASE.
+    uid_base: int = field(default_factory=lambda: int(os.environ.get("SOD_JAX_SANDBOX_UID_BASE", "61000")))
     allow_unconfined: bool = False
     hide: list[str] = field(default_factory=list)  # extra directories to hide
 
