@@ -523,9 +523,8 @@ class Engine:
         if not self.compact_decode or n == 0 or 4 * n > S:
             return None
         P = S // 4
-        while P >= 4 and 4 * n <= P:
+        while P >= 4 and 4 * n <= P:  # stays >= n: it is divided only while 4n <= P
             P //= 4
-        P = max(P, n)
         idle = np.flatnonzero(~live)[: P - n]
         return np.sort(np.concatenate([np.flatnonzero(live), idle])).astype(np.int32)
 
