@@ -9,8 +9,12 @@ scratch directory, limits and session, killed as a whole namespace on timeout (`
 how it is kept from the zygote). A zygote that dies is replaced. The sandbox, in both modes:
 
 * the whole file system read-only, with the caller's home, ``/root``, ``/home``, ``/tmp`` and the
-  caller's working directory hidden behind empty tmpfs mounts (the interpreter's prefix is bound
-  back read-only so ``numpy``/``sympy`` import); the scratch directory is the only writable place;
+  caller's working directory hidden behind empty tmpfs mounts; the interpreter's own files (its
+  prefixes, standard library and site-packages, asked of the interpreter itself: a venv under
+  ``/tmp``, in the home directory or a checkout's ``.venv``, a conda prefix) are bound back
+  read-only over them, and in warm mode again over each execution's own ``/tmp``, so lazy imports
+  work; only those directories show, never their hidden parents' other files; the scratch
+  directory is the only writable place;
 * new user, pid, network, IPC and UTS namespaces: no network at all, no view of other processes,
   the whole process tree dies with the run (``--die-with-parent``, a new session);
 * a per-worker unprivileged uid (when started as root) with rlimits: CPU seconds, address space,
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import json
 import logging
 import os
@@ -104,6 +109,85 @@ def _user_process_count() -> int:
     return n
 
 
+_LAYOUT_PROBE = """\
+import json, site, sys, sysconfig
+paths = sysconfig.get_paths()
+print(json.dumps({"prefixes": [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix],
+                  "dirs": [paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+                          + site.getsitepackages() + [sysconfig.get_config_var("LIBDIR")],
+                  "path": sys.path}))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_layout(python: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(prefixes, stdlib/site-packages/lib dirs, sys.path) of ``python`` started as the sandbox starts
+    it (``-E -s``: no PYTHONPATH, no user site). Empty when it cannot be asked."""
+    try:
+        r = subprocess.run([python, "-E", "-s", "-c", _LAYOUT_PROBE], capture_output=True, text=True, timeout=60,
+                           cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
+        info = json.loads((r.stdout.strip().splitlines() or [""])[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        log.warning("sandbox: cannot ask %s where its files are (%s)", python, e)
+        return (), (), ()
+    clean = lambda xs: tuple(x for x in xs if isinstance(x, str) and os.path.isabs(x))  # noqa: E731
+    return clean(info.get("prefixes", [])), clean(info.get("dirs", [])), clean(info.get("path", []))
+
+
+def _within(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it (both normalized absolute paths)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def interpreter_paths(python: str) -> list[str]:
+    """The places the sandbox's interpreter needs to run and import its packages: its prefixes (a
+    venv's and its base's: the standard library, site-packages, shared libraries such as a conda
+    prefix's ``lib``), the directory of the interpreter's binary and of ``python`` itself, the
+    standard library and site-packages directories, a venv's ``pyvenv.cfg``, and the entries of its
+    ``sys.path`` inside those prefixes. Entries that ``.pth`` files add from elsewhere (an editable
+    install's source tree, such as a checkout) are not part of the environment and are left out.
+    Normalized absolute paths, as the interpreter names them (symlinks not resolved)."""
+    prefixes, dirs, path = _interpreter_layout(python)
+    exe = os.path.abspath(python)
+    real_exe = os.path.realpath(exe)
+    homes = [*prefixes, os.path.dirname(os.path.dirname(real_exe))]
+    out = [*prefixes, os.path.dirname(exe), os.path.dirname(real_exe), homes[-1], *dirs]
+    out += [os.path.join(p, "pyvenv.cfg") for p in prefixes]
+    out += [p for p in path if any(_within(os.path.normpath(p), os.path.normpath(h)) for h in homes)]
+    seen: dict[str, None] = {}
+    for p in out:
+        p = os.path.normpath(p)
+        if os.path.isabs(p) and os.path.exists(p):
+            seen.setdefault(p)
+    return list(seen)
+
+
+def exposed_paths(needed: list[str], hidden: list[str], covered: list[str]) -> list[tuple[str, str]]:
+    """(source, destination) read-only binds that make ``needed`` visible again where ``covered``
+    (the hidden directories and whatever else the sandbox mounts over) hides them. A needed path is
+    bound at its real location and, when it is reached through a symlink, at the path it is named
+    by too. Nothing that is, or contains, a ``hidden`` directory is bound (it would show the user's
+    files again: a prefix that is the home directory is replaced by its finer parts); a path inside
+    another bound one comes with it. Sorted parents first."""
+    hidden = [os.path.realpath(h) for h in hidden]
+    binds: dict[str, str] = {}
+    for p in needed:
+        real = os.path.realpath(p)
+        if any(_within(h, real) for h in hidden):
+            continue
+        for dest in (real, os.path.normpath(os.path.abspath(p))):
+            if dest in binds or not any(_within(dest, c) and dest != c for c in covered):
+                continue
+            if any(_within(h, dest) for h in hidden):
+                continue
+            binds[dest] = real
+    out: list[tuple[str, str]] = []
+    for dest in sorted(binds, key=lambda d: (d.count("/"), d)):
+        if not any(_within(dest, d) for _, d in out):
+            out.append((binds[dest], dest))
+    return out
+
+
 def _bwrap_works(python: str) -> Optional[str]:
     """None if bubblewrap can start ``python`` with all namespaces unshared, else why not."""
     bwrap = shutil.which("bwrap")
@@ -144,8 +228,7 @@ class LocalSandbox:
         self._pool = _WorkerPool(self.cfg.workers)
         self._zygotes: dict[int, _warm.Zygote] = {}
         self._finalizer = weakref.finalize(self, _stop_all, self._zygotes)
-        self._prefixes = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix,
-                                                                 str(Path(self.cfg.python).resolve().parents[1]))})
+        self._needed = interpreter_paths(self.cfg.python) if self.confined else []
 
     # -- command line ---------------------------------------------------------------------------
 
@@ -157,6 +240,12 @@ class LocalSandbox:
             if d != "/" and os.path.isdir(d) and d not in out:
                 out.append(d)
         return sorted(out, key=len)  # parents before children
+
+    def _exposed(self, hidden: list[str]) -> list[tuple[str, str]]:
+        """(source, destination) read-only binds of the interpreter's files that the hidden
+        directories (and bubblewrap's own ``/dev``) would otherwise cover: wherever the environment
+        lives (under ``/tmp``, the home directory, a checkout's ``.venv``), only it is shown."""
+        return exposed_paths(self._needed, hidden, [*hidden, "/dev"])
 
     def _argv(self, scratch: Optional[str], uid: Optional[int], program: Optional[list[str]] = None) -> list[str]:
         """The command line of one run. As root, bubblewrap runs privileged (no user namespace) and
@@ -172,14 +261,15 @@ class LocalSandbox:
         hidden = self._hidden()
         for d in hidden:
             argv += ["--size", str(self.cfg.scratch_mb << 20), "--tmpfs", d] if d == "/tmp" else ["--tmpfs", d]
+        covered = [*hidden, "/dev"]
         made: set[str] = set()
-        for p in self._prefixes:  # the interpreter and its packages, read-only, even if under a hidden dir
-            for a in reversed(Path(p).parents):  # traversable parents (bwrap would make them 0700)
+        for src, dest in self._exposed(hidden):  # the interpreter and its packages, read-only, after the tmpfs
+            for a in reversed(Path(dest).parents):  # traversable parents (bwrap would make them 0700)
                 a = str(a)
-                if a not in made and any(a.startswith(h + "/") for h in hidden):
+                if a not in made and any(a.startswith(h.rstrip("/") + "/") for h in covered):
                     argv += ["--perms", "0755", "--dir", a]
                     made.add(a)
-            argv += ["--ro-bind", p, p]
+            argv += ["--ro-bind", src, dest]
         argv += ["--bind", scratch, WORKDIR, "--chdir", WORKDIR] if scratch else ["--chdir", "/"]
         argv += (["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
                  if self._is_root else ["--unshare-all"])
@@ -322,7 +412,10 @@ class LocalSandbox:
         z = self._zygotes.get(worker)
         if z is None:
             cfg = self.cfg
-            program = [cfg.python, "-E", "-s", "-B", "-c", _warm.ZYGOTE_SOURCE, json.dumps({"preload": cfg.preload})]
+            # the interpreter's files the execution's own /tmp and /dev/shm would cover: bound back there
+            keep = [dest for _, dest in self._exposed(self._hidden())] if self.confined else []
+            program = [cfg.python, "-E", "-s", "-B", "-c", _warm.ZYGOTE_SOURCE,
+                       json.dumps({"preload": cfg.preload, "keep": keep})]
             argv = self._limits(None, None) + self._argv(None, self._uid(worker), program)
             z = self._zygotes[worker] = _warm.Zygote(argv, self._env())
         return z

@@ -2,7 +2,8 @@
 capabilities, read-only file system), imports the preloaded modules once and then forks one fresh
 process per execution.
 
-The host starts it as ``python -E -s -B -c <this file's source> <config JSON>`` with a Unix socket
+The host starts it as ``python -E -s -B -c <this file's source> <config JSON>`` (``preload``: modules
+to import; ``keep``: the interpreter's directories as the sandbox names them) with a Unix socket
 as fd 0 (stdlib only: the repository itself is hidden inside the sandbox). Protocol on the socket:
 
 * host -> zygote: a 4-byte big-endian length with two file descriptors attached (the write ends of
@@ -24,7 +25,9 @@ Each execution (why it cannot reach the zygote or leave anything behind):
    ``process_vm_writev`` cannot name it; when pid 1 exits or is killed the kernel kills every process
    left in the namespace (the tree kill); SysV IPC and POSIX queues die with the IPC namespace.
 3. The execution process mounts a fresh size-limited tmpfs on ``/tmp`` (its scratch directory
-   ``/tmp/sandbox`` with the request's files and ``main.py``) and on ``/dev/shm``, drops every
+   ``/tmp/sandbox`` with the request's files and ``main.py``) and on ``/dev/shm``, binds the
+   interpreter's directories that those cover back read-only (``keep`` in the config: a venv under
+   ``/tmp``; held open before the tmpfs covers them), drops every
    capability (bounding, ambient, effective, permitted), sets its own rlimits (CPU, address space,
    processes, file size, open files, no core), a new session and a fresh ``__main__``, and runs the
    code.
@@ -119,6 +122,45 @@ def _mount_tmpfs(target, options):
            f"mount tmpfs on {target}")
 
 
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+SCRATCH_MOUNTS = ("/tmp", "/dev/shm")  # what each execution mounts its own empty tmpfs on
+_KEEP = ()  # the interpreter's files under SCRATCH_MOUNTS (a venv under /tmp): bound back read-only
+
+
+def _held_paths(paths):
+    """(path, O_PATH descriptor) of each of ``paths`` under a scratch mount, opened before the scratch
+    covers it; parents first, none inside another."""
+    held = []
+    for path in paths:
+        if any(path.startswith(m + "/") for m in SCRATCH_MOUNTS) and not any(
+                path.startswith(h + "/") for h, _ in held):
+            try:
+                held.append((path, os.open(path, os.O_PATH | os.O_CLOEXEC)))
+            except OSError:
+                continue
+    return held
+
+
+def _bind_back(held):
+    """Bind each held path back read-only at its place on the fresh scratch tmpfs (the bind keeps
+    the read-only flag of bubblewrap's bind it is copied from; checked, and set if it were not)."""
+    for path, fd in held:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, 0o755, exist_ok=True)
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(path, 0o755, exist_ok=True)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        source = f"/proc/self/fd/{fd}".encode()
+        _check(libc.mount(source, path.encode(), None, MS_BIND | MS_REC, None), f"bind {path} back")
+        os.close(fd)
+        flags = os.statvfs(path).f_flag
+        if not flags & os.ST_RDONLY:
+            keep = (MS_NOSUID if flags & os.ST_NOSUID else 0) | (MS_NODEV if flags & os.ST_NODEV else 0)
+            _check(libc.mount(None, path.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, None),
+                   f"make {path} read-only")
+
+
 _CAPSET_ARGS = (_CapHeader(0x20080522, 0), (_CapData * 2)())  # version 3, this process: all sets empty
 _prctl_held = _libc_gil.prctl  # a call too short to be worth releasing the GIL for (~40 of them in a row)
 _prctl_held.argtypes = libc.prctl.argtypes
@@ -196,9 +238,12 @@ def _helper(req, out_fd, err_fd, report_fd):
 def _execution(req, out_fd, err_fd):
     """pid 1 of the execution's namespaces: private scratch, no capabilities, own limits; run the code."""
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+    held = _held_paths(_KEEP) if _KEEP else ()
     _mount_tmpfs("/tmp", f"size={int(req['scratch_mb'])}m,mode=0755")
     if os.path.isdir("/dev/shm"):
         _mount_tmpfs("/dev/shm", f"size={int(req['scratch_mb'])}m,mode=1777")
+    if held:
+        _bind_back(held)
     os.mkdir(WORKDIR, 0o755)
     for rel, content in (req.get("files") or {}).items():
         path = os.path.join(WORKDIR, rel)
@@ -456,8 +501,9 @@ def _serve_one(sock, req, fds):
 
 
 def main():
-    global _STDIO, _MT_KEY
+    global _STDIO, _MT_KEY, _KEEP
     cfg = json.loads(sys.argv[1])
+    _KEEP = tuple(os.path.normpath(p) for p in cfg.get("keep", ()))
     sock = socket.socket(fileno=os.dup(0))  # off fd 0, which becomes /dev/null: see _build_stdio
     sock.setblocking(True)
     null = os.open(os.devnull, os.O_RDONLY)
