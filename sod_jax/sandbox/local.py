@@ -20,7 +20,9 @@ how it is kept from the zygote). A zygote that dies is replaced. The sandbox, in
 * a per-worker unprivileged uid (when started as root) with rlimits: CPU seconds, address space,
   process count, file size, open files; a wall-clock timeout that kills the process group; stdout/stderr captured up to
   a cap (a run that prints more is stopped);
-* a scrubbed environment (PATH, HOME, LANG and single-threaded BLAS only).
+* a scrubbed environment (PATH, HOME, LANG and single-threaded BLAS only), umask 022, and every
+  signal at its default disposition and unblocked (``env --default-signal``), whatever this process
+  ignores or blocks (``nohup``, a non-interactive shell's ``&``, a batch launcher).
 
 ``workers`` executions run at once (one uid each); more wait. Without a working bubblewrap the
 executor refuses to start unless ``allow_unconfined`` (rlimits and a uid only: for trusted code;
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 WORKDIR = "/tmp/sandbox"  # where the scratch directory appears inside the sandbox
 PRELOAD = ["numpy", "sympy", "math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
            "heapq", "bisect", "re", "json", "string", "statistics", "random", "datetime"]
+UMASK = 0o022  # every execution's, warm and cold, whatever this process's is
 GRACE_S = 5.0  # how long past its time limit a warm execution may take to be reported before its zygote is replaced
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`; Fedora: `dnf install "
                 "bubblewrap`) or, for trusted code only, set sandbox.allow_unconfined: true")
@@ -188,6 +191,32 @@ def exposed_paths(needed: list[str], hidden: list[str], covered: list[str]) -> l
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _env_resets_signals() -> Optional[str]:
+    """Path of an ``env`` that takes ``--default-signal`` (GNU coreutils 8.31+): it resets every
+    signal to its default disposition and unblocks it before exec'ing the rest. None if there is none."""
+    env = shutil.which("env")
+    if env is None:
+        return None
+    try:
+        r = subprocess.run([env, "--default-signal", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return env if r.returncode == 0 else None
+
+
+# Where ``env --default-signal`` is missing: the sandbox's interpreter resets the signals and execs the rest.
+_RESET_SIGNALS = ("import os, signal, sys\n"
+                  "for s in signal.valid_signals():\n"
+                  "    if s not in (signal.SIGKILL, signal.SIGSTOP):\n"
+                  "        try:\n"
+                  "            signal.signal(s, signal.SIG_DFL)\n"
+                  "        except (OSError, ValueError):\n"
+                  "            pass\n"
+                  "signal.pthread_sigmask(signal.SIG_SETMASK, ())\n"
+                  "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
 def _bwrap_works(python: str) -> Optional[str]:
     """None if bubblewrap can start ``python`` with all namespaces unshared, else why not."""
     bwrap = shutil.which("bwrap")
@@ -229,6 +258,7 @@ class LocalSandbox:
         self._zygotes: dict[int, _warm.Zygote] = {}
         self._finalizer = weakref.finalize(self, _stop_all, self._zygotes)
         self._needed = interpreter_paths(self.cfg.python) if self.confined else []
+        self._reset_env = _env_resets_signals()
 
     # -- command line ---------------------------------------------------------------------------
 
@@ -246,6 +276,15 @@ class LocalSandbox:
         directories (and bubblewrap's own ``/dev``) would otherwise cover: wherever the environment
         lives (under ``/tmp``, the home directory, a checkout's ``.venv``), only it is shown."""
         return exposed_paths(self._needed, hidden, [*hidden, "/dev"])
+
+    def _launcher(self) -> list[str]:
+        """The first command of every run and zygote: every signal back to its default disposition
+        and unblocked, whatever this process ignores or blocks (a trainer started under ``nohup``, in
+        the background of a non-interactive shell, by a batch launcher), so an execution starts the
+        same however the trainer was started."""
+        if self._reset_env:
+            return [self._reset_env, "--default-signal", "--"]
+        return [self.cfg.python, "-E", "-s", "-S", "-c", _RESET_SIGNALS]
 
     def _argv(self, scratch: Optional[str], uid: Optional[int], program: Optional[list[str]] = None) -> list[str]:
         """The command line of one run. As root, bubblewrap runs privileged (no user namespace) and
@@ -285,7 +324,7 @@ class LocalSandbox:
         lim = {"cpu": cpu_s if cpu_s is not None else "unlimited", "fsize": cfg.max_file_mb << 20,
                "nofile": cfg.max_open_files, "core": 0,
                "as": memory_mb << 20 if memory_mb is not None else "unlimited", "nproc": nproc}
-        return [self._prlimit] + [f"--{k}={v}:{v}" for k, v in lim.items()] + ["--"]
+        return self._launcher() + [self._prlimit] + [f"--{k}={v}:{v}" for k, v in lim.items()] + ["--"]
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -336,7 +375,7 @@ class LocalSandbox:
             proc = await asyncio.create_subprocess_exec(
                 *self._limits(memory_mb, int(timeout) + 1), *self._argv(scratch, uid), cwd=scratch, env=env,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)
+                start_new_session=True, umask=UMASK)
             status, rc, out, err = await self._communicate(proc, (req.get("stdin") or "").encode(), timeout)
             if self.confined and rc == 1 and not out and err.startswith("bwrap:"):
                 return sandbox_error(f"isolation set-up failed: {err.strip()}")
@@ -417,7 +456,7 @@ class LocalSandbox:
             program = [cfg.python, "-E", "-s", "-B", "-c", _warm.ZYGOTE_SOURCE,
                        json.dumps({"preload": cfg.preload, "keep": keep})]
             argv = self._limits(None, None) + self._argv(None, self._uid(worker), program)
-            z = self._zygotes[worker] = _warm.Zygote(argv, self._env())
+            z = self._zygotes[worker] = _warm.Zygote(argv, self._env(), umask=UMASK)
         return z
 
     async def _run_warm(self, req: dict, worker: int) -> dict:

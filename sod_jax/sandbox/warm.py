@@ -29,8 +29,8 @@ class ZygoteDied(RuntimeError):
 class Zygote:
     """One worker's zygote: a long-lived interpreter inside the worker's sandbox that forks executions."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], start_timeout: float = 300.0):
-        self.argv, self.env, self.start_timeout = argv, env, start_timeout
+    def __init__(self, argv: list[str], env: dict[str, str], start_timeout: float = 300.0, umask: int = 0o022):
+        self.argv, self.env, self.start_timeout, self.umask = argv, env, start_timeout, umask
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
         self._buf = b""
@@ -54,7 +54,7 @@ class Zygote:
         try:
             # stdout to /dev/null, stderr to ours: the zygote itself writes nothing unless it fails
             self.proc = subprocess.Popen(self.argv, stdin=child, stdout=subprocess.DEVNULL, env=self.env, cwd="/",
-                                         start_new_session=True)
+                                         start_new_session=True, umask=self.umask)
         finally:
             child.close()
         parent.setblocking(False)

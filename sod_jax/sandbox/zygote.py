@@ -32,8 +32,8 @@ Each execution (why it cannot reach the zygote or leave anything behind):
    processes, file size, open files, no core), a new session and a fresh ``__main__``, and runs the
    code.
 4. What every execution starts with the same is prepared once in the zygote, never per execution
-   (a forked process pays for every page it writes: each is copied): the default signal
-   dispositions, the stream objects of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds
+   (a forked process pays for every page it writes: each is copied): the signal dispositions of a
+   fresh interpreter and an empty signal mask, whatever the zygote inherited, the stream objects of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds
    are of the execution's kinds, never read or written by the zygote, so each execution gets them
    unused; the zygote's own socket is off fd 0), and ``os.environ`` set to the request's
    environment (only when it differs from the last one; the zygote itself never uses it). Just
@@ -500,6 +500,21 @@ def _serve_one(sock, req, fds):
     return {"rc": os.waitstatus_to_exitcode(status), "timeout": timed_out, "seconds": time.monotonic() - t0}
 
 
+def _default_signals():
+    """Every signal as a fresh interpreter has it when started with all dispositions at their
+    defaults (what the cold executor's launcher gives it): default, except SIGINT (Python's handler)
+    and SIGPIPE and SIGXFSZ (ignored by the interpreter); none blocked. Whatever the zygote inherited."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        handler = signal.SIG_IGN if sig in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) else signal.SIG_DFL
+        try:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else handler)
+        except (OSError, ValueError):  # the C library's own real-time signals
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def main():
     global _STDIO, _MT_KEY, _KEEP
     cfg = json.loads(sys.argv[1])
@@ -520,9 +535,7 @@ def main():
         np.random.seed()
         _MT_KEY = np.empty(624, np.uint32)
     _STDIO = _build_stdio()
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)  # the executions' dispositions (never changed here)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _default_signals()  # the executions' dispositions (never changed here)
     import gc
 
     gc.collect()

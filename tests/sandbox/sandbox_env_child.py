@@ -1,8 +1,9 @@
-"""Run one snippet through the local executor (warm, cold) and through ``python -m sod_jax.sandbox
-serve``, from whatever interpreter this script was started with (a venv's python). Prints one JSON
-object: mode -> {status, stdout, stderr}.
+"""Run one snippet through the local executor (warm, cold, cold with the launcher's fallback) and
+through ``python -m sod_jax.sandbox serve``, from whatever interpreter and process state this script
+was started with (a venv's python, ignored signals, a umask). Prints one JSON object: mode ->
+{status, stdout, stderr}.
 
-Usage: ``python sandbox_env_child.py '{"code": ..., "modes": ["warm", "cold", "serve"]}'``
+Usage: ``python sandbox_env_child.py '{"code": ..., "modes": ["warm", "cold", "cold-fallback", "serve"]}'``
 (the repository on PYTHONPATH; the sandbox itself never sees it)."""
 
 import asyncio
@@ -16,6 +17,7 @@ import time
 import urllib.request
 
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
+from sod_jax.sandbox import local
 
 
 def result(r):
@@ -24,6 +26,9 @@ def result(r):
 
 
 def direct(mode, code):
+    if mode == "cold-fallback":  # as where `env` cannot reset signals: the interpreter resets them itself
+        local._env_resets_signals = lambda: None
+        mode = "cold"
     sb = LocalSandbox(LocalSandboxConfig(mode=mode, workers=1))
     try:
         return result(asyncio.run(sb.run(run_request(code, run_timeout=60))))
@@ -53,7 +58,7 @@ def served(code):
         req = urllib.request.Request(f"{url}/run_code", data=body, headers={"Content-Type": "application/json"})
         return result(json.loads(urllib.request.urlopen(req, timeout=180).read()))
     finally:
-        proc.kill()
+        proc.kill()  # (it may have been started with SIGTERM ignored)
         proc.wait(30)
         os.unlink(log.name)
 

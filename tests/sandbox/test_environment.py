@@ -1,9 +1,11 @@
 """The sandbox behaves the same wherever the Python environment lives (the system prefix, a venv under
-/tmp, a venv inside a checkout): warm, cold and through `sandbox serve` alike."""
+/tmp, a venv inside a checkout) and however the process that starts it was started (ignored or
+blocked signals, a umask): warm, cold and through `sandbox serve` alike."""
 
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -130,13 +132,13 @@ def snippet(venv_dir: Path, secret: Path) -> str:
             f"print(json.dumps(report))\n")
 
 
-def run_child(python, code, modes, *, cwd):
+def run_child(python, code, modes, *, cwd, preexec_fn=None):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "LANG": "C.UTF-8",
            "HOME": os.environ.get("HOME", "/root")}
     if "SOD_JAX_SANDBOX_UID_BASE" in os.environ:
         env["SOD_JAX_SANDBOX_UID_BASE"] = os.environ["SOD_JAX_SANDBOX_UID_BASE"]
     r = subprocess.run([str(python), str(CHILD), json.dumps({"code": code, "modes": modes})], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=400)
+                       capture_output=True, text=True, timeout=400, preexec_fn=preexec_fn)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -179,3 +181,45 @@ def check_lazy_imports(python, venv_dir, cwd):
         assert report["around"] == [venv_dir.name], (mode, report)  # the venv only, not its neighbours
     assert sorted(p.name for p in venv_dir.parent.iterdir()) == before
     assert not (venv_dir / "pwned").exists() and secret.read_text() == "canary-secret"
+
+
+# -- signals, signal mask and umask of the starting process --------------------------------------------
+
+SIGNAL_REPORT = ("import json, os, signal\n"
+                 "status = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+                 "print(json.dumps({'int': signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
+                 "                  'term': signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,\n"
+                 "                  'quit': signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL,\n"
+                 "                  'hup': signal.getsignal(signal.SIGHUP) is signal.SIG_DFL,\n"
+                 "                  'ignored': int(status['SigIgn'], 16), 'blocked': int(status['SigBlk'], 16),\n"
+                 "                  'umask': os.umask(0)}))\n")
+
+
+def hostile_start():
+    """What nohup, a non-interactive shell's `&` or a batch launcher may leave a trainer with."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+    os.umask(0o077)
+
+
+@pytest.mark.slow
+def test_executions_start_with_default_signals_whatever_the_parent_had(tmp_path):
+    out = run_child(sys.executable, SIGNAL_REPORT, ["warm", "cold", "cold-fallback", "serve"], cwd=tmp_path,
+                    preexec_fn=hostile_start)
+    python_ignores = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))  # what the interpreter itself ignores
+    expected = {"int": True, "term": True, "quit": True, "hup": True, "ignored": python_ignores, "blocked": 0,
+                "umask": 0o022}
+    for mode, r in out.items():
+        assert r["status"] == "Success", (mode, r)
+        assert json.loads(r["stdout"]) == expected, (mode, r["stdout"])
+
+
+@pytest.mark.slow
+def test_sandbox_tests_do_not_need_job_control():
+    """A test run started in the background of a non-interactive shell (SIGINT and SIGQUIT ignored)
+    sees the executions as any other run does."""
+    test = "tests/sandbox/test_warm.py::test_state_does_not_leak_into_the_next_execution"
+    r = subprocess.run(["bash", "-c", f'"$0" -m pytest -q -p no:cacheprovider "{test}" & wait $!', sys.executable],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=hostile_start)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
