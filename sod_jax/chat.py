@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
 # The tool schema text of the reference's tool config (verl's sandbox-fusion tool config, as the SOD run
 # used it). Every prompt renders it into the system block, so changing it changes what the model sees.
@@ -163,7 +164,6 @@ class ChatTokenizer:
     @classmethod
     def from_dir(cls, path: Union[str, Path]) -> "ChatTokenizer":
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` (or ``chat_template.jinja``) from a directory."""
-        from tokenizers import Tokenizer
 
         root = Path(path)
         tj = root / "tokenizer.json"

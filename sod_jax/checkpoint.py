@@ -2,7 +2,7 @@
 
 A checkpoint is one orbax step directory ``<dir>/<step>/`` with two items:
 
-- ``state``: any pytree of arrays, typically :class:`sod_jax.train_step.TrainState` (step, params,
+- ``state``: any pytree of arrays, typically :class:`sod_jax.rl.update.TrainState` (step, params,
   opt_state, rng as PRNG key *data*). Nothing here depends on its fields: the tree saved is the
   tree restored, into the structure and shardings of the abstract tree given to
   :meth:`Checkpointer.restore`.
@@ -43,6 +43,7 @@ previously finalized checkpoint intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -56,6 +57,7 @@ from typing import Any, Optional, Sequence, Union
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,6 @@ def trim_jsonl(path: Union[str, os.PathLike], last_step: int, key: str = "step")
     After a resume from step N, the steps after N are run again; their old records (written before a
     kill) would otherwise appear twice. A torn last line (killed mid-write) is dropped too. Rewrites
     the file atomically; a missing file is fine."""
-    import json
 
     p = Path(path)
     if not p.is_file():
@@ -369,7 +370,6 @@ class PreemptionGuard:
         them at the same step; single-process runs just read ``requested``)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([self.requested], dtype=np.int32))
         return bool(np.asarray(flags).any())

@@ -14,6 +14,7 @@ This module is a leaf: it imports nothing from the rest of ``sod_jax``.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -644,7 +645,7 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
 
 
 def reference_markdown() -> str:
-    """The config reference (one table per section) for the README."""
+    """The config reference (one table per section) for docs/config.md."""
     lines = []
     for sec, (_, sec_tp) in _fields(Config).items():
         lines.append(f"**`{sec}`**: {' '.join(sec_tp.__doc__.split())}\n")
@@ -682,7 +683,6 @@ def config_from_args(args, job: str = "train") -> Config:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m sod_jax.config",

@@ -33,6 +33,21 @@ from typing import Any, Optional, Sequence, Union
 
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sod_jax.checkpoint import Checkpointer, quiet_orbax_logs
+from sod_jax.config import Config
+from sod_jax.models.hf import (
+    LAYER_HF,
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    expected_tensors,
+    layer_to_hf,
+    load_pretrained,
+    read_config,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "added_tokens.json")
@@ -150,9 +165,7 @@ class _StateReader:
     """The ``params`` arrays of a checkpoint's state item, read one at a time as host numpy arrays."""
 
     def __init__(self, state_dir: Path):
-        import orbax.checkpoint as ocp
 
-        from sod_jax.checkpoint import quiet_orbax_logs
 
         quiet_orbax_logs()
         self.dir = state_dir
@@ -195,11 +208,10 @@ class _StateReader:
 
 def _hf_plan(cfg: Any, reader: _StateReader, np_dtype: np.dtype) -> list[tuple[str, tuple[str, ...], Optional[int], tuple]]:
     """``(hf_name, our_path, layer or None, hf_shape)`` in reading order (one stored array after another)."""
-    from sod_jax.models.hf import _LAYER_HF, _expected_tensors
 
-    expected = _expected_tensors(cfg)
+    expected = expected_tensors(cfg)
     plan = [("model.embed_tokens.weight", ("embed",), None)]
-    for ours, theirs in _LAYER_HF.items():
+    for ours, theirs in LAYER_HF.items():
         plan += [(f"model.layers.{i}.{theirs}", ("layers", ours), i) for i in range(cfg.num_hidden_layers)]
     plan.append(("model.norm.weight", ("final_norm",), None))
     if not cfg.tie_word_embeddings:
@@ -222,10 +234,9 @@ def _hf_plan(cfg: Any, reader: _StateReader, np_dtype: np.dtype) -> list[tuple[s
 
 def _to_hf_tensor(path: tuple[str, ...], arr: np.ndarray, layer: Optional[int], np_dtype: np.dtype) -> np.ndarray:
     """Our stored array (a whole stacked leaf) -> the HF tensor of ``layer``, contiguous, in ``np_dtype``."""
-    from sod_jax.models.hf import _to_hf
 
     if path[0] == "layers":
-        t = _to_hf(path[1], arr[layer])
+        t = layer_to_hf(path[1], arr[layer])
     elif path[0] == "lm_head":
         t = arr.T
     else:
@@ -248,7 +259,6 @@ def orbax_to_hf(ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike], *, 
                 dtype: Optional[str] = None, base_model: Optional[str] = None,
                 max_shard_bytes: int = 4 * 1024**3, progress: bool = False) -> Path:
     """Export the params of checkpoint ``step`` (default: newest) in ``ckpt`` to an HF directory ``out``."""
-    from sod_jax.models.hf import config_from_hf, config_to_hf, read_config
 
     step, step_dir = _step_dir(Path(ckpt), step)
     extra = _load_extra(step_dir)
@@ -336,11 +346,7 @@ def _tokenizer_source(run_cfg: dict, base_model: Optional[str]) -> Optional[str]
 def hf_to_orbax(hf: Union[str, os.PathLike], out: Union[str, os.PathLike], *, step: int = 0,
                 dtype: str = "float32") -> Path:
     """Write the HF checkpoint ``hf`` as checkpoint ``step`` of ``out`` (state ``{"params": ...}``)."""
-    from flax import nnx
 
-    from sod_jax.checkpoint import Checkpointer
-    from sod_jax.config import Config
-    from sod_jax.models.hf import config_to_hf, load_pretrained
 
     model = load_pretrained(hf, dtype=dtype, param_dtype=dtype)
     params = nnx.state(model, nnx.Param)
@@ -384,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from sod_jax.models.hf import CheckpointError
 
     try:
         if args.command == "orbax-to-hf":

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 import grain
 import jinja2
 
-from sod_jax.rewards.registry import BUILTIN_SOURCES, source_map
+from sod_jax.chat import CODE_INTERPRETER_TOOL
+from sod_jax.rewards.registry import BUILTIN_SOURCES, check_sources, source_map
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "prompts"
 ROLES = ("system", "user", "assistant", "tool")
@@ -363,8 +364,6 @@ def load_prompt_rows(files: Union[str, Path, Sequence[Union[str, Path]]], data_c
     at ``data.max_prompt_length`` with the agent's tool block (``tools`` default: the code
     interpreter). ``stats`` gains ``too_long`` (rows dropped by length) and ``by_source`` (rows kept per
     data_source)."""
-    from sod_jax.chat import CODE_INTERPRETER_TOOL
-    from sod_jax.rewards.registry import check_sources
 
     sources = getattr(reward_cfg, "sources", None) if reward_cfg is not None else None
     rows, stats = load_rows(files, kind, getattr(data_cfg, "on_bad_row", "error"),

@@ -23,9 +23,19 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
+from sod_jax.config import ConfigError, add_config_args, load_config
+from sod_jax.data import DataError, load_prompt_rows
+from sod_jax.evaluation.evaluate import EvalError, evaluate
+from sod_jax.models import CheckpointError, load_pretrained
+from sod_jax.rewards import RewardPool
+from sod_jax.rollout.agent import AgentConfig
+from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.sandbox import SandboxUnavailable
+from sod_jax.sandbox.factory import make_sandbox
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from sod_jax.config import add_config_args
 
     p = argparse.ArgumentParser(prog="python -m sod_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args) -> Any:
     """The config of the command line: files, then the quick-look flags, then dotted overrides."""
-    from sod_jax.config import ConfigError, load_config
 
     quick = []
     if args.model:
@@ -66,7 +75,6 @@ def resolve_config(args) -> Any:
 
 
 def check_eval_config(cfg: Any) -> None:
-    from sod_jax.config import ConfigError
 
     problems = []
     if not cfg.model.path:
@@ -95,41 +103,12 @@ def check_eval_config(cfg: Any) -> None:
         raise ConfigError("invalid eval config:\n  - " + "\n  - ".join(problems))
 
 
-def make_sandbox(cfg: Any) -> Any:
-    s = cfg.sandbox
-    if s.backend == "fusion":
-        from sod_jax.sandbox.fusion import FusionSandbox
-
-        return FusionSandbox(s.url, max_concurrency=s.max_concurrency, retries=s.retries)
-    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
-
-    kw = dict(workers=s.workers, allow_unconfined=s.allow_unconfined, run_timeout=s.run_timeout,
-              memory_limit_mb=s.memory_limit_mb)
-    if hasattr(s, "mode") and "mode" in LocalSandboxConfig.__dataclass_fields__:
-        kw["mode"] = s.mode
-    return LocalSandbox(LocalSandboxConfig(**kw))
-
-
-def tool_schemas(cfg: Any) -> list[dict]:
-    from sod_jax import chat
-
-    make = getattr(chat, "code_interpreter_tool", None)
-    return [make(cfg.tool) if make is not None else chat.CODE_INTERPRETER_TOOL]
-
-
 def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
     """Evaluate as the config says; returns (per-source figures, output directory)."""
-    from sod_jax.chat import ChatTokenizer
-    from sod_jax.data import load_prompt_rows
-    from sod_jax.evaluation import evaluate
-    from sod_jax.models import load_pretrained
-    from sod_jax.rewards import RewardPool
-    from sod_jax.rollout.engine import Engine, engine_options
-    from sod_jax.rollout.agent import AgentConfig
 
     check_eval_config(cfg)
     tok = ChatTokenizer.from_dir(cfg.model.path)
-    tools = tool_schemas(cfg)
+    tools = [code_interpreter_tool(cfg.tool)]
     rows, stats = load_prompt_rows(cfg.eval.files, cfg.data, tok, kind="eval", reward_cfg=cfg.reward, tools=tools,
                                    enable_thinking=cfg.rollout.enable_thinking)
     if not rows:
@@ -150,7 +129,7 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
                     decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
                     **engine_options(cfg.rollout),
                     stop_ids=tok.stop_ids, tokenizer=tok)
-    sandbox = make_sandbox(cfg)
+    sandbox = make_sandbox(cfg.sandbox)
     loop = asyncio.new_event_loop()
     pool = RewardPool(cfg.reward, sandbox=sandbox)
     try:
@@ -168,12 +147,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from sod_jax.chat import ChatError
-    from sod_jax.config import ConfigError
-    from sod_jax.data import DataError
-    from sod_jax.evaluation import EvalError
-    from sod_jax.models import CheckpointError
-    from sod_jax.sandbox import SandboxUnavailable
 
     try:
         _, out = run(cfg, progress=not args.no_progress)

@@ -9,9 +9,16 @@ outputs come back as tool turns, up to ``--max-turns`` assistant turns.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
+
+from sod_jax.chat import ChatError, ChatTokenizer
+from sod_jax.models import CheckpointError, load_pretrained
+from sod_jax.rollout import Engine, EngineError, Request, SamplingParams, generate
+from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, SandboxUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sod_jax.chat import ChatError, ChatTokenizer
-    from sod_jax.models import CheckpointError, load_pretrained
-    from sod_jax.rollout import Engine, EngineError, Request, SamplingParams
 
     try:
         tok = ChatTokenizer.from_dir(args.model)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(model, num_slots=max(args.n, 1), max_len=max_len, stop_ids=tok.stop_ids, tokenizer=tok)
         t0 = time.perf_counter()
-        outs = engine.generate([Request(prompt_ids, args.max_new_tokens, sampling, args.seed, args.n)])
+        outs = generate(engine, [Request(prompt_ids, args.max_new_tokens, sampling, args.seed, args.n)])
         dt = time.perf_counter() - t0
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -84,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_agent(args, tok, model, sampling, messages) -> int:
     """``--tools``: the TIR loop with the local sandbox."""
-    import asyncio
 
-    from sod_jax.rollout import Engine
-    from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
-    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, SandboxUnavailable
 
     try:
         sandbox = LocalSandbox(LocalSandboxConfig(workers=max(args.n, 1), allow_unconfined=args.allow_unconfined))

@@ -19,7 +19,9 @@ from typing import Any, Optional, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -113,7 +115,6 @@ def _logical_axes(var: Any) -> Optional[tuple]:
 def param_specs(state: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
     """PartitionSpecs for an nnx ``State``, with the same tree structure (each Variable holds its spec;
     variables without logical axes are replicated)."""
-    from flax import nnx
 
     def spec(var):
         axes = _logical_axes(var)
@@ -130,7 +131,6 @@ def param_shardings(state: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_
 
 def shard_module(module: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
     """Move an nnx module's variables to the shardings their logical axes name (in place)."""
-    from flax import nnx
 
     state = nnx.state(module)
     shardings = param_shardings(state, mesh, rules)

@@ -1,6 +1,6 @@
 """``python -m sod_jax.train --config FILE [section.key=value ...]``: SOD / OPD / GRPO / OPSD RL.
 
-The loop is :class:`sod_jax.trainer.Trainer`; this CLI resolves the config, runs the checks that
+The loop is :class:`sod_jax.rl.trainer.Trainer`; this CLI resolves the config, runs the checks that
 need no compute (paths, teacher compatibility, data, sandbox), then trains, resuming from the run
 directory's newest checkpoint. Exit codes: 0 done (or stopped cleanly on SIGTERM/SIGINT after a
 checkpoint), 2 a configuration or set-up problem (the message says what to change).
@@ -13,6 +13,7 @@ import logging
 import sys
 
 from sod_jax.config import add_config_args, config_from_args
+from sod_jax.rl.trainer import SetupError, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from sod_jax.trainer import SetupError, Trainer
 
     if getattr(cfg, "distributed", None) is not None and getattr(cfg.distributed, "num_processes", None):
         from sod_jax import parallel

@@ -110,6 +110,14 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tok(tokenizer_dir):
+    """The test tokenizer as a :class:`sod_jax.chat.ChatTokenizer`."""
+    from sod_jax.chat import ChatTokenizer
+
+    return ChatTokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def sandbox_server():
     """`python -m sod_jax.sandbox serve` on a free loopback port; yields its URL."""
     from support.sandbox_server import spawn_server, stop_server

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import QWEN3_FACTS
 from transformers import PreTrainedTokenizerFast
 
-from conftest import QWEN3_FACTS
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTemplate, ChatTokenizer, load_template_source, parse_tool_calls
 
 

@@ -1,8 +1,8 @@
 """Config tree: paper defaults, YAML + dotted overrides, and errors that name key, file and nearest key."""
 
 import subprocess
-from typing import Any
 import sys
+from typing import Any
 
 import pytest
 import yaml
@@ -118,11 +118,11 @@ def test_shipped_configs_load():
         assert cfg.model.path or cfg.sft.init, f  # a checkpoint to start from, or SFT from a random init
 
 
-def test_readme_config_reference_is_current():
+def test_docs_config_reference_is_current():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reference_markdown().strip() in readme, "regenerate with: python -m sod_jax.config --reference"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert reference_markdown().strip() in page, "regenerate with: python -m sod_jax.config --reference"
 
 
 def test_new_sections_and_keys():

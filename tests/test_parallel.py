@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_hf_model
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import make_hf_model
 from sod_jax import parallel
 from sod_jax.models import load_pretrained
 from sod_jax.models.qwen3 import LAYER_AXES

@@ -42,7 +42,7 @@ def test_defaults_are_the_reference_settings():
 
 
 def test_ppo_epochs_reach_the_update():
-    from sod_jax.train_step import UpdateSpec
+    from sod_jax.rl.update import UpdateSpec
 
     assert UpdateSpec.from_config(load_config(overrides=["algo.name=grpo", "train.epochs=2"])).epochs == 2
     with pytest.raises(ConfigError, match=r"train.epochs must be >= 1"):

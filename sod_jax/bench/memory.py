@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+
+from sod_jax.models.blocked_attention import blocked_attention
+from sod_jax.models.logprobs import naive_token_logprobs, token_logprobs
+from sod_jax.models.qwen3 import attention, attention_mask_from
+
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
 
-    from sod_jax.models.logprobs import naive_token_logprobs, token_logprobs
 
     T, V, D, chunk = args.seq, args.vocab, args.hidden, args.chunk
     h = jax.ShapeDtypeStruct((1, T, D), jnp.float32)
@@ -39,11 +43,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _attention_memory(T: int, block: int) -> dict:
     """Compiled temp bytes of one layer's causal attention, forward and backward, at Qwen3-1.7B's
     head layout (16 query heads, 8 kv heads, head dim 128): blocked versus dense ``[T, T]`` scores."""
-    import jax
-    import jax.numpy as jnp
 
-    from sod_jax.models.blocked_attention import blocked_attention
-    from sod_jax.models.qwen3 import attention, attention_mask_from
 
     N, K, H = 16, 8, 128
     q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)

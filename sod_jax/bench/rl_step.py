@@ -1,5 +1,5 @@
 """One whole RL step of the CPU demo's shape (tool-using rollouts in the local sandbox, rewards, the
-compiled update), timed through :class:`sod_jax.trainer.Trainer` and split into its parts.
+compiled update), timed through :class:`sod_jax.rl.trainer.Trainer` and split into its parts.
 
 Student and teacher are random ``cpu-tiny`` models (4 layers, d=128) with the demo's tokenizer, on
 the demo's prompts and config (``configs/demo.yaml``): the cost of a step does not depend on what
@@ -19,14 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sod_jax.config import load_config
+from sod_jax.demo import TOKENIZER_DIR
+from sod_jax.models import save_pretrained
+from sod_jax.models.presets import preset as make_preset
+from sod_jax.models.qwen3 import init_model
+from sod_jax.rl.trainer import Trainer
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _models(root: Path, preset: str) -> tuple[Path, Path]:
-    from sod_jax.demo import TOKENIZER_DIR
-    from sod_jax.models import save_pretrained
-    from sod_jax.models.presets import preset as make_preset
-    from sod_jax.models.qwen3 import init_model
 
     dirs = []
     for name, seed in (("student", 0), ("teacher", 1)):
@@ -39,8 +42,6 @@ def _models(root: Path, preset: str) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from sod_jax.config import load_config
-    from sod_jax.trainer import Trainer
 
     root = Path(tempfile.mkdtemp(prefix="sod_bench_rl_"))
     try:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 
-from sod_jax.bench.timing import best_time_pair
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sod_jax.bench.timing import best_time, best_time_pair
+from sod_jax.models import init_model, load_pretrained, preset, save_pretrained
+from sod_jax.rollout import Engine, Request, SamplingParams, generate
 
 
 def decode_flops_per_token(cfg, mean_len: float) -> float:
@@ -20,10 +27,7 @@ def decode_flops_per_token(cfg, mean_len: float) -> float:
 def matmul_peak_flops(dtype, n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a square ``n x n`` matmul in ``dtype`` on the default device, measured now (the
     machine's attainable matmul rate under its current load)."""
-    import jax
-    import jax.numpy as jnp
 
-    from sod_jax.bench.timing import best_time
 
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
@@ -32,15 +36,10 @@ def matmul_peak_flops(dtype, n: int = 1024, repeats: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import tempfile
 
-    import jax
-    import numpy as np
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from sod_jax.models import init_model, load_pretrained, preset, save_pretrained
-    from sod_jax.rollout import Engine, Request, SamplingParams
 
     cfg = preset(args.preset)
     rng = np.random.RandomState(0)
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             with torch.no_grad():
                 return hf.generate(ids, attention_mask=att, max_new_tokens=N, pad_token_id=0, **hf_kw)
 
-        ours_out = engine.generate(reqs)  # also compiles every bucket and the decode call
+        ours_out = generate(engine, reqs)  # also compiles every bucket and the decode call
         theirs_out = run_hf()[:, width:].tolist()
         # Both sides did the same work: every request got N tokens; greedy tokens agree token for token
         # (the fraction of requests whose N tokens are equal; fp32 near-ties may flip one late token).
@@ -79,10 +78,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         check = {"tokens_per_request": sorted({len(o.token_ids) for o in ours_out} | {len(t) for t in theirs_out})}
         if mode == "greedy":
             check["greedy_equal_fraction"] = round(sum(same) / len(same), 3)
-        t_ours, t_hf = best_time_pair(lambda: engine.generate(reqs), run_hf, args.repeats)
+        t_ours, t_hf = best_time_pair(lambda: generate(engine, reqs), run_hf, args.repeats)
         if args.trace:  # one more run of ours under the profiler; every block is a named scope
             with jax.profiler.trace(f"{args.trace}/{mode}", create_perfetto_trace=True):
-                engine.generate(reqs)
+                generate(engine, reqs)
         peak = matmul_peak_flops(model.config.dtype)
         total = len(prompts) * N
         mean_len = float(np.mean([len(p) for p in prompts])) + N / 2  # live length averaged over decoding
@@ -102,18 +101,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
     """One request generates ``--straggler`` tokens, the others ``--new-tokens`` (greedy): the engine
     with ragged reads and compact decode (the defaults) against the same engine with neither."""
-    import jax
 
-    from sod_jax.rollout import Engine, Request, SamplingParams
 
     N, L = args.new_tokens, args.straggler
     reqs = [Request(p, L if i == 0 else N, SamplingParams(greedy=True), seed=i) for i, p in enumerate(prompts)]
     kw = dict(num_slots=args.slots, max_len=max(map(len, prompts)) + L + 1, decode_steps=args.decode_steps,
               prefill_buckets=(32, 64, 128, 256))
     ragged, plain = Engine(model, **kw), Engine(model, tail_slots=0, compact_decode=False, **kw)
-    a, b = ragged.generate(reqs), plain.generate(reqs)  # compiles every variant
+    a, b = generate(ragged, reqs), generate(plain, reqs)  # compiles every variant
     same = sum(x.token_ids == y.token_ids for x, y in zip(a, b)) / len(a)
-    t_ours, t_base = best_time_pair(lambda: ragged.generate(reqs), lambda: plain.generate(reqs), args.repeats)
+    t_ours, t_base = best_time_pair(lambda: generate(ragged, reqs), lambda: generate(plain, reqs), args.repeats)
     total = L + (len(prompts) - 1) * N
     return {"bench": "rollout", "mode": "straggler", "prompts": len(prompts), "new_tokens": N, "straggler_tokens": L,
             "slots": args.slots, "tail_slots": ragged.tail_slots, "ours": round(total / t_ours, 1),

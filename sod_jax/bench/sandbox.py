@@ -15,17 +15,23 @@ latency percentiles over all runs. Rows:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+
+from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
+from sod_jax.sandbox.fusion import FusionSandbox
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import asyncio
-    import sys
-    import time
 
-    import numpy as np
 
-    from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, run_request
-    from sod_jax.sandbox.fusion import FusionSandbox
 
     N, C, rounds = args.runs, args.concurrency, max(1, min(args.rounds, args.runs))
     server_cs = [int(c) for c in str(args.server_concurrency).split(",") if c.strip()]
@@ -125,12 +131,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _spawn_server(workers: int, timeout: float = 600.0):
     """``python -m sod_jax.sandbox serve`` on a free loopback port, its output to a log file (never
     to a pipe nobody reads: a full pipe would stall the server). Returns (process, base URL)."""
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-    import time
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+import numpy as np
+
+from sod_jax.algo.sod import step_weights
 from sod_jax.bench.timing import best_time
 
 
 def loop_step_weights(s, q, m, eps: float, delta: float):
     """Per-token Python loop over rows and tokens (how the reference computes SOD weights)."""
-    import numpy as np
 
     B, T = m.shape
     out = np.zeros((B, T), np.float32)
@@ -44,10 +47,7 @@ def loop_step_weights(s, q, m, eps: float, delta: float):
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import jax
-    import numpy as np
 
-    from sod_jax.algo.sod import step_weights
 
     B, T, K = args.batch, args.seq, args.steps
     rng = np.random.RandomState(0)

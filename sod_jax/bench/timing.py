@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 
 def best_time(fn: Callable, repeats: int) -> float:
     """Best-of-``repeats`` wall time of ``fn()`` in seconds (fn must block until done)."""
-    import time
 
     best = float("inf")
     for _ in range(repeats):
@@ -20,7 +20,6 @@ def best_time(fn: Callable, repeats: int) -> float:
 def best_time_pair(ours: Callable, baseline: Callable, repeats: int) -> tuple[float, float]:
     """Best-of-``repeats`` wall times of two functions run alternately, so both see the same
     machine conditions (a shared machine's speed drifts between runs)."""
-    import time
 
     best = [float("inf"), float("inf")]
     for _ in range(repeats):

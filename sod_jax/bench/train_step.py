@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from sod_jax.bench.timing import best_time, best_time_pair
+from sod_jax.config import OptimConfig
+from sod_jax.models import load_pretrained, preset
+from sod_jax.rl.update import RLBatch, UpdateSpec, build_update, init_train_state, make_optimizer
 
 
 def _update_flops(student, teacher, tokens: int, seq: int) -> float:
@@ -21,8 +31,6 @@ def _update_flops(student, teacher, tokens: int, seq: int) -> float:
 
 def _matmul_peak(repeats: int = 5, n: int = 2048) -> float:
     """Measured fp32 matmul FLOP/s of this device (the MFU denominator)."""
-    import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
@@ -31,14 +39,7 @@ def _matmul_peak(repeats: int = 5, n: int = 2048) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
 
-    from sod_jax.config import OptimConfig
-    from sod_jax.models import preset
-    from sod_jax.train_step import RLBatch, UpdateSpec, build_update, init_train_state, make_optimizer
 
     B, T, M = args.batch, args.seq, args.mini_batches
     blk = args.attention_block
@@ -54,9 +55,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     # Both sides start from the same random weights (transformers models, loaded into ours), so their
     # first updates must agree: the bench reports both losses.
-    import tempfile
 
-    from sod_jax.models import load_pretrained
 
     s_torch, t_torch = hf_qwen3(s_cfg, 0), hf_qwen3(t_cfg, 1)
     runtime = dict(scan_layers=True, remat="none", attention_block=blk)
@@ -99,7 +98,7 @@ class TorchUpdate:
     """The SOD update written independently in PyTorch eager over transformers' Qwen3: the
     train-step bench's baseline and the golden reference of ``tests/test_train_step.py``.
 
-    Same objective as :mod:`sod_jax.train_step` (DESIGN §1.1): log-probs of ``softmax(logits / T)``,
+    Same objective as :mod:`sod_jax.rl.update` (DESIGN §1.1): log-probs of ``softmax(logits / T)``,
     step weights by segment sums, GRPO with the unbiased group std, PPO clip-higher + dual-clip,
     token mean over each mini-batch (mini-batch ``j`` = rows ``r % M == j``), global-norm clip,
     AdamW; a mini-batch with a non-finite loss or grad norm is skipped.

@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from sod_jax.demo.task import failed_steps, parse_problem
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
@@ -54,7 +56,6 @@ def step_failures(sample: dict) -> list[bool]:
     cascade's start, since later steps copy the wrong value. Other prompts: ``failed_steps`` when
     the writer gave them, else every turn counts as failed when the trajectory had a tool error and
     none otherwise."""
-    from sod_jax.demo.task import failed_steps, parse_problem
 
     if sample.get("failed_steps") is not None:
         return [bool(x) for x in sample["failed_steps"]]

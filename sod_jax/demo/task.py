@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
 from sod_jax.chat import CODE_INTERPRETER_TOOL
+from sod_jax.rollout.tools import prepare_code, tool_text
+from sod_jax.sandbox.protocol import run_request
 
 DATA_SOURCE = "demo_chain"
 MAX_VALUE = 999_999  # intermediate values have at most 6 digits
@@ -221,8 +227,6 @@ async def expert_outputs(problems: Sequence[Problem], sandbox: Any, max_output_c
                          concurrency: int = 16, bar: Any = None) -> list[list[str]]:
     """Run every step of every problem in the sandbox, each step on the previous step's real output;
     the tool texts per problem. Raises if the sandbox disagrees with the arithmetic."""
-    from sod_jax.rollout.tools import prepare_code, tool_text
-    from sod_jax.sandbox.protocol import run_request
 
     sem = asyncio.Semaphore(concurrency)
 
@@ -250,7 +254,6 @@ async def expert_outputs(problems: Sequence[Problem], sandbox: Any, max_output_c
 def sft_rows(problems: Sequence[Problem], sandbox_factory: Any = None, progress: bool = True) -> list[dict]:
     """Expert SFT rows (``messages`` with ``tool_calls``, ``tools``) with real sandbox outputs.
     ``sandbox_factory()`` makes the sandbox (default: the local executor with 4 workers)."""
-    from tqdm import tqdm
 
     if sandbox_factory is None:
         from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
@@ -271,8 +274,6 @@ def sft_rows(problems: Sequence[Problem], sandbox_factory: Any = None, progress:
 
 
 def write_parquet(rows: list[dict], path: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

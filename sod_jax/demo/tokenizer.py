@@ -17,6 +17,10 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sod_jax.chat import ChatTemplate
+
 QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -125,7 +129,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 512) 
     """Train the BPE on ``texts`` (rendered demo conversations) and write ``tokenizer.json`` and
     ``tokenizer_config.json`` to ``out_dir``. The total vocabulary (added tokens included) is
     ``vocab_size``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -154,7 +157,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 512) 
 
 def corpus_from_rows(sft_rows: list[dict]) -> list[str]:
     """The rendered expert conversations (the text the models are trained on)."""
-    from sod_jax.chat import ChatTemplate
 
     tmpl = ChatTemplate(CHAT_TEMPLATE, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     return [tmpl.render(r["messages"], r["tools"]) for r in sft_rows]

@@ -43,7 +43,9 @@ class CheckpointError(ValueError):
 # Name and layout mapping (ours <-> HF). Our weights are [in, ..., out]; HF Linear is [out, in].
 # ---------------------------------------------------------------------------------------------
 
-_LAYER_HF = {
+# Our per-layer parameter name -> the HF tensor name inside ``model.layers.{i}.`` (public: the
+# converter streams exports and checks imports with it).
+LAYER_HF = {
     "attn_norm": "input_layernorm.weight",
     "q": "self_attn.q_proj.weight",
     "k": "self_attn.k_proj.weight",
@@ -67,7 +69,7 @@ def _hf_shape(name: str, cfg: Qwen3Config) -> tuple[int, ...]:
             "gate": (F, D), "up": (F, D), "down": (D, F)}[name]
 
 
-def _to_hf(name: str, t: np.ndarray) -> np.ndarray:
+def layer_to_hf(name: str, t: np.ndarray) -> np.ndarray:
     """One layer of our weight -> HF layout (the inverse of :func:`_layer_slice` on a whole layer)."""
     if name in ("q", "k", "v"):
         D = t.shape[0]
@@ -193,19 +195,20 @@ class _TensorIndex:
         return self.handles[self.where[name]].get_slice(name)[index]
 
 
-def _expected_tensors(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+def expected_tensors(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape of every tensor a checkpoint of ``cfg`` holds."""
     names = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
              "model.norm.weight": (cfg.hidden_size,)}
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     for i in range(cfg.num_hidden_layers):
-        for ours, theirs in _LAYER_HF.items():
+        for ours, theirs in LAYER_HF.items():
             names[f"model.layers.{i}.{theirs}"] = _hf_shape(ours, cfg)
     return names
 
 
 def _check_tensors(idx: _TensorIndex, cfg: Qwen3Config, root: Path) -> None:
-    expected = _expected_tensors(cfg)
+    expected = expected_tensors(cfg)
     for name, shape in expected.items():
         if name not in idx.where:
             raise CheckpointError(f"{root}: tensor '{name}' is missing (expected shape {shape})")
@@ -285,7 +288,7 @@ def _bounds(sl: slice, n: int) -> tuple[int, int]:
 def _layer_slice(idx: _TensorIndex, ours: str, layer: int, sl: tuple, cfg: Qwen3Config) -> np.ndarray:
     """The part ``sl`` (slices of our per-layer layout) of one layer's weight ``ours``, read from
     the HF tensor with one ``get_slice`` read of the rows/columns it covers."""
-    name = f"model.layers.{layer}.{_LAYER_HF[ours]}"
+    name = f"model.layers.{layer}.{LAYER_HF[ours]}"
     H = cfg.head_dim
     if ours in ("q", "k", "v"):  # HF [heads*H, D] -> ours [D, heads, H]
         heads = cfg.num_attention_heads if ours == "q" else cfg.num_key_value_heads
@@ -392,10 +395,10 @@ def _hf_tensors(model: Qwen3, dt: np.dtype):
     """Yield (HF name, host array) one tensor at a time."""
     cfg = model.config
     yield "model.embed_tokens.weight", _to_host(model.embed[...]).astype(dt)
-    for ours, theirs in _LAYER_HF.items():
+    for ours, theirs in LAYER_HF.items():
         stacked = getattr(model.layers, ours)[...]
         for i in range(cfg.num_hidden_layers):
-            yield f"model.layers.{i}.{theirs}", np.ascontiguousarray(_to_hf(ours, _to_host(stacked[i])).astype(dt))
+            yield f"model.layers.{i}.{theirs}", np.ascontiguousarray(layer_to_hf(ours, _to_host(stacked[i])).astype(dt))
     yield "model.norm.weight", _to_host(model.final_norm[...]).astype(dt)
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight", np.ascontiguousarray(_to_host(model.lm_head[...]).T.astype(dt))

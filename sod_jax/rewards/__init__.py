@@ -14,8 +14,7 @@ from typing import Any, Optional
 from sod_jax.rewards.code import extract_code, score_code
 from sod_jax.rewards.math import last_boxed, score_math_verify, score_strict
 from sod_jax.rewards.pool import RewardPool
-from sod_jax.rewards.registry import (BUILTIN_SOURCES, SCORERS, UnknownSourceError, check_sources, scorer_of,
-                                      source_map)
+from sod_jax.rewards.registry import BUILTIN_SOURCES, SCORERS, UnknownSourceError, check_sources, scorer_of, source_map
 
 __all__ = ["BUILTIN_SOURCES", "SCORERS", "RewardPool", "UnknownSourceError", "check_sources", "compute_score",
            "extract_code", "last_boxed", "response_text", "score_code", "score_math_verify", "score_strict", "scorer_of",

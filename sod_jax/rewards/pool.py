@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 from sod_jax.rewards.code import score_code
 from sod_jax.rewards.math import score_math_verify, score_strict
 from sod_jax.rewards.registry import check_sources, source_map
+from sod_jax.sandbox.fusion import FusionSandbox
+from sod_jax.sandbox.local import LocalSandbox
 
 DEFAULT_WORKER_FN = "sod_jax.rewards.pool:score_text"
 
@@ -142,8 +144,6 @@ def _loop_local_copy(sandbox: Any) -> Any:
     """A copy of a known sandbox for the pool's own event loop. The local executor and the fusion
     client hold asyncio objects bound to the loop that first used them (the agent's), so the pool runs
     code tests on a copy with the same settings; unknown sandbox types are used as given."""
-    from sod_jax.sandbox.fusion import FusionSandbox
-    from sod_jax.sandbox.local import LocalSandbox
 
     if isinstance(sandbox, LocalSandbox):
         return LocalSandbox(sandbox.cfg)

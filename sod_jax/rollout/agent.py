@@ -31,15 +31,22 @@ from typing import Any, Optional, Protocol, Sequence
 
 import jax
 
-from sod_jax.chat import (REFERENCE_PARAMETER_DESCRIPTION, REFERENCE_TOOL_DESCRIPTION, ChatTokenizer,
-                          code_interpreter_tool, parse_tool_calls, parse_tool_calls_reference)
-from sod_jax.rollout.engine import Engine
+from sod_jax.chat import (
+    REFERENCE_PARAMETER_DESCRIPTION,
+    REFERENCE_TOOL_DESCRIPTION,
+    ChatTokenizer,
+    code_interpreter_tool,
+    parse_tool_calls,
+    parse_tool_calls_reference,
+)
+from sod_jax.rollout.engine import (
+    Engine,
+    EngineError,  # noqa: E402 - kept apart from the imports above
+)
 from sod_jax.rollout.sampling import SamplingParams
+from sod_jax.rollout.scheduler import SlotScheduler, StartItem
 from sod_jax.rollout.tools import call_problem, prepare_code, reference_call, tool_text
 from sod_jax.sandbox.protocol import Sandbox, run_request
-
-from sod_jax.rollout.engine import EngineError  # noqa: E402 - kept apart from the imports above
-from sod_jax.rollout.scheduler import SlotScheduler, StartItem
 
 
 @dataclass

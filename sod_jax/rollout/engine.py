@@ -19,9 +19,9 @@ the positions that can be live, straight from the cache buffers, without slicing
 * :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
   re-running their context and samples each one's next token, one device call per tool-text
   bucket: the multi-turn agent's fast path.
-* :meth:`Engine.generate` runs whole requests through the continuous-batching
-  :class:`~sod_jax.rollout.scheduler.SlotScheduler` (the agent's scheduler too): finished slots
-  are freed and refilled from the queue while the others keep decoding.
+Whole requests run through :func:`sod_jax.rollout.scheduler.generate` (continuous batching on the
+agent's :class:`~sod_jax.rollout.scheduler.SlotScheduler`, which drives this engine): finished slots
+are freed and refilled from the queue while the others keep decoding.
 
 Every device function runs the model's one forward (:func:`sod_jax.models.qwen3.forward`) with a
 :class:`~sod_jax.models.qwen3.KVCache`; this module owns only the cache layout, slot state and the
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
@@ -636,88 +635,6 @@ class Engine:
         self._left[slot] = 0
         if not self._bound.any() and self._cap > self.capacity_for(1):  # idle: start small again
             self.state, self._cap = self._resize(self.state, self.capacity_for(1)), self.capacity_for(1)
-
-    # -- continuous batching -----------------------------------------------------------------------
-
-    def generate(self, requests: Sequence[Request], progress: Any = None) -> list[Completion]:
-        """Complete every request (``n`` samples each) with continuous batching (the shared
-        :class:`~sod_jax.rollout.scheduler.SlotScheduler`). Results are returned in request order,
-        samples in index order."""
-        from sod_jax.rollout.scheduler import SlotScheduler, StartItem
-
-        for r in requests:
-            if r.n > self.num_slots:
-                raise EngineError(f"request {r.id!r} asks n={r.n} samples but there are only {self.num_slots} "
-                                  "decode slots; raise rollout.num_slots or lower n")
-            if r.max_new_tokens < 1:
-                raise EngineError(f"request {r.id!r}: max_new_tokens must be >= 1")
-            if len(r.prompt_ids) >= self.max_len:
-                raise EngineError(f"request {r.id!r}: prompt has {len(r.prompt_ids)} tokens but a slot holds "
-                                  f"{self.max_len} (rollout max length)")
-            if r.stop_strings and self.tokenizer is None:
-                raise EngineError("stop strings need the engine to have a tokenizer")
-        sched = SlotScheduler(self)
-        queue = deque(range(len(requests)))
-        live: dict[int, dict] = {}  # slot -> {req, idx, tokens, logprobs}
-        results: dict[tuple[int, int], Completion] = {}
-
-        def close(slot: int, reason: str) -> None:
-            rec = live.pop(slot)
-            r = requests[rec["req"]]
-            results[(rec["req"], rec["idx"])] = Completion(
-                r.id, rec["idx"], list(r.prompt_ids), rec["tokens"], rec["logprobs"], reason,
-                self.tokenizer.decode(rec["tokens"]) if self.tokenizer is not None else None)
-            sched.release(slot)
-            if progress is not None:
-                progress.update(1)
-
-        def reason_for(rec: dict) -> str:
-            r = requests[rec["req"]]
-            if rec["tokens"] and int(rec["tokens"][-1]) in self.stop_set:
-                return "stop"
-            if len(rec["tokens"]) >= r.max_new_tokens:
-                return "length"
-            return "context"
-
-        def check_stop_strings(slot: int, rec: dict) -> bool:
-            r = requests[rec["req"]]
-            if not r.stop_strings:
-                return False
-            text = self.tokenizer.decode(rec["tokens"])
-            hits = [text.find(s) + len(s) for s in r.stop_strings if s in text]
-            if not hits:
-                return False
-            end = min(hits)
-            keep = next(i for i in range(1, len(rec["tokens"]) + 1)
-                        if len(self.tokenizer.decode(rec["tokens"][:i])) >= end)
-            rec["tokens"], rec["logprobs"] = rec["tokens"][:keep], rec["logprobs"][:keep]
-            self.finish(slot, len(r.prompt_ids) + keep - 1)
-            return True
-
-        while queue or sched.busy():
-            items = []
-            while queue and sched.num_free >= requests[queue[0]].n:
-                ri = queue.popleft()
-                r = requests[ri]
-                slots = sched.acquire(r.n)
-                items.append(StartItem(r.prompt_ids, slots, r.sampling, r.seed,
-                                       min(r.max_new_tokens, self.max_len - len(r.prompt_ids))))
-                for i, s in enumerate(slots):
-                    live[s] = {"req": ri, "idx": i, "tokens": [], "logprobs": []}
-            if items:
-                sched.start(items)
-            # The next decode call is dispatched before the previous one is read back, so the host
-            # work below (detokenising, stop strings) overlaps the device.
-            entries = sched.dispatch()
-            for s, (toks, lps, ended) in sched.harvest(entries, jax.device_get([e.out for e in entries])).items():
-                rec = live[s]
-                rec["tokens"].extend(toks)
-                rec["logprobs"].extend(lps)
-                if check_stop_strings(s, rec):
-                    close(s, "stop_string")
-                elif ended:
-                    close(s, reason_for(rec))
-        return [results[(ri, i)] for ri in range(len(requests)) for i in range(requests[ri].n)]
 
 
 def _drop_layer_axis(sharding: Any) -> Any:

@@ -12,6 +12,7 @@ quantity the trainer recomputes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 

@@ -1,5 +1,5 @@
-"""Continuous batching over the slot engine: the one scheduler behind ``Engine.generate`` and the
-agent loop's :class:`~sod_jax.rollout.agent.EnginePolicy`.
+"""Continuous batching over the slot engine: the one scheduler behind :func:`generate` (whole
+requests to completions) and the agent loop's :class:`~sod_jax.rollout.agent.EnginePolicy`.
 
 It owns the free-slot list and turns the engine's device outputs into per-slot token events:
 
@@ -22,9 +22,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence
 
+import jax
 import numpy as np
 
-from sod_jax.rollout.engine import Engine, EngineError
+from sod_jax.rollout.engine import Completion, Engine, EngineError, Request
 from sod_jax.rollout.sampling import SamplingParams
 
 
@@ -172,3 +173,81 @@ class SlotScheduler:
                     sel = emitted[:, s]
                     add(s, tok[sel, s].tolist(), lp[sel, s].tolist(), not bool(act[s]))
         return {s: (t, l, d) for s, (t, l, d) in events.items()}
+
+
+def generate(engine: Engine, requests: Sequence[Request], progress: Any = None) -> list[Completion]:
+    """Complete every request (``n`` samples each) on ``engine`` with continuous batching (a
+    :class:`SlotScheduler`). Results are returned in request order, samples in index order."""
+    for r in requests:
+        if r.n > engine.num_slots:
+            raise EngineError(f"request {r.id!r} asks n={r.n} samples but there are only {engine.num_slots} "
+                              "decode slots; raise rollout.num_slots or lower n")
+        if r.max_new_tokens < 1:
+            raise EngineError(f"request {r.id!r}: max_new_tokens must be >= 1")
+        if len(r.prompt_ids) >= engine.max_len:
+            raise EngineError(f"request {r.id!r}: prompt has {len(r.prompt_ids)} tokens but a slot holds "
+                              f"{engine.max_len} (rollout max length)")
+        if r.stop_strings and engine.tokenizer is None:
+            raise EngineError("stop strings need the engine to have a tokenizer")
+    sched = SlotScheduler(engine)
+    queue = deque(range(len(requests)))
+    live: dict[int, dict] = {}  # slot -> {req, idx, tokens, logprobs}
+    results: dict[tuple[int, int], Completion] = {}
+
+    def close(slot: int, reason: str) -> None:
+        rec = live.pop(slot)
+        r = requests[rec["req"]]
+        results[(rec["req"], rec["idx"])] = Completion(
+            r.id, rec["idx"], list(r.prompt_ids), rec["tokens"], rec["logprobs"], reason,
+            engine.tokenizer.decode(rec["tokens"]) if engine.tokenizer is not None else None)
+        sched.release(slot)
+        if progress is not None:
+            progress.update(1)
+
+    def reason_for(rec: dict) -> str:
+        r = requests[rec["req"]]
+        if rec["tokens"] and int(rec["tokens"][-1]) in engine.stop_set:
+            return "stop"
+        if len(rec["tokens"]) >= r.max_new_tokens:
+            return "length"
+        return "context"
+
+    def check_stop_strings(slot: int, rec: dict) -> bool:
+        r = requests[rec["req"]]
+        if not r.stop_strings:
+            return False
+        text = engine.tokenizer.decode(rec["tokens"])
+        hits = [text.find(s) + len(s) for s in r.stop_strings if s in text]
+        if not hits:
+            return False
+        end = min(hits)
+        keep = next(i for i in range(1, len(rec["tokens"]) + 1)
+                    if len(engine.tokenizer.decode(rec["tokens"][:i])) >= end)
+        rec["tokens"], rec["logprobs"] = rec["tokens"][:keep], rec["logprobs"][:keep]
+        engine.finish(slot, len(r.prompt_ids) + keep - 1)
+        return True
+
+    while queue or sched.busy():
+        items = []
+        while queue and sched.num_free >= requests[queue[0]].n:
+            ri = queue.popleft()
+            r = requests[ri]
+            slots = sched.acquire(r.n)
+            items.append(StartItem(r.prompt_ids, slots, r.sampling, r.seed,
+                                   min(r.max_new_tokens, engine.max_len - len(r.prompt_ids))))
+            for i, s in enumerate(slots):
+                live[s] = {"req": ri, "idx": i, "tokens": [], "logprobs": []}
+        if items:
+            sched.start(items)
+        # The next decode call is dispatched before the previous one is read back, so the host
+        # work below (detokenising, stop strings) overlaps the device.
+        entries = sched.dispatch()
+        for s, (toks, lps, ended) in sched.harvest(entries, jax.device_get([e.out for e in entries])).items():
+            rec = live[s]
+            rec["tokens"].extend(toks)
+            rec["logprobs"].extend(lps)
+            if check_stop_strings(s, rec):
+                close(s, "stop_string")
+            elif ended:
+                close(s, reason_for(rec))
+    return [results[(ri, i)] for ri in range(len(requests)) for i in range(requests[ri].n)]

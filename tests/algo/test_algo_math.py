@@ -9,7 +9,6 @@ from sod_jax.algo.losses import aggregate, kl_estimates, ppo_loss
 from sod_jax.algo.sod import step_stats, step_weights
 from sod_jax.bench.sod_weights import loop_step_weights
 
-
 # The per-token reference is the benchmark's baseline loop (checked against hand-computed weights
 # in tests/test_bench.py): runs of m == 1, d_k = mean |s - q|, running product, clip at the output.
 reference_weights = loop_step_weights

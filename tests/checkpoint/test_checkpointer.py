@@ -12,18 +12,19 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sod_jax import parallel
 from sod_jax.checkpoint import Checkpointer, CheckpointWarning, abstract_like
-from sod_jax.train_step import optimizer_shardings
 from sod_jax.models.qwen3 import Qwen3Config, init_model
+from sod_jax.rl.update import optimizer_shardings
 
 TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
 
 
-class State(NamedTuple):  # the shape of sod_jax.train_step.TrainState; the module must not care
+class State(NamedTuple):  # the shape of sod_jax.rl.update.TrainState; the module must not care
     step: Any
     params: Any
     opt_state: Any

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
-pytest.importorskip("sod_jax.evaluation", reason="the RL loop's eval module is not in this tree yet")
+pytest.importorskip("sod_jax.evaluation.evaluate", reason="the RL loop's eval module is not in this tree yet")
 pytest.importorskip("sod_jax.checkpoint", reason="the RL loop's checkpoint module is not in this tree yet")
 
 

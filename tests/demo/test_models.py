@@ -35,7 +35,7 @@ def test_greedy_tokens_equal_transformers(name, heldout):
     from transformers import Qwen3ForCausalLM
 
     from sod_jax.models import load_pretrained
-    from sod_jax.rollout import Engine, Request, SamplingParams
+    from sod_jax.rollout import Engine, Request, SamplingParams, generate
 
     d = MODELS[name]
     tok = ChatTokenizer.from_dir(d)
@@ -48,7 +48,7 @@ def test_greedy_tokens_equal_transformers(name, heldout):
     theirs = out[0, len(prompt):].tolist()
     engine = Engine(load_pretrained(d, dtype="float32"), num_slots=1, max_len=len(prompt) + new + 2,
                     stop_ids=tok.stop_ids)
-    ours = engine.generate([Request(prompt, new, SamplingParams(greedy=True), 0, 1)])[0].token_ids
+    ours = generate(engine, [Request(prompt, new, SamplingParams(greedy=True), 0, 1)])[0].token_ids
     assert ours == theirs
     assert tok.decode(ours).startswith("<think>")  # a trained model, not noise
 

@@ -8,8 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from sod_jax.demo import DATA_DIR
-from sod_jax.demo.task import (DATA_SOURCE, MAX_VALUE, expert_messages, expert_outputs, last_boxed, make_splits,
-                               rl_row, sample_problem, score)
+from sod_jax.demo.task import (
+    DATA_SOURCE,
+    MAX_VALUE,
+    expert_messages,
+    expert_outputs,
+    last_boxed,
+    make_splits,
+    rl_row,
+    sample_problem,
+    score,
+)
 
 
 def test_problems_are_chains_of_small_constants():

@@ -9,9 +9,9 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
+from sod_jax.data import load_rows
 from sod_jax.demo import DATA_DIR, TOKENIZER_DIR
 from sod_jax.demo.tokenizer import ADDED, SPECIAL, corpus_from_rows, train_tokenizer
-from sod_jax.data import load_rows
 
 
 @pytest.fixture(scope="module")

@@ -101,10 +101,10 @@ def test_sharded_load_peak_host_memory_is_about_one_layer(tmp_path, monkeypatch)
     import tracemalloc
 
     import jax
+    from conftest import make_hf_model
     from safetensors import safe_open
 
     import sod_jax.models.hf as hf
-    from conftest import make_hf_model
     from sod_jax import parallel
 
     D, F, L = 64, 2048, 8

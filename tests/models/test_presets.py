@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import QWEN3_FACTS
+
 from sod_jax.models import preset
 from sod_jax.models.hf import config_from_hf
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIGS, make_hf_model
 from transformers import Qwen3ForCausalLM
 
-from conftest import TINY_CONFIGS, make_hf_model
 from sod_jax.models import load_pretrained, save_pretrained
 
 TOL = 1e-4

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from sod_jax.config import load_config
-from sod_jax.rewards import (BUILTIN_SOURCES, UnknownSourceError, check_sources, compute_score, last_boxed,
-                             score_math_verify)
+from sod_jax.rewards import (
+    BUILTIN_SOURCES,
+    UnknownSourceError,
+    check_sources,
+    compute_score,
+    last_boxed,
+    score_math_verify,
+)
 
 
 @pytest.mark.parametrize("text, pred", [

@@ -2,12 +2,12 @@
 sandboxes, and once end to end with the real engine."""
 
 import asyncio
-import json
 import socket
 
 import pytest
+from support.policies import ScriptedPolicy, turn
 
-from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
+from sod_jax.chat import CODE_INTERPRETER_TOOL
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
 from sod_jax.rollout.engine import EngineError
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
@@ -15,64 +15,6 @@ from sod_jax.sandbox.fusion import FusionSandbox
 
 TOOLS = [CODE_INTERPRETER_TOOL]
 QUESTION = [{"role": "user", "content": "Sum 1..10, then square it."}]
-
-
-class ScriptedPolicy:
-    """Emits given assistant turns (text, then <|im_end|>), honouring the token budget."""
-
-    def __init__(self, tok, scripts, capacity=4):
-        self.tok, self.scripts, self.capacity = tok, list(scripts), capacity
-        self.state = {}  # handle -> [turns left, budget, pending?]
-        self.appended = {}
-        self.next_handle = 0
-
-    def start(self, prompt_ids, n, seed, budget):
-        handles = []
-        for _ in range(n):
-            h = self.next_handle
-            self.next_handle += 1
-            self.state[h] = [list(self.scripts.pop(0)), budget, True]
-            self.appended[h] = []
-            handles.append(h)
-        return handles
-
-    def busy(self):
-        return any(st[2] for st in self.state.values())
-
-    async def advance(self):
-        out = {}
-        for h, st in self.state.items():
-            if not st[2]:
-                continue
-            st[2] = False
-            ids = self.tok.encode(st[0].pop(0)) + [self.tok.eos_id]
-            if len(ids) > st[1]:
-                out[h] = (ids[: st[1]], [-0.5] * st[1], "length")
-            else:
-                out[h] = (ids, [-0.5] * len(ids), "stop")
-        return out
-
-    def append(self, handle, token_ids, budget):
-        self.appended[handle].append(list(token_ids))
-        self.state[handle][1] = budget
-        self.state[handle][2] = True
-
-    def release(self, handle):
-        self.state.pop(handle)
-
-
-def turn(think, content, *codes, raw_calls=()):
-    """An assistant turn as the Qwen3 template renders it (what a model emits before <|im_end|>)."""
-    text = f"<think>\n{think}\n</think>\n\n{content}"
-    calls = [json.dumps({"name": "code_interpreter", "arguments": {"code": c}}) for c in codes] + list(raw_calls)
-    for i, c in enumerate(calls):
-        text += ("\n" if (i == 0 and content) or i > 0 else "") + f"<tool_call>\n{c}\n</tool_call>"
-    return text
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return ChatTokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +135,12 @@ def test_real_engine_end_to_end(tok, sandbox, tmp_path):
     """Plumbing with a tiny random model: masks, spans and log-probs line up with what was sampled."""
     import jax.numpy as jnp
     import numpy as np
+    from conftest import make_hf_model
     from flax import nnx
 
-    from conftest import make_hf_model
     from sod_jax.models import load_pretrained
+    from sod_jax.rl.update import sequence_logprobs
     from sod_jax.rollout import Engine, SamplingParams
-    from sod_jax.train_step import sequence_logprobs
 
     make_hf_model(seed=5, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
@@ -225,12 +167,12 @@ def test_engine_policy_tool_turn_round_trip(tok, tmp_path):
     every sampled token's log-prob equals the training path on the whole sequence."""
     import jax.numpy as jnp
     import numpy as np
+    from conftest import make_hf_model
     from flax import nnx
 
-    from conftest import make_hf_model
     from sod_jax.models import load_pretrained
+    from sod_jax.rl.update import sequence_logprobs
     from sod_jax.rollout import Engine, SamplingParams
-    from sod_jax.train_step import sequence_logprobs
 
     make_hf_model(seed=6, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
@@ -365,12 +307,12 @@ def test_engine_policy_extends_some_slots_while_others_wait(tok, tmp_path):
     while B keeps waiting, and A's tokens' log-probs equal the training path."""
     import jax.numpy as jnp
     import numpy as np
+    from conftest import make_hf_model
     from flax import nnx
 
-    from conftest import make_hf_model
     from sod_jax.models import load_pretrained
+    from sod_jax.rl.update import sequence_logprobs
     from sod_jax.rollout import Engine, SamplingParams
-    from sod_jax.train_step import sequence_logprobs
 
     make_hf_model(seed=7, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)

@@ -5,19 +5,17 @@ call is valid, unknown names answered ``Error when executing tool: 'name'``."""
 import asyncio
 
 import pytest
+from support.policies import ScriptedPolicy, turn
 
-from sod_jax.chat import ChatTokenizer
+from sod_jax.chat import CODE_INTERPRETER_TOOL
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
-from test_agent import QUESTION, TOOLS, ScriptedPolicy, turn
+
+TOOLS = [CODE_INTERPRETER_TOOL]
+QUESTION = [{"role": "user", "content": "Sum 1..10, then square it."}]
 
 FINAL = "<think>\nok\n</think>\n\nDone."
 MALFORMED = '{"name": "code_interpreter", "arguments": {"code": "print(2)"'  # unclosed JSON
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return ChatTokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf_model
 from flax import nnx
 
-from conftest import make_hf_model
 from sod_jax import parallel
 from sod_jax.models import load_pretrained
-from sod_jax.rollout import Engine, EngineError, Request, SamplingParams
+from sod_jax.rl.update import sequence_logprobs
+from sod_jax.rollout import Engine, EngineError, Request, SamplingParams, generate
 from sod_jax.rollout.engine import kv_cache_bytes
-from sod_jax.train_step import sequence_logprobs
 
 ARCH = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, initializer_range=0.1)
@@ -48,7 +48,7 @@ def test_greedy_equals_transformers_with_continuous_batching(ckpt, mesh_shape):
         assert model.layers.q[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     engine = Engine(model, num_slots=3, max_len=128, decode_steps=16, prefill_buckets=(8, 16, 32))
     ps = prompts(7)
-    outs = engine.generate([Request(p, max_new_tokens=64, sampling=SamplingParams(greedy=True), id=i)
+    outs = generate(engine, [Request(p, max_new_tokens=64, sampling=SamplingParams(greedy=True), id=i)
                             for i, p in enumerate(ps)])  # 7 requests, 3 slots: slots are refilled
     assert [o.request_id for o in outs] == list(range(7))
     for p, o in zip(ps, outs):
@@ -92,7 +92,7 @@ def test_sampler_logprobs_equal_training_path(ckpt):
     model = load_pretrained(path)
     engine = Engine(model, num_slots=4, max_len=64, decode_steps=8, prefill_buckets=(16,))
     sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=40)
-    outs = engine.generate([Request(p, max_new_tokens=20, sampling=sp, seed=3, n=2) for p in prompts(3)])
+    outs = generate(engine, [Request(p, max_new_tokens=20, sampling=sp, seed=3, n=2) for p in prompts(3)])
     graph, params = nnx.split(model)
     for o in outs:
         seq = o.prompt_ids + o.token_ids
@@ -106,14 +106,14 @@ def test_same_seed_same_tokens_whatever_the_batch(ckpt):
     model = load_pretrained(path)
     sp = SamplingParams(temperature=1.0)
     target = Request(prompts(1, seed=5)[0], max_new_tokens=24, sampling=sp, seed=42, n=2, id="t")
-    alone = Engine(model, num_slots=4, max_len=64, decode_steps=8).generate([target])
+    alone = generate(Engine(model, num_slots=4, max_len=64, decode_steps=8), [target])
     others = [Request(p, max_new_tokens=n, sampling=SamplingParams(temperature=0.8, top_p=0.7), seed=i)
               for i, (p, n) in enumerate(zip(prompts(4, seed=9), (5, 30, 17, 9)))]
-    crowded = Engine(model, num_slots=4, max_len=64, decode_steps=5).generate(others[:3] + [target] + others[3:])
+    crowded = generate(Engine(model, num_slots=4, max_len=64, decode_steps=5), others[:3] + [target] + others[3:])
     mine = [o for o in crowded if o.request_id == "t"]
     assert [o.token_ids for o in mine] == [o.token_ids for o in alone]
     assert alone[0].token_ids != alone[1].token_ids  # the two samples differ
-    other_seed = Engine(model, num_slots=4, max_len=64).generate([Request(target.prompt_ids, 24, sp, seed=43)])
+    other_seed = generate(Engine(model, num_slots=4, max_len=64), [Request(target.prompt_ids, 24, sp, seed=43)])
     assert other_seed[0].token_ids != alone[0].token_ids
 
 
@@ -125,11 +125,11 @@ def test_stop_ids_and_budgets(ckpt):
     stop = ref[9]
     first = ref.index(stop)
     engine = Engine(model, num_slots=2, max_len=64, stop_ids=[stop])
-    out, = engine.generate([Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
+    out, = generate(engine, [Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
     # the slot's cache is the context limit: never generates past it
     small = Engine(model, num_slots=2, max_len=len(p) + 6)
-    out, = small.generate([Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
+    out, = generate(small, [Request(p, max_new_tokens=30, sampling=SamplingParams(greedy=True))])
     assert out.token_ids == ref[:6] and out.finish_reason == "context"
 
 
@@ -142,9 +142,9 @@ def test_stop_strings(tokenizer_dir, tmp_path):
     model = load_pretrained(tmp_path)
     engine = Engine(model, num_slots=2, max_len=80, tokenizer=tok)
     p = tok.encode("The answer is")
-    full, = engine.generate([Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True))])
+    full, = generate(engine, [Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True))])
     stop = full.text[10:13]
-    cut, = engine.generate([Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True), stop_strings=[stop])])
+    cut, = generate(engine, [Request(p, max_new_tokens=40, sampling=SamplingParams(greedy=True), stop_strings=[stop])])
     assert cut.finish_reason == "stop_string" and stop in cut.text
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
     assert stop not in tok.decode(cut.token_ids[:-1])  # the shortest prefix that contains it
@@ -155,9 +155,9 @@ def test_bad_requests_are_clear_errors(ckpt):
     model = load_pretrained(path)
     engine = Engine(model, num_slots=2, max_len=32)
     with pytest.raises(EngineError, match="prompt has 40 tokens but a slot holds 32"):
-        engine.generate([Request(list(range(40)))])
+        generate(engine, [Request(list(range(40)))])
     with pytest.raises(EngineError, match="n=3 samples but there are only 2 decode slots"):
-        engine.generate([Request([1, 2, 3], n=3)])
+        generate(engine, [Request([1, 2, 3], n=3)])
     need = kv_cache_bytes(model.config, 64, 4096, jnp.float32)
     with pytest.raises(EngineError, match="KV cache needs .* but the budget is"):
         Engine(model, num_slots=64, max_len=4096, kv_budget_bytes=need // 2)
@@ -168,13 +168,13 @@ def test_update_params_uses_the_new_arrays(ckpt):
     model = load_pretrained(path)
     engine = Engine(model, num_slots=2, max_len=48)
     req = [Request(prompts(1)[0], 16, SamplingParams(greedy=True))]
-    before = engine.generate(req)[0].token_ids
+    before = generate(engine, req)[0].token_ids
     other = load_pretrained(path)
     other.layers.up[...] = other.layers.up[...] * -1.0  # a different policy
     engine.update_params(other)
-    after = engine.generate(req)[0].token_ids
+    after = generate(engine, req)[0].token_ids
     assert after != before
-    assert after == Engine(other, num_slots=2, max_len=48).generate(req)[0].token_ids
+    assert after == generate(Engine(other, num_slots=2, max_len=48), req)[0].token_ids
     # an engine-owned copy: no leaf aliases the model's buffers
     theirs = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(nnx.state(other))}
     assert not theirs & {a.unsafe_buffer_pointer() for a in jax.tree.leaves(engine.params)}
@@ -193,11 +193,11 @@ def test_donated_update_then_rollouts_use_the_new_weights(ckpt):
     assert all(x.is_deleted() for x in jax.tree.leaves(params))  # the old buffers are gone
     sp = SamplingParams(temperature=1.0)
     reqs = [Request(p, max_new_tokens=12, sampling=sp, seed=1, n=2) for p in prompts(2)]
-    engine.generate(reqs)  # still the old weights, from the engine's own copy: no deleted buffer read
+    generate(engine, reqs)  # still the old weights, from the engine's own copy: no deleted buffer read
     engine.update_params(new)
     newer = update(new)  # donates `new` too: the engine must not read it any more
     assert all(x.is_deleted() for x in jax.tree.leaves(new))
-    outs = engine.generate(reqs)
+    outs = generate(engine, reqs)
     for o in outs:
         seq = o.prompt_ids + o.token_ids
         ids = jnp.asarray([seq])
@@ -286,7 +286,7 @@ def test_cache_capacity_follows_the_live_lengths(ckpt):
     seen = []
     real = engine._step
     engine._step = lambda *a, **k: (seen.append(engine.capacity), real(*a, **k))[1]
-    out, = engine.generate([Request(p, max_new_tokens=70, sampling=SamplingParams(greedy=True))])
+    out, = generate(engine, [Request(p, max_new_tokens=70, sampling=SamplingParams(greedy=True))])
     assert out.token_ids == hf_greedy(hf, p, 70)  # the cache grows from 64 to 128 mid-generation
     assert seen[0] == 64 and seen[-1] == 128 and max(seen) < 1000
     assert engine.capacity == 64 and engine.state.v[0].shape[2] == 64  # every slot free: small again
@@ -306,7 +306,7 @@ def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
     seen = []
     real = ragged._step
     ragged._step = lambda *a, **k: (seen.append((k["common"], ragged.capacity)), real(*a, **k))[1]
-    outs, ref = ragged.generate(reqs), plain.generate(reqs)
+    outs, ref = generate(ragged, reqs), generate(plain, reqs)
     assert ragged.ragged_calls > 0 and plain.ragged_calls == 0
     assert (64, 256) in seen  # the short slots read 64 positions while the straggler reads 256
     for p, r, o, b in zip(ps, reqs, outs, ref):
@@ -326,7 +326,7 @@ def test_compact_decode_of_the_stragglers(ckpt):
     for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, top_p=0.9)):
         reqs = [Request(p, max_new_tokens=120 if i == 2 else 6, sampling=sp, seed=i, id=i) for i, p in enumerate(ps)]
         calls = compact.compact_calls
-        outs, ref = compact.generate(reqs), full.generate(reqs)
+        outs, ref = generate(compact, reqs), generate(full, reqs)
         assert compact.compact_calls > calls and full.compact_calls == 0
         for p, r, o, b in zip(ps, reqs, outs, ref):
             assert o.token_ids == b.token_ids

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_hf_model
 
 
@@ -30,7 +29,7 @@ def run(*args):
 def test_generate_greedy_matches_engine(model_dir):
     from sod_jax.chat import ChatTokenizer
     from sod_jax.models import load_pretrained
-    from sod_jax.rollout import Engine, Request, SamplingParams
+    from sod_jax.rollout import Engine, Request, SamplingParams, generate
 
     out = run("--model", str(model_dir), "--prompt", "What is 2+2?", "--greedy", "--max-new-tokens", "12",
               "--json", "--n", "2")
@@ -39,8 +38,8 @@ def test_generate_greedy_matches_engine(model_dir):
     assert len(rows) == 2 and rows[0]["text"] == rows[1]["text"]
     tok = ChatTokenizer.from_dir(model_dir)
     ids = tok.encode_chat([{"role": "user", "content": "What is 2+2?"}])
-    ref, = Engine(load_pretrained(model_dir), num_slots=1, max_len=len(ids) + 13, stop_ids=tok.stop_ids).generate(
-        [Request(ids, 12, SamplingParams(greedy=True))])
+    ref, = generate(Engine(load_pretrained(model_dir), num_slots=1, max_len=len(ids) + 13, stop_ids=tok.stop_ids),
+                    [Request(ids, 12, SamplingParams(greedy=True))])
     assert rows[0]["text"] == tok.decode(ref.token_ids)
     assert "tokens/s" in out.stderr
 

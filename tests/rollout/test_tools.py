@@ -2,8 +2,15 @@
 
 import pytest
 
-from sod_jax.rollout.tools import (call_problem, extract_code, prepare_code, print_last_expression,
-                                   reference_call, tool_text, truncate)
+from sod_jax.rollout.tools import (
+    call_problem,
+    extract_code,
+    prepare_code,
+    print_last_expression,
+    reference_call,
+    tool_text,
+    truncate,
+)
 
 
 def test_extract_first_fenced_python_block():

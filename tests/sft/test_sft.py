@@ -15,14 +15,14 @@ import numpy as np
 import optax
 import pytest
 import yaml
+from support.sft_conversations import make_rows, tool_conversation, write_jsonl
 
-from sft_conversations import make_rows, tool_conversation, write_jsonl
 from sod_jax.chat import ChatTokenizer
 from sod_jax.config import ConfigError, load_config
 from sod_jax.models import Qwen3Config, init_model
-from sod_jax.sft_packing import (SFTDataError, build_batch, pack_rows, tokenize_conversation)
-from sod_jax.sft_trainer import (SFTHook, SFTState, SFTTrainer, build_train_step, make_schedule, packed_nll,
-                                 plan_steps, prepare_examples)
+from sod_jax.sft.packing import SFTDataError, build_batch, pack_rows, tokenize_conversation
+from sod_jax.sft.step import SFTState, build_train_step, make_schedule, packed_nll, plan_steps, prepare_examples
+from sod_jax.sft.trainer import SFTHook, SFTTrainer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -154,7 +154,7 @@ def test_packed_loss_equals_sum_of_sequences_alone(tiny_examples, block):
 
 
 def test_build_batch_segments_positions_and_first_token():
-    from sod_jax.sft_packing import Example
+    from sod_jax.sft.packing import Example
 
     a = Example(np.array([5, 6, 7], np.int32), np.array([0, 1, 1], np.int8))
     b = Example(np.array([8, 9], np.int32), np.array([1, 1], np.int8))
@@ -296,7 +296,7 @@ def test_early_stop_by_held_out_loss(tmp_path, chat_tok):
 
 
 def test_sft_config_errors_name_the_key(tmp_path):
-    from sod_jax.sft import check_sft_config
+    from sod_jax.sft.cli import check_sft_config
 
     with pytest.raises(ConfigError) as e:
         check_sft_config(load_config(overrides=["sft.batch_size=0"], job="sft"))

@@ -9,7 +9,7 @@ import pytest
 
 from sod_jax.config import ConfigError, load_config
 from sod_jax.demo import DATA_DIR, STUDENT_DIR
-from sod_jax.sft_accuracy import accuracy_decision
+from sod_jax.sft.accuracy_hook import accuracy_decision
 
 
 def _sft(**kw):
@@ -29,7 +29,7 @@ def test_accuracy_decision():
 
 
 def test_accuracy_config_errors_name_the_key(tmp_path):
-    from sod_jax.sft import check_sft_config
+    from sod_jax.sft.cli import check_sft_config
 
     base = ["configs/demo_student_sft.yaml"]
     cases = {
@@ -53,7 +53,7 @@ def _records(path):
 @pytest.mark.slow
 def test_cli_stops_by_accuracy_and_eval_cli_agrees(tmp_path):
     from sod_jax.eval import main as eval_main
-    from sod_jax.sft import main as sft_main
+    from sod_jax.sft.cli import main as sft_main
 
     out = tmp_path / "sft"
     snap = tmp_path / "snap"

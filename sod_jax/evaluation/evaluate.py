@@ -24,6 +24,7 @@ prompts together, and verl's flat names) and ``summary.md`` (a table).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sod_jax import metrics as M
+from sod_jax.evaluation import metrics as M
+from sod_jax.rewards import response_text
+from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy
+from sod_jax.rollout.sampling import SamplingParams
 
 SETTINGS_KEYS = ("n", "temperature", "top_p", "max_response_length", "max_assistant_turns", "seed")
 
@@ -236,11 +240,7 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
     penalty), ``tool_calls_mean``, ``tool_errors_mean``, ``tool_error_rate``, ``turns_mean``,
     ``response_tokens_mean``, ``model_tokens_mean``, ``finish/<reason>`` fractions, ``prompts``, ``n``.
     """
-    import dataclasses
 
-    from sod_jax.rewards import response_text
-    from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy
-    from sod_jax.rollout.sampling import SamplingParams
 
     n = int(eval_cfg.n)
     if n < 1:

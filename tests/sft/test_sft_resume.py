@@ -11,12 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import build_tokenizer
+from support.sft_conversations import make_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "sft"))
-from sft_conversations import make_rows, write_jsonl  # noqa: E402
 
 CHILD = Path(__file__).with_name("sft_child.py")
 TIMING_KEYS = {"tokens_per_s", "checkpoint_blocking_s"}  # wall-clock figures differ run to run
@@ -73,9 +71,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _final_state(run_dir: Path) -> dict:
-    import orbax.checkpoint as ocp
-
     import jax
+    import orbax.checkpoint as ocp
 
     tree = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / "6" / "state")
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}

@@ -4,7 +4,7 @@ The held-out loss says little about whether a model can *run* the task: one misc
 tool call makes the whole answer wrong. :class:`AccuracyHook` measures what RL will see: every
 ``sft.accuracy_every`` steps the current weights drive the real agent loop (rollout engine,
 sandbox, hermes tool calls) on the first ``sft.accuracy_prompts`` rows of ``sft.accuracy_files``,
-and the reward registry scores the answers (:func:`sod_jax.evaluation.evaluate`, the function the
+and the reward registry scores the answers (:func:`sod_jax.evaluation.evaluate.evaluate`, the function the
 eval CLI and the RL loop use). Each measurement is a line of ``accuracy.jsonl``.
 
 What a measurement can trigger:
@@ -27,7 +27,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from sod_jax.sft_trainer import SFTHook
+from sod_jax.chat import code_interpreter_tool
+from sod_jax.data import load_prompt_rows
+from sod_jax.evaluation.evaluate import evaluate
+from sod_jax.rewards import RewardPool
+from sod_jax.rollout.agent import AgentConfig
+from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.sandbox.factory import make_sandbox
+from sod_jax.sft.trainer import SFTHook
 
 
 def accuracy_decision(acc: float, sft: Any, snapshot_taken: bool) -> tuple[bool, Optional[str]]:
@@ -81,14 +88,9 @@ class AccuracyHook(SFTHook):
     # -- set-up and tear-down ----------------------------------------------------------------------
 
     def on_start(self, trainer: Any) -> None:
-        from sod_jax.data import load_prompt_rows
-        from sod_jax.eval import make_sandbox, tool_schemas
-        from sod_jax.rewards import RewardPool
-        from sod_jax.rollout.engine import Engine, engine_options
-        from sod_jax.rollout.agent import AgentConfig
 
         cfg, s = self.cfg, self.sft
-        self.tools = tool_schemas(cfg)
+        self.tools = [code_interpreter_tool(cfg.tool)]
         rows, _ = load_prompt_rows(s.accuracy_files, cfg.data, self.tok, kind="eval", reward_cfg=cfg.reward,
                                    tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
         if s.accuracy_prompts:
@@ -109,7 +111,7 @@ class AccuracyHook(SFTHook):
                                         max_response_length=s.accuracy_max_response_length, chunk_prompts=0,
                                         overlong_buffer_len=0, overlong_penalty_factor=1.0)
         self.loop = asyncio.new_event_loop()
-        self.sandbox = make_sandbox(cfg)
+        self.sandbox = make_sandbox(cfg.sandbox)
         self.pool = RewardPool(cfg.reward, sandbox=self.sandbox)
         self._ready = True
         self._resume(trainer)
@@ -146,7 +148,6 @@ class AccuracyHook(SFTHook):
     def measure(self, trainer: Any, step: int) -> dict:
         """Accuracy of ``trainer``'s current weights: ``acc`` (mean over data sources),
         ``tool_calls``, ``tool_error_rate``, ``turns``, ``seconds``."""
-        from sod_jax.evaluation import evaluate
 
         t0 = time.perf_counter()
         self.engine.update_params(trainer.state.params)

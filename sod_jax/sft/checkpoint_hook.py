@@ -1,4 +1,4 @@
-"""Checkpoint, resume and preemption for the SFT loop, as an :class:`sod_jax.sft_trainer.SFTHook`.
+"""Checkpoint, resume and preemption for the SFT loop, as an :class:`sod_jax.sft.trainer.SFTHook`.
 
 - start: with ``checkpoint.resume`` the newest readable checkpoint in ``checkpoint.dir`` (default
   ``<sft.out_dir>/checkpoints``) is restored straight into the trainer's state shardings; the step
@@ -24,7 +24,8 @@ from typing import Any, Optional
 import jax
 
 from sod_jax.checkpoint import Checkpointer, PreemptionGuard, abstract_like, config_differences, trim_jsonl
-from sod_jax.sft_trainer import SFTHook, SFTState
+from sod_jax.models.hf import config_to_hf
+from sod_jax.sft.trainer import SFTHook, SFTState
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ class SFTCheckpointHook(SFTHook):
     def _extra(self, trainer: Any) -> dict:
         # The step's own metrics are still on the device (fetched one step late); the history holds
         # the steps before it. Records past the restored step are dropped on resume.
-        from sod_jax.models.hf import config_to_hf
 
         return {"config": self.cfg.to_dict(), "hf_config": config_to_hf(trainer.model_config, self.cfg.model.param_dtype),
                 "history": list(trainer.history),

@@ -36,9 +36,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import numpy as np
+from flax import nnx
 
+from sod_jax import parallel
+from sod_jax.algo.advantages import TEACHER_MODES
+from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
+from sod_jax.checkpoint import Checkpointer, PreemptionGuard
 from sod_jax.config import Config
+from sod_jax.data import PromptLoader, load_prompt_rows
+from sod_jax.evaluation.evaluate import evaluate
+from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, read_config, resolve_checkpoint_dir
+from sod_jax.rewards import RewardPool, response_text
+from sod_jax.rl.batch import length_buckets, pack, pick_bucket
+from sod_jax.rl.update import (
+    RLBatch,
+    UpdateSpec,
+    build_update,
+    check_compatible,
+    init_train_state,
+    make_optimizer,
+    num_optimizer_steps,
+    sequence_logprobs,
+    train_state_shardings,
+)
+from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.rollout.sampling import SamplingParams
+from sod_jax.sandbox.factory import make_sandbox
+from sod_jax.sandbox.protocol import SandboxUnavailable
+from sod_jax.tracking import RunDir
 
 log = logging.getLogger("sod_jax.train")
 
@@ -96,10 +124,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def preflight(self) -> None:
-        from sod_jax.algo.advantages import TEACHER_MODES
-        from sod_jax.chat import ChatError, ChatTokenizer
-        from sod_jax.models.hf import CheckpointError, read_config, resolve_checkpoint_dir
-        from sod_jax.train_step import check_compatible
 
         cfg = self.cfg
         mode = cfg.algo.name
@@ -138,7 +162,6 @@ class Trainer:
             except ValueError as e:
                 raise SetupError(f"{e} (student {self.student_dir}, teacher {self.teacher_dir})") from None
         # Data: rows, scorers, templates, lengths (incl. the tool block the agent renders).
-        from sod_jax.data import load_prompt_rows
 
         if not cfg.data.train_files:
             raise SetupError("data.train_files is empty: list the RL parquet/jsonl files")
@@ -167,21 +190,12 @@ class Trainer:
         self.sandbox = self._make_sandbox()
 
     def tool_schema(self) -> dict:
-        from sod_jax.chat import code_interpreter_tool
 
         return code_interpreter_tool(self.cfg.tool)
 
     def _make_sandbox(self):
-        s = self.cfg.sandbox
-        if s.backend == "fusion":
-            from sod_jax.sandbox.fusion import FusionSandbox
-
-            return FusionSandbox(s.url, max_concurrency=s.max_concurrency, retries=s.retries)
-        from sod_jax.sandbox.local import LocalSandbox, LocalSandboxConfig
-        from sod_jax.sandbox.protocol import SandboxUnavailable
-
         try:
-            return LocalSandbox(LocalSandboxConfig.from_config(s))
+            return make_sandbox(self.cfg.sandbox)
         except SandboxUnavailable as e:
             raise SetupError(f"sandbox: {e}") from None
 
@@ -190,20 +204,7 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        import jax
-        from flax import nnx
 
-        from sod_jax import parallel
-        from sod_jax.batching import length_buckets
-        from sod_jax.checkpoint import Checkpointer
-        from sod_jax.data import PromptLoader
-        from sod_jax.models.hf import load_pretrained
-        from sod_jax.rewards import RewardPool
-        from sod_jax.rollout.agent import Agent, AgentConfig
-        from sod_jax.rollout.engine import Engine, engine_options
-        from sod_jax.tracking import RunDir
-        from sod_jax.train_step import (UpdateSpec, build_update, init_train_state, make_optimizer,
-                                        num_optimizer_steps, train_state_shardings)
 
         cfg = self.cfg
         self.is_main = jax.process_index() == 0
@@ -259,7 +260,6 @@ class Trainer:
         return max(1, int(math.ceil(epochs * self.loader.steps_per_epoch)))
 
     def _resume(self) -> None:
-        import jax
 
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         got = self.ckpt.restore(abstract)
@@ -279,17 +279,12 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def _requests(self, rows: list[dict], step: int, n: int, first_index: int) -> list:
-        from sod_jax.rollout.agent import AgentRequest
 
         return [AgentRequest(r["prompt"], n=n, seed=prompt_seed(self.cfg.train.seed, step, first_index + i),
                              id=first_index + i) for i, r in enumerate(rows)]
 
     def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
-        import jax
 
-        from sod_jax.rewards import response_text
-        from sod_jax.rollout.agent import EnginePolicy
-        from sod_jax.rollout.sampling import SamplingParams
 
         r = self.cfg.rollout
         t0 = time.perf_counter()
@@ -331,9 +326,7 @@ class Trainer:
 
     def _agreed_length(self, need: int) -> int:
         """The bucket for the longest sequence of any process (every process compiles the same shape)."""
-        import jax
 
-        from sod_jax.batching import pick_bucket
 
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -342,11 +335,7 @@ class Trainer:
         return pick_bucket(need, self.buckets)
 
     def _batch(self, ro: StepRollouts):
-        import jax
 
-        from sod_jax import parallel
-        from sod_jax.batching import pack
-        from sod_jax.train_step import RLBatch
 
         cfg = self.cfg
         rows = cfg.train.prompts_per_step * cfg.rollout.n // jax.process_count()
@@ -403,7 +392,6 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> dict:
-        import jax
 
         rows = next(self.loader_iter)
         ro = self._rollout(rows, step)
@@ -433,8 +421,6 @@ class Trainer:
     def evaluate(self, step: int) -> Optional[dict]:
         if not self.val_rows:
             return None
-        from sod_jax.evaluation import evaluate
-        from sod_jax.rollout.agent import AgentConfig
 
         t0 = time.perf_counter()
         agent_cfg = AgentConfig.from_config(self.cfg)
@@ -451,13 +437,7 @@ class Trainer:
     def heldout_kl(self, step: int) -> float:
         """Student-teacher reverse KL (k1 = E[s - q] over response tokens) on student rollouts of the
         first ``eval.kl_prompts`` held-out prompts (fixed seeds, so the curve compares like with like)."""
-        import jax
 
-        from sod_jax import parallel
-        from sod_jax.batching import pack
-        from sod_jax.rollout.agent import EnginePolicy
-        from sod_jax.rollout.sampling import SamplingParams
-        from sod_jax.train_step import sequence_logprobs
 
         cfg = self.cfg
         rows = self.val_rows[: cfg.eval.kl_prompts]
@@ -488,7 +468,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def save(self, step: int, force: bool = False) -> float:
-        from sod_jax.models.hf import config_to_hf
 
         extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict(),
                  "hf_config": config_to_hf(self.student.config, self.cfg.model.param_dtype)}
@@ -497,7 +476,6 @@ class Trainer:
         return time.perf_counter() - t0
 
     def run(self) -> dict:
-        from sod_jax.checkpoint import PreemptionGuard
 
         cfg = self.cfg
         self.loader_iter = iter(self.loader)

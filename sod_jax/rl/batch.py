@@ -43,7 +43,7 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 @dataclass
 class Packed:
-    """Host (numpy) arrays of one step, ready for :class:`sod_jax.train_step.RLBatch`."""
+    """Host (numpy) arrays of one step, ready for :class:`sod_jax.rl.update.RLBatch`."""
 
     input_ids: np.ndarray  # [B, L] int32
     attention_mask: np.ndarray  # [B, L] int32

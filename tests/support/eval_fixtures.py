@@ -62,17 +62,17 @@ def sft_rows(tools: list[dict], tool_cfg) -> list[dict]:
 def train_memorised_model(out_dir: Path, tokenizer_dir: Path, steps: int = 200) -> tuple[Path, float]:
     """SFT a tiny random Qwen3 on the four conversations until it reproduces them; returns its HF dir
     (tokenizer files included) and the last training loss."""
-    from sod_jax.chat import ChatTokenizer
+    from sod_jax.chat import ChatTokenizer, code_interpreter_tool
     from sod_jax.config import load_config
-    from sod_jax.eval import tool_schemas
     from sod_jax.models import Qwen3Config, init_model
-    from sod_jax.sft_trainer import SFTTrainer, prepare_examples
+    from sod_jax.sft.step import prepare_examples
+    from sod_jax.sft.trainer import SFTTrainer
 
     cfg = load_config(overrides=[f"sft.out_dir={out_dir}", "sft.batch_size=4", f"sft.max_steps={steps}",
                                  f"sft.epochs={steps}", "sft.lr=1e-2", "sft.warmup_ratio=0.05", "sft.min_lr_ratio=0.1",
                                  "sft.max_length=1024", "model.logprob_chunk=256", "logging.plots=false"], job="sft")
     tok = ChatTokenizer.from_dir(tokenizer_dir)
-    exs, _ = prepare_examples(sft_rows(tool_schemas(cfg), cfg.tool), tok, max_length=1024)
+    exs, _ = prepare_examples(sft_rows([code_interpreter_tool(cfg.tool)], cfg.tool), tok, max_length=1024)
     arch = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, rope_theta=10000.0, eos_token_id=tok.eos_id,
                        dtype="float32", param_dtype="float32", remat="none")

@@ -3,16 +3,15 @@ computed by hand; outputs, resume after an interruption, settings checks."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from fractions import Fraction
 from math import comb
 
 import pytest
+from support.policies import ScriptedPolicy
 
-from sod_jax.chat import ChatTokenizer
 from sod_jax.config import load_config
-from sod_jax.evaluation import EvalError, evaluate, overlong_penalty, request_seed
+from sod_jax.evaluation.evaluate import EvalError, evaluate, overlong_penalty, request_seed
 from sod_jax.rewards import RewardPool
 from sod_jax.rollout.agent import AgentConfig
 
@@ -59,46 +58,13 @@ class FakeSandbox:
         pass
 
 
-class ScriptedPolicy:
-    """A TurnPolicy whose sample j of the prompt mentioning word w emits SCRIPTS[w][j]."""
-
-    def __init__(self, tok, capacity=8):
-        self.tok, self.capacity = tok, capacity
-        self.state, self.next_handle, self.started = {}, 0, []
-
-    def start(self, prompt_ids, n, seed, budget):
-        text = self.tok.decode(prompt_ids)
-        word = next(w for w in SCRIPTS if f"Question {w}" in text)
-        self.started.append((word, seed))
-        handles = []
-        for j in range(n):
-            self.state[self.next_handle] = [list(SCRIPTS[word][j]), budget, True]
-            handles.append(self.next_handle)
-            self.next_handle += 1
-        return handles
-
-    def busy(self):
-        return any(st[2] for st in self.state.values())
-
-    async def advance(self):
-        out = {}
-        for h, st in self.state.items():
-            if st[2]:
-                st[2] = False
-                ids = self.tok.encode(st[0].pop(0)) + [self.tok.eos_id]
-                out[h] = (ids, [-0.1] * len(ids), "stop")
-        return out
-
-    def append(self, handle, token_ids, budget):
-        self.state[handle][1:] = [budget, True]
-
-    def release(self, handle):
-        self.state.pop(handle)
+def word(text: str) -> str:
+    return next(w for w in SCRIPTS if f"Question {w}" in text)
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return ChatTokenizer.from_dir(tokenizer_dir)
+def scripted(tok, capacity=8):
+    """Sample j of the prompt mentioning word w emits SCRIPTS[w][j]."""
+    return ScriptedPolicy(tok, lambda text, j: SCRIPTS[word(text)][j], capacity=capacity, logprob=-0.1, label=word)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +76,7 @@ def pool():
 def run_eval(tok, pool, out_dir=None, rows=ROWS, policy=None, **eval_over):
     over = [f"eval.n={N}", "eval.ks=[1,2,4]", "eval.max_response_length=2048"] + [f"eval.{k}={v}" for k, v in eval_over.items()]
     cfg = load_config(overrides=over, job="eval")
-    policy = policy or ScriptedPolicy(tok)
+    policy = policy or scripted(tok)
     res = evaluate(policy, tok, FakeSandbox(), rows, eval_cfg=cfg.eval, agent_cfg=AgentConfig(), reward_pool=pool,
                    step=3, out_dir=out_dir, seed=5, progress=False)
     return res, policy
@@ -199,7 +165,7 @@ def test_bad_settings_and_overlong_penalty(tok, pool):
     with pytest.raises(EvalError, match=r"eval.ks \[8\] are outside \[1, eval.n=4\]"):
         run_eval(tok, pool, ks="[8]")
     with pytest.raises(EvalError, match="raise rollout.num_slots"):
-        run_eval(tok, pool, policy=ScriptedPolicy(tok, capacity=2))
+        run_eval(tok, pool, policy=scripted(tok, capacity=2))
     assert overlong_penalty(100, 200, 50, 1.0) == 0.0
     assert overlong_penalty(175, 200, 50, 1.0) == pytest.approx(-0.5)
     assert overlong_penalty(200, 200, 50, 2.0) == pytest.approx(-2.0)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO, build_tokenizer, make_hf_model
 
 pytestmark = pytest.mark.slow

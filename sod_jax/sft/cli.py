@@ -15,14 +15,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import json as _json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
+import numpy as np
+
+from sod_jax import parallel
+from sod_jax.chat import ChatError, ChatTokenizer
+from sod_jax.config import ConfigError, add_config_args, config_from_args
+from sod_jax.data import DataError, load_rows
+from sod_jax.models import CheckpointError, init_model, load_pretrained, preset
+from sod_jax.models.hf import config_from_hf
+from sod_jax.sft.accuracy_hook import check_accuracy_config
+from sod_jax.sft.checkpoint_hook import SFTCheckpointHook
+from sod_jax.sft.packing import SFTDataError
+from sod_jax.sft.step import prepare_examples
+from sod_jax.sft.trainer import SFTTrainer
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from sod_jax.config import add_config_args
 
     p = argparse.ArgumentParser(prog="python -m sod_jax.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_sft_config(cfg: Any) -> None:
     """Start-up checks of the ``sft`` section (each message names the key and what to supply)."""
-    from sod_jax.config import ConfigError
 
     s, problems = cfg.sft, []
     if not s.train_files:
@@ -63,7 +77,6 @@ def check_sft_config(cfg: Any) -> None:
         if not ok:
             extra = " (it must be >= sft.max_length, or 0)" if key == "pack_length" else ""
             problems.append(f"sft.{key}={getattr(s, key)!r} is out of range{extra}")
-    from sod_jax.sft_accuracy import check_accuracy_config
 
     problems += check_accuracy_config(s)
     if problems:
@@ -72,11 +85,7 @@ def check_sft_config(cfg: Any) -> None:
 
 def build_model(cfg: Any, tokenizer: Any, mesh: Any) -> Any:
     """``model.path`` loaded (placed on ``mesh``), or random weights of ``sft.init``."""
-    import json as _json
 
-    from sod_jax import parallel
-    from sod_jax.models import init_model, load_pretrained, preset
-    from sod_jax.models.hf import config_from_hf
 
     m, s = cfg.model, cfg.sft
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
@@ -102,7 +111,6 @@ def build_model(cfg: Any, tokenizer: Any, mesh: Any) -> Any:
 
 def split_val(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out ``fraction`` of ``rows`` (at least one when fraction > 0), chosen by ``seed``."""
-    import numpy as np
 
     if fraction <= 0:
         return rows, []
@@ -113,13 +121,8 @@ def split_val(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
-    """Train as the config says; returns the :class:`sod_jax.sft_trainer.SFTResult`."""
-    import jax
+    """Train as the config says; returns the :class:`sod_jax.sft.trainer.SFTResult`."""
 
-    from sod_jax import parallel
-    from sod_jax.chat import ChatTokenizer
-    from sod_jax.data import load_rows
-    from sod_jax.sft_trainer import SFTTrainer, prepare_examples
 
     s = cfg.sft
     check_sft_config(cfg)
@@ -146,11 +149,10 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     if mesh.size == 1:
         mesh = None
     model = build_model(cfg, tokenizer, mesh)
-    from sod_jax.sft_checkpoint import SFTCheckpointHook
 
     hooks = [*hooks, SFTCheckpointHook(cfg)]  # orbax checkpoints, auto-resume, SIGTERM/SIGINT (cfg.checkpoint)
     if s.accuracy_every:  # after the checkpoint hook: it sees the restored step
-        from sod_jax.sft_accuracy import AccuracyHook
+        from sod_jax.sft.accuracy_hook import AccuracyHook
 
         hooks.append(AccuracyHook(cfg, tokenizer))
     trainer = SFTTrainer(cfg, model, train_ex, val_ex, tokenizer_dir=tok_dir, mesh=mesh, hooks=hooks,
@@ -173,15 +175,10 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from sod_jax.config import ConfigError, config_from_args
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, job="sft")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from sod_jax.chat import ChatError
-    from sod_jax.data import DataError
-    from sod_jax.models import CheckpointError
-    from sod_jax.sft_packing import SFTDataError
 
     try:
         res = run(cfg, progress=not args.no_progress)

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from eval_fixtures import eval_rows, train_memorised_model
+from support.eval_fixtures import eval_rows, train_memorised_model
 
 REPO = Path(__file__).resolve().parents[2]
 N = 2

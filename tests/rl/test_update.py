@@ -16,8 +16,15 @@ from sod_jax.config import OptimConfig
 from sod_jax.models import init_model
 from sod_jax.models.logprobs import token_logprobs
 from sod_jax.models.qwen3 import Qwen3Config
-from sod_jax.train_step import (RLBatch, UpdateSpec, build_update, check_compatible, init_train_state,
-                                make_optimizer, train_state_shardings)
+from sod_jax.rl.update import (
+    RLBatch,
+    UpdateSpec,
+    build_update,
+    check_compatible,
+    init_train_state,
+    make_optimizer,
+    train_state_shardings,
+)
 
 STUDENT = Qwen3Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
@@ -223,7 +230,7 @@ def test_distillation_reduces_reverse_kl(mode):
 
 def test_opsd_teacher_is_the_student_on_a_privileged_context():
     from sod_jax.algo.losses import masked_mean
-    from sod_jax.train_step import sequence_logprobs
+    from sod_jax.rl.update import sequence_logprobs
 
     update, graph, state, _, _ = setup("opsd_gt", mini_batches=2)
     params = state.params
@@ -371,7 +378,7 @@ def test_collectives_do_not_grow_with_mini_batches():
 
 
 def test_logprobs_at_temperature_equal_a_plain_recomputation():
-    from sod_jax.train_step import sequence_logprobs
+    from sod_jax.rl.update import sequence_logprobs
 
     model = init_model(STUDENT, seed=0)
     graph, params = nnx.split(model)
@@ -388,7 +395,7 @@ def test_logprobs_at_temperature_equal_a_plain_recomputation():
 
 
 def test_cosine_horizon_is_the_runs_optimizer_steps():
-    from sod_jax.train_step import num_optimizer_steps
+    from sod_jax.rl.update import num_optimizer_steps
 
     cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=2)
     tx = make_optimizer(cfg, total_steps=10)
@@ -410,6 +417,7 @@ def test_cosine_horizon_is_the_runs_optimizer_steps():
 def golden_models(tmp_path_factory):
     """A transformers student/teacher pair and the same weights loaded into ours."""
     from conftest import make_hf_model
+
     from sod_jax.models import load_pretrained
 
     arch = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sod_jax.batching import length_buckets, pack, pick_bucket
+from sod_jax.rl.batch import length_buckets, pack, pick_bucket
 
 
 @dataclass

@@ -10,8 +10,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from sod_jax.metrics import (avg_at_k, bootstrap_ks, bootstrap_metrics, maj_at_k, pass_at_k, prompt_bootstrap,
-                             validation_metrics)
+from sod_jax.evaluation.metrics import (
+    avg_at_k,
+    bootstrap_ks,
+    bootstrap_metrics,
+    maj_at_k,
+    pass_at_k,
+    prompt_bootstrap,
+    validation_metrics,
+)
 
 
 def test_pass_at_k_is_exact():

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_iw_opd import loop_weights
 
-from sod_jax import train_step as ts
 from sod_jax.algo.advantages import grpo_advantages
 from sod_jax.config import OptimConfig
 from sod_jax.models import init_model
 from sod_jax.models.qwen3 import Qwen3Config
-from test_iw_opd import loop_weights
+from sod_jax.rl import update as ts
 
 STUDENT = Qwen3Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,

@@ -1,6 +1,6 @@
 """A ``python -m sod_jax.sft`` run that is interrupted at a step boundary (test support).
 
-``python tests/checkpoint/sft_child.py CONFIG {kill9,sigterm} STEP``: ``sigterm`` sends SIGTERM to
+``python tests/sft/sft_child.py CONFIG {kill9,sigterm} STEP``: ``sigterm`` sends SIGTERM to
 itself after step STEP (the run must save, stop and exit 0); ``kill9`` waits until the checkpoint
 of step ``STEP - 2`` is finalized on disk, then SIGKILLs itself after step STEP (mid-run, like a
 preempted VM)."""
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sod_jax.config import load_config  # noqa: E402
-from sod_jax.sft import run  # noqa: E402
-from sod_jax.sft_trainer import SFTHook  # noqa: E402
+from sod_jax.sft.cli import run  # noqa: E402
+from sod_jax.sft.trainer import SFTHook  # noqa: E402
 
 
 class Interrupt(SFTHook):

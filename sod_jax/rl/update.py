@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sod_jax import parallel
 from sod_jax.algo.advantages import TEACHER_MODES, grpo_advantages, token_advantages
@@ -189,7 +191,6 @@ def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation
 
 def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Any) -> Any:
     """Shard the optimizer state like the params (moments follow their param; counters replicate)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     state_shape = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, P())
@@ -201,7 +202,6 @@ def train_state_shardings(tx: optax.GradientTransformation, params: Any, param_s
                           mesh: Any) -> TrainState:
     """A :class:`TrainState` of shardings: params as given, optimizer state like its params,
     step and rng replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     replicated = NamedSharding(mesh, P())
     return TrainState(replicated, param_shardings, optimizer_shardings(tx, params, param_shardings, mesh), replicated)
