@@ -62,7 +62,9 @@ def test_interpreter_paths_leave_out_pth_additions(tmp_path):
     paths = interpreter_paths(sys.executable)
     assert os.path.normpath(sys.prefix) in paths and os.path.normpath(sys.base_prefix) in paths
     assert sysconfig.get_paths()["purelib"] in paths
-    assert str(REPO) not in paths and not any(p.startswith(str(REPO) + "/") for p in paths)
+    env = os.path.normpath(sys.prefix)  # (the environment may be the checkout's .venv: that one shows)
+    assert not [p for p in paths if (p == str(REPO) or p.startswith(str(REPO) + "/"))
+                and not (p == env or p.startswith(env + "/"))]
 
 
 # -- venvs in the places users put them ----------------------------------------------------------------
@@ -71,7 +73,7 @@ LAZYPKG = {"__init__.py": "def f():\n    from lazypkg import sub  # imported onl
            "sub.py": "VALUE = 41 + 1\n"}
 
 
-def make_venv(where: Path, *, symlinked_copy: bool) -> tuple[Path, list[str]]:
+def make_venv(where: Path, *, symlinked_copy: bool) -> tuple[Path, set[str]]:
     """A venv at ``where`` with a lazily importing package ``lazypkg`` in its own site-packages, and
     this test process's packages (numpy, sympy, aiohttp). ``symlinked_copy``: all of them symlinked
     into the venv's site-packages (so numpy and sympy are imported from under ``where``); otherwise
@@ -84,20 +86,20 @@ def make_venv(where: Path, *, symlinked_copy: bool) -> tuple[Path, list[str]]:
                                    "print(json.dumps([sysconfig.get_paths()['purelib'], sys.path]))"],
         capture_output=True, text=True, check=True).stdout)
     own_site, on_path = Path(paths[0]), {os.path.realpath(p) for p in paths[1]}
-    targets = []
+    targets = set()
     for host_site in site.getsitepackages():
         if os.path.isdir(host_site) and os.path.realpath(host_site) not in on_path:
             for entry in sorted(Path(host_site).iterdir()):
-                if not (own_site / entry.name).exists():
-                    (own_site / entry.name).symlink_to(entry)
-            targets.append(host_site)
+                if entry.name != "lazypkg" and not (own_site / entry.name).exists():
+                    (own_site / entry.name).symlink_to(entry.resolve())
+                    targets.add(str(entry.resolve().parent))
     (own_site / "lazypkg").mkdir()
     for name, text in LAZYPKG.items():
         (own_site / "lazypkg" / name).write_text(text)
     return python, targets
 
 
-def skip_unless_visible(python: Path, targets: list[str], cwd: Path) -> None:
+def skip_unless_visible(python: Path, targets: set[str], cwd: Path) -> None:
     """The symlinks point into this process's own environment: if that is a venv in a place the
     sandbox hides (a venv under /tmp running this suite), a venv made from it cannot show them, and
     the whole sandbox suite running from that venv is already this test's case."""
