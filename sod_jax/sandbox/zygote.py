@@ -33,9 +33,10 @@ Each execution (why it cannot reach the zygote or leave anything behind):
    code.
 4. What every execution starts with the same is prepared once in the zygote, never per execution
    (a forked process pays for every page it writes: each is copied): the signal dispositions of a
-   fresh interpreter and an empty signal mask, whatever the zygote inherited, the stream objects of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds
-   are of the execution's kinds, never read or written by the zygote, so each execution gets them
-   unused; the zygote's own socket is off fd 0), and ``os.environ`` set to the request's
+   fresh interpreter and an empty signal mask (whatever the zygote inherited), the stream objects
+   of sys.stdin/stdout/stderr on fds 0/1/2 (built while those fds are of the execution's kinds,
+   never read or written by the zygote, so each execution gets them unused; the zygote's own
+   socket is off fd 0), and ``os.environ`` set to the request's
    environment (only when it differs from the last one; the zygote itself never uses it). Just
    before each fork the zygote reseeds numpy's global generator from the OS, so every execution
    draws its own numbers and none can know the next one's (the random module reseeds itself in

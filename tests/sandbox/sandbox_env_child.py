@@ -22,7 +22,8 @@ from sod_jax.sandbox import local
 
 def result(r):
     rr = r.get("run_result") or {}
-    return {"status": r.get("status"), "stdout": rr.get("stdout", ""), "stderr": rr.get("stderr", "") or r.get("message", "")}
+    return {"status": r.get("status"), "stdout": rr.get("stdout", ""),
+            "stderr": rr.get("stderr", "") or r.get("message", "")}
 
 
 def direct(mode, code):

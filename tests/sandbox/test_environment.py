@@ -188,7 +188,8 @@ def check_lazy_imports(python, venv_dir, cwd):
 # -- signals, signal mask and umask of the starting process --------------------------------------------
 
 SIGNAL_REPORT = ("import json, os, signal\n"
-                 "status = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+                 "lines = open('/proc/self/status').read().splitlines()\n"
+                 "status = dict(line.split(':\\t') for line in lines if ':\\t' in line)\n"
                  "print(json.dumps({'int': signal.getsignal(signal.SIGINT) is signal.default_int_handler,\n"
                  "                  'term': signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,\n"
                  "                  'quit': signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL,\n"
