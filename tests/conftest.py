@@ -20,6 +20,16 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Subprocesses (the CLI runs) share one persistent compilation cache: the engine and update programs
+# that every train / sft / eval / bench run compiles are compiled once per test session. Set after
+# jax is imported, so the test process itself keeps its in-memory cache only.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sod_jax_test_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 REPO = Path(__file__).resolve().parents[1]
 # Qwen3 facts (the real tokenizer_config.json with its chat template, config presets), kept with the tests.
 QWEN3_FACTS = REPO / "tests" / "fixtures" / "qwen3"

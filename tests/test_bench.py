@@ -13,9 +13,37 @@ import pytest
 from sod_jax.bench.sod_weights import loop_step_weights
 
 
-def run_bench(*args):
-    out = subprocess.run([sys.executable, "-m", "sod_jax.bench", *args], capture_output=True, text=True, check=True)
-    return [json.loads(line) for line in out.stdout.splitlines()]
+CLI_RUNS = {
+    "sod-weights": ["sod-weights", "--batch", "4", "--seq", "256", "--steps", "3", "--repeats", "2"],
+    "train-step": ["train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1"],
+    "rollout": ["rollout", "--prompts", "3", "--slots", "2", "--new-tokens", "8", "--min-prompt", "4",
+                "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student", "--straggler", "80"],
+    "rl-step": ["rl-step", "--steps", "1", "--max-response", "48"],
+    "memory": ["memory"],
+}
+# One child process runs every bench command through the CLI's own entry point (imports paid once).
+RUNNER = """
+import json, sys
+from sod_jax.bench.__main__ import main
+for name, argv in json.loads(sys.argv[1]).items():
+    print("### " + name, flush=True)
+    main(argv)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_rows():
+    out = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(CLI_RUNS)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows, name = {}, None
+    for line in out.stdout.splitlines():
+        if line.startswith("### "):
+            name = line[4:]
+            rows[name] = []
+        elif line.strip():
+            rows[name].append(json.loads(line))
+    assert set(rows) == set(CLI_RUNS)
+    return rows
 
 
 def test_loop_step_weights_is_the_definition():
@@ -47,8 +75,8 @@ def test_train_step_bench_sides_agree():
 
 
 @pytest.mark.slow
-def test_bench_memory_prints_json_lines():
-    rows = run_bench("memory")
+def test_bench_memory_prints_json_lines(cli_rows):
+    rows = cli_rows["memory"]
     assert [r["mode"] for r in rows] == ["forward", "value_and_grad", "attention_value_and_grad"]
     for r in rows:
         assert {"bench", "ours", "baseline", "ratio"} <= set(r) and r["bench"] == "memory"
@@ -62,17 +90,16 @@ def test_bench_memory_prints_json_lines():
 
 
 @pytest.mark.slow
-def test_bench_cli_sod_weights_and_train_step():
-    (row,) = run_bench("sod-weights", "--batch", "4", "--seq", "256", "--steps", "3", "--repeats", "2")
+def test_bench_cli_sod_weights_and_train_step(cli_rows):
+    (row,) = cli_rows["sod-weights"]
     assert row["bench"] == "sod-weights" and row["max_abs_diff"] <= 1e-6 and {"ours", "baseline", "ratio"} <= set(row)
-    (row,) = run_bench("train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1")
+    (row,) = cli_rows["train-step"]
     assert row["bench"] == "train-step" and {"ours", "baseline", "ratio", "mfu"} <= set(row)
 
 
 @pytest.mark.slow
-def test_bench_rollout_small():
-    rows = run_bench("rollout", "--prompts", "3", "--slots", "2", "--new-tokens", "8", "--min-prompt", "4",
-                     "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student", "--straggler", "80")
+def test_bench_rollout_small(cli_rows):
+    rows = list(cli_rows["rollout"])
     assert [r["mode"] for r in rows] == ["greedy", "sampled", "straggler"]
     straggler = rows.pop()
     assert straggler["straggler_tokens"] == 80 and straggler["tail_slots"] == 1 and straggler["ours"] > 0
@@ -84,8 +111,8 @@ def test_bench_rollout_small():
 
 
 @pytest.mark.slow
-def test_bench_rl_step_splits_one_step():
-    (row,) = run_bench("rl-step", "--steps", "1", "--max-response", "48")
+def test_bench_rl_step_splits_one_step(cli_rows):
+    (row,) = cli_rows["rl-step"]
     assert row["bench"] == "rl-step" and row["trajectories"] == 64
     parts = row["time/rollout"] + row["time/reward"] + row["time/update"]
     assert 0 < parts <= row["ours"] + 1e-3 and row["ratio"] == round(row["baseline"] / row["ours"], 4)
