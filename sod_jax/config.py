@@ -683,7 +683,6 @@ def config_from_args(args, job: str = "train") -> Config:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-
     parser = argparse.ArgumentParser(
         prog="python -m sod_jax.config",
         description="Resolve and print a sod_jax config, or print the reference of every key.")

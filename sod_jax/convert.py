@@ -165,8 +165,6 @@ class _StateReader:
     """The ``params`` arrays of a checkpoint's state item, read one at a time as host numpy arrays."""
 
     def __init__(self, state_dir: Path):
-
-
         quiet_orbax_logs()
         self.dir = state_dir
         self._ocp = ocp
@@ -346,7 +344,6 @@ def _tokenizer_source(run_cfg: dict, base_model: Optional[str]) -> Optional[str]
 def hf_to_orbax(hf: Union[str, os.PathLike], out: Union[str, os.PathLike], *, step: int = 0,
                 dtype: str = "float32") -> Path:
     """Write the HF checkpoint ``hf`` as checkpoint ``step`` of ``out`` (state ``{"params": ...}``)."""
-
 
     model = load_pretrained(hf, dtype=dtype, param_dtype=dtype)
     params = nnx.state(model, nnx.Param)

@@ -36,7 +36,6 @@ from sod_jax.sandbox.factory import make_sandbox
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m sod_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -75,7 +74,6 @@ def resolve_config(args) -> Any:
 
 
 def check_eval_config(cfg: Any) -> None:
-
     problems = []
     if not cfg.model.path:
         problems.append("model.path is unset: give the HF checkpoint directory to evaluate (--model DIR)")

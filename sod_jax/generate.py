@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run_agent(args, tok, model, sampling, messages) -> int:
     """``--tools``: the TIR loop with the local sandbox."""
 
-
     try:
         sandbox = LocalSandbox(LocalSandboxConfig(workers=max(args.n, 1), allow_unconfined=args.allow_unconfined))
     except SandboxUnavailable as e:

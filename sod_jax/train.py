@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-
     if getattr(cfg, "distributed", None) is not None and getattr(cfg.distributed, "num_processes", None):
         from sod_jax import parallel
 

@@ -14,8 +14,6 @@ from sod_jax.models.qwen3 import attention, attention_mask_from
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
-
     T, V, D, chunk = args.seq, args.vocab, args.hidden, args.chunk
     h = jax.ShapeDtypeStruct((1, T, D), jnp.float32)
     w = jax.ShapeDtypeStruct((D, V), jnp.float32)
@@ -43,7 +41,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _attention_memory(T: int, block: int) -> dict:
     """Compiled temp bytes of one layer's causal attention, forward and backward, at Qwen3-1.7B's
     head layout (16 query heads, 8 kv heads, head dim 128): blocked versus dense ``[T, T]`` scores."""
-
 
     N, K, H = 16, 8, 128
     q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)

@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _models(root: Path, preset: str) -> tuple[Path, Path]:
-
     dirs = []
     for name, seed in (("student", 0), ("teacher", 1)):
         d = root / name
@@ -42,7 +41,6 @@ def _models(root: Path, preset: str) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
     root = Path(tempfile.mkdtemp(prefix="sod_bench_rl_"))
     try:
         student, teacher = _models(root, args.preset)

@@ -28,7 +28,6 @@ def matmul_peak_flops(dtype, n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a square ``n x n`` matmul in ``dtype`` on the default device, measured now (the
     machine's attainable matmul rate under its current load)."""
 
-
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -36,10 +35,8 @@ def matmul_peak_flops(dtype, n: int = 1024, repeats: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
     import torch
     from transformers import Qwen3ForCausalLM
-
 
     cfg = preset(args.preset)
     rng = np.random.RandomState(0)
@@ -101,7 +98,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 def _straggler_row(args: argparse.Namespace, model, prompts) -> dict:
     """One request generates ``--straggler`` tokens, the others ``--new-tokens`` (greedy): the engine
     with ragged reads and compact decode (the defaults) against the same engine with neither."""
-
 
     N, L = args.new_tokens, args.straggler
     reqs = [Request(p, L if i == 0 else N, SamplingParams(greedy=True), seed=i) for i, p in enumerate(prompts)]

@@ -30,9 +30,6 @@ from sod_jax.sandbox.fusion import FusionSandbox
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
-
-
     N, C, rounds = args.runs, args.concurrency, max(1, min(args.rounds, args.runs))
     server_cs = [int(c) for c in str(args.server_concurrency).split(",") if c.strip()]
     code = args.code

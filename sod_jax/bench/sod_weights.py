@@ -47,8 +47,6 @@ def loop_step_weights(s, q, m, eps: float, delta: float):
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
-
     B, T, K = args.batch, args.seq, args.steps
     rng = np.random.RandomState(0)
     s = -rng.exponential(1.0, (B, T)).astype(np.float32)

@@ -39,8 +39,6 @@ def _matmul_peak(repeats: int = 5, n: int = 2048) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-
-
     B, T, M = args.batch, args.seq, args.mini_batches
     blk = args.attention_block
     s_cfg = preset("bench-student", scan_layers=True, remat="none", attention_block=blk)
@@ -55,7 +53,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     # Both sides start from the same random weights (transformers models, loaded into ours), so their
     # first updates must agree: the bench reports both losses.
-
 
     s_torch, t_torch = hf_qwen3(s_cfg, 0), hf_qwen3(t_cfg, 1)
     runtime = dict(scan_layers=True, remat="none", attention_block=blk)

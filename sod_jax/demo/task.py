@@ -274,7 +274,6 @@ def sft_rows(problems: Sequence[Problem], sandbox_factory: Any = None, progress:
 
 
 def write_parquet(rows: list[dict], path: Path) -> Path:
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)

@@ -241,7 +241,6 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
     ``response_tokens_mean``, ``model_tokens_mean``, ``finish/<reason>`` fractions, ``prompts``, ``n``.
     """
 
-
     n = int(eval_cfg.n)
     if n < 1:
         raise EvalError(f"eval.n must be >= 1, got {n}")

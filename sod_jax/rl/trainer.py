@@ -124,7 +124,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def preflight(self) -> None:
-
         cfg = self.cfg
         mode = cfg.algo.name
         self.needs_teacher = mode in TEACHER_MODES and not mode.startswith("opsd")
@@ -190,7 +189,6 @@ class Trainer:
         self.sandbox = self._make_sandbox()
 
     def tool_schema(self) -> dict:
-
         return code_interpreter_tool(self.cfg.tool)
 
     def _make_sandbox(self):
@@ -204,8 +202,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-
-
         cfg = self.cfg
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.mesh_from_config(cfg.mesh)
@@ -260,7 +256,6 @@ class Trainer:
         return max(1, int(math.ceil(epochs * self.loader.steps_per_epoch)))
 
     def _resume(self) -> None:
-
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
         got = self.ckpt.restore(abstract)
         if got is None:
@@ -279,13 +274,10 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def _requests(self, rows: list[dict], step: int, n: int, first_index: int) -> list:
-
         return [AgentRequest(r["prompt"], n=n, seed=prompt_seed(self.cfg.train.seed, step, first_index + i),
                              id=first_index + i) for i, r in enumerate(rows)]
 
     def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
-
-
         r = self.cfg.rollout
         t0 = time.perf_counter()
         offset = jax.process_index() * len(rows)
@@ -327,7 +319,6 @@ class Trainer:
     def _agreed_length(self, need: int) -> int:
         """The bucket for the longest sequence of any process (every process compiles the same shape)."""
 
-
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -335,8 +326,6 @@ class Trainer:
         return pick_bucket(need, self.buckets)
 
     def _batch(self, ro: StepRollouts):
-
-
         cfg = self.cfg
         rows = cfg.train.prompts_per_step * cfg.rollout.n // jax.process_count()
         longest = max(len(t.prompt_ids) + len(t.response_ids) for t in ro.trajectories)
@@ -392,7 +381,6 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> dict:
-
         rows = next(self.loader_iter)
         ro = self._rollout(rows, step)
         t0 = time.perf_counter()
@@ -438,7 +426,6 @@ class Trainer:
         """Student-teacher reverse KL (k1 = E[s - q] over response tokens) on student rollouts of the
         first ``eval.kl_prompts`` held-out prompts (fixed seeds, so the curve compares like with like)."""
 
-
         cfg = self.cfg
         rows = self.val_rows[: cfg.eval.kl_prompts]
         reqs = self._requests(rows, -1, 1, 0)
@@ -468,7 +455,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
 
     def save(self, step: int, force: bool = False) -> float:
-
         extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict(),
                  "hf_config": config_to_hf(self.student.config, self.cfg.model.param_dtype)}
         t0 = time.perf_counter()
@@ -476,7 +462,6 @@ class Trainer:
         return time.perf_counter() - t0
 
     def run(self) -> dict:
-
         cfg = self.cfg
         self.loader_iter = iter(self.loader)
         bar = None

@@ -88,7 +88,6 @@ class AccuracyHook(SFTHook):
     # -- set-up and tear-down ----------------------------------------------------------------------
 
     def on_start(self, trainer: Any) -> None:
-
         cfg, s = self.cfg, self.sft
         self.tools = [code_interpreter_tool(cfg.tool)]
         rows, _ = load_prompt_rows(s.accuracy_files, cfg.data, self.tok, kind="eval", reward_cfg=cfg.reward,

@@ -38,7 +38,6 @@ from sod_jax.sft.trainer import SFTTrainer
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m sod_jax.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -86,7 +85,6 @@ def check_sft_config(cfg: Any) -> None:
 def build_model(cfg: Any, tokenizer: Any, mesh: Any) -> Any:
     """``model.path`` loaded (placed on ``mesh``), or random weights of ``sft.init``."""
 
-
     m, s = cfg.model, cfg.sft
     runtime = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
                    attention_block=m.attention_block)
@@ -122,7 +120,6 @@ def split_val(rows: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     """Train as the config says; returns the :class:`sod_jax.sft.trainer.SFTResult`."""
-
 
     s = cfg.sft
     check_sft_config(cfg)
@@ -175,7 +172,6 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, job="sft")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -41,7 +41,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Hooks and the loop
 # ---------------------------------------------------------------------------------------------
