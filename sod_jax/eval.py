@@ -16,23 +16,19 @@ reasons. Rerunning with the same ``eval.out_dir`` resumes: finished prompts are 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
+from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.config import ConfigError, add_config_args, load_config
-from sod_jax.data import DataError, load_prompt_rows
-from sod_jax.evaluation.evaluate import EvalError, evaluate
-from sod_jax.models import CheckpointError, load_pretrained
-from sod_jax.rewards import RewardPool
-from sod_jax.rollout.agent import AgentConfig
-from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.data import DataError
+from sod_jax.evaluation import runtime
+from sod_jax.evaluation.evaluate import EvalError
+from sod_jax.models import CheckpointError
 from sod_jax.sandbox import SandboxUnavailable
-from sod_jax.sandbox.factory import make_sandbox
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,38 +102,15 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
 
     check_eval_config(cfg)
     tok = ChatTokenizer.from_dir(cfg.model.path)
-    tools = [code_interpreter_tool(cfg.tool)]
-    rows, stats = load_prompt_rows(cfg.eval.files, cfg.data, tok, kind="eval", reward_cfg=cfg.reward, tools=tools,
-                                   enable_thinking=cfg.rollout.enable_thinking)
-    if not rows:
-        raise ValueError(f"no eval prompt left after the length filter (data.max_prompt_length="
-                         f"{cfg.data.max_prompt_length}): {json.dumps(stats, default=str)}")
-    out = Path(cfg.eval.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    (out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
-    print(f"eval: {len(rows)} prompts ({stats.get('too_long', 0)} longer than {cfg.data.max_prompt_length} tokens "
-          f"dropped) x {cfg.eval.n} samples; {json.dumps(stats.get('by_source', {}))}", file=sys.stderr)
-    m = cfg.model
-    model = load_pretrained(m.path, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-                            remat="none", attention_block=m.attention_block)
-    longest = max(len(tok.encode_chat(r["prompt"], tools, True, cfg.rollout.enable_thinking)) for r in rows)
-    slots = max(cfg.eval.n, min(cfg.rollout.num_slots, cfg.eval.n * len(rows)))
-    engine = Engine(model, num_slots=slots, max_len=longest + cfg.eval.max_response_length + 1,
-                    decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
-                    **engine_options(cfg.rollout),
-                    stop_ids=tok.stop_ids, tokenizer=tok)
-    sandbox = make_sandbox(cfg.sandbox)
-    loop = asyncio.new_event_loop()
-    pool = RewardPool(cfg.reward, sandbox=sandbox)
-    try:
-        figures = evaluate(engine, tok, sandbox, rows, eval_cfg=cfg.eval, agent_cfg=AgentConfig.from_config(cfg),
-                           reward_pool=pool, out_dir=str(out), seed=cfg.eval.seed, progress=progress, loop=loop,
-                           tools=tools)
-    finally:
-        pool.close()
-        loop.run_until_complete(sandbox.close())
-        loop.close()
+    with runtime.build_eval_runtime(cfg, tok, files=cfg.eval.files, seed=cfg.eval.seed) as rt:
+        stats = rt.stats
+        out = Path(cfg.eval.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        (out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+        print(f"eval: {len(rt.rows)} prompts ({stats.get('too_long', 0)} longer than {cfg.data.max_prompt_length} "
+              f"tokens dropped) x {cfg.eval.n} samples; {json.dumps(stats.get('by_source', {}))}", file=sys.stderr)
+        figures = rt.run(out_dir=str(out), progress=progress)
     return figures, out
 
 

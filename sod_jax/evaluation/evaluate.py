@@ -2,8 +2,10 @@
 by the reward pool, summarised as avg@k / unbiased pass@k / maj@k, the reference's bootstrap
 figures and tool statistics per ``data_source``.
 
-:func:`evaluate` is the library entry point: the RL loop calls it on its live engine (the current
-weights, no reload) and ``python -m sod_jax.eval`` on a loaded checkpoint.
+:func:`evaluate` is the library entry point. Its callers get everything it runs with from
+:func:`sod_jax.evaluation.runtime.build_eval_runtime`: the RL loop on its live engine (the current
+weights, no reload), the SFT accuracy hook on the trainer's weights and ``python -m sod_jax.eval``
+on a loaded checkpoint.
 
 Sampling is reproducible and independent of scheduling: the agent request of a prompt gets the seed
 ``crc32(f"{seed}:eval:{prompt_id}")`` and the engine derives each sample's key from that seed and

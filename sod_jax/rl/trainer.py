@@ -25,7 +25,6 @@ only process 0 writes files and prints.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import math
 import re
@@ -46,7 +45,7 @@ from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
 from sod_jax.checkpoint import Checkpointer, PreemptionGuard
 from sod_jax.config import Config
 from sod_jax.data import PromptLoader, load_prompt_rows
-from sod_jax.evaluation.evaluate import evaluate
+from sod_jax.evaluation import runtime as eval_runtime
 from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, read_config, resolve_checkpoint_dir
 from sod_jax.rewards import RewardPool, response_text
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
@@ -173,9 +172,9 @@ class Trainer:
             self.train_rows, self.train_stats = load_prompt_rows(cfg.data.train_files, cfg.data, self.tok, kind="rl", **kw)
             self.val_rows, self.val_stats = [], {}
             if cfg.data.val_files:
-                val_data = copy.copy(cfg.data)
-                val_data.max_prompt_length = getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length)
-                self.val_rows, self.val_stats = load_prompt_rows(cfg.data.val_files, val_data, self.tok, kind="eval", **kw)
+                self.val_rows, self.val_stats = eval_runtime.load_eval_rows(
+                    cfg, self.tok, cfg.data.val_files, tools=self.tools,
+                    max_prompt_length=getattr(cfg.eval, "max_prompt_length", cfg.data.max_prompt_length))
         except ValueError as e:
             raise SetupError(str(e)) from None
         self.dropped_long = self.train_stats.get("too_long", 0)
@@ -411,11 +410,14 @@ class Trainer:
             return None
 
         t0 = time.perf_counter()
-        agent_cfg = AgentConfig.from_config(self.cfg)
-        summary = evaluate(self.engine, self.tok, self.sandbox, self.val_rows, eval_cfg=self.cfg.eval,
-                           agent_cfg=agent_cfg, reward_pool=self.rewards, step=step, out_dir=None,
-                           seed=self.cfg.train.seed, progress=self.progress and self.is_main, loop=self.loop,
-                           tools=self.tools)
+        if getattr(self, "_eval_rt", None) is None:
+            # The eval set-up over the live engine, sandbox, event loop and reward pool of training:
+            # borrowed, never closed by the runtime.
+            self._eval_rt = eval_runtime.build_eval_runtime(
+                self.cfg, self.tok, rows=self.val_rows, stats=self.val_stats, tools=self.tools, engine=self.engine,
+                sandbox=self.sandbox, loop=self.loop, rewards=self.rewards, eval_cfg=self.cfg.eval,
+                seed=self.cfg.train.seed)
+        summary = self._eval_rt.run(step, progress=self.progress and self.is_main)
         if self.needs_teacher and getattr(self.cfg.eval, "kl_prompts", 0):
             summary["heldout_kl"] = self.heldout_kl(step)
         summary["seconds"] = time.perf_counter() - t0

@@ -4,8 +4,9 @@ The held-out loss says little about whether a model can *run* the task: one misc
 tool call makes the whole answer wrong. :class:`AccuracyHook` measures what RL will see: every
 ``sft.accuracy_every`` steps the current weights drive the real agent loop (rollout engine,
 sandbox, hermes tool calls) on the first ``sft.accuracy_prompts`` rows of ``sft.accuracy_files``,
-and the reward registry scores the answers (:func:`sod_jax.evaluation.evaluate.evaluate`, the function the
-eval CLI and the RL loop use). Each measurement is a line of ``accuracy.jsonl``.
+and the reward registry scores the answers. The set-up is
+:func:`sod_jax.evaluation.runtime.build_eval_runtime`, the one the eval CLI and the RL loop use.
+Each measurement is a line of ``accuracy.jsonl``.
 
 What a measurement can trigger:
 
@@ -20,20 +21,13 @@ What a measurement can trigger:
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
-from sod_jax.chat import code_interpreter_tool
-from sod_jax.data import load_prompt_rows
-from sod_jax.evaluation.evaluate import evaluate
-from sod_jax.rewards import RewardPool
-from sod_jax.rollout.agent import AgentConfig
-from sod_jax.rollout.engine import Engine, engine_options
-from sod_jax.sandbox.factory import make_sandbox
+from sod_jax.evaluation import runtime
 from sod_jax.sft.trainer import SFTHook
 
 
@@ -89,29 +83,12 @@ class AccuracyHook(SFTHook):
 
     def on_start(self, trainer: Any) -> None:
         cfg, s = self.cfg, self.sft
-        self.tools = [code_interpreter_tool(cfg.tool)]
-        rows, _ = load_prompt_rows(s.accuracy_files, cfg.data, self.tok, kind="eval", reward_cfg=cfg.reward,
-                                   tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
-        if s.accuracy_prompts:
-            rows = rows[: s.accuracy_prompts]
-        if not rows:
-            raise ValueError(f"sft.accuracy_files {s.accuracy_files}: no prompt left after the length filter "
-                             f"(data.max_prompt_length={cfg.data.max_prompt_length})")
-        self.rows = rows
-        longest = max(len(self.tok.encode_chat(r["prompt"], self.tools, True, cfg.rollout.enable_thinking))
-                      for r in rows)
-        self.engine = Engine(trainer.model(), num_slots=min(cfg.rollout.num_slots, len(rows)),
-                             max_len=longest + s.accuracy_max_response_length + 1,
-                             decode_steps=cfg.rollout.decode_steps, prefill_buckets=cfg.rollout.prefill_buckets,
-                             **engine_options(cfg.rollout),
-                             stop_ids=self.tok.stop_ids, tokenizer=self.tok)
-        self.agent_cfg = AgentConfig.from_config(cfg)
-        self.eval_cfg = SimpleNamespace(n=1, ks=[1], temperature=s.accuracy_temperature, top_p=1.0,
-                                        max_response_length=s.accuracy_max_response_length, chunk_prompts=0,
-                                        overlong_buffer_len=0, overlong_penalty_factor=1.0)
-        self.loop = asyncio.new_event_loop()
-        self.sandbox = make_sandbox(cfg.sandbox)
-        self.pool = RewardPool(cfg.reward, sandbox=self.sandbox)
+        # One greedy-or-sampled answer per prompt at the accuracy budget; everything else as in cfg.eval.
+        eval_cfg = dataclasses.replace(cfg.eval, n=1, ks=[1], temperature=s.accuracy_temperature, top_p=1.0,
+                                       max_response_length=s.accuracy_max_response_length, chunk_prompts=0)
+        self.eval_rt = runtime.build_eval_runtime(cfg, self.tok, files=s.accuracy_files, limit=s.accuracy_prompts,
+                                                  files_key="sft.accuracy_files", model=trainer.model(),
+                                                  eval_cfg=eval_cfg, seed=s.seed)
         self._ready = True
         self._resume(trainer)
 
@@ -138,9 +115,7 @@ class AccuracyHook(SFTHook):
     def close(self) -> None:
         if self._ready:
             self._ready = False
-            self.pool.close()
-            self.loop.run_until_complete(self.sandbox.close())
-            self.loop.close()
+            self.eval_rt.close()
 
     # -- measuring ---------------------------------------------------------------------------------
 
@@ -149,15 +124,13 @@ class AccuracyHook(SFTHook):
         ``tool_calls``, ``tool_error_rate``, ``turns``, ``seconds``."""
 
         t0 = time.perf_counter()
-        self.engine.update_params(trainer.state.params)
-        figures = evaluate(self.engine, self.tok, self.sandbox, self.rows, eval_cfg=self.eval_cfg,
-                           agent_cfg=self.agent_cfg, reward_pool=self.pool, step=step, seed=self.sft.seed,
-                           progress=False, loop=self.loop, tools=self.tools)
+        self.eval_rt.engine.update_params(trainer.state.params)
+        figures = self.eval_rt.run(step)
         per = [v for v in figures.values() if isinstance(v, dict) and "acc" in v]
         mean = lambda k: float(sum(v.get(k, 0.0) for v in per) / max(len(per), 1))  # noqa: E731
         return {"step": step, "acc": mean("acc"), "tool_calls": mean("tool_calls_mean"),
                 "tool_error_rate": mean("tool_error_rate"), "turns": mean("turns_mean"),
-                "prompts": len(self.rows), "train_loss": self.last_loss,
+                "prompts": len(self.eval_rt.rows), "train_loss": self.last_loss,
                 "seconds": time.perf_counter() - t0}
 
     def on_metrics(self, trainer: Any, step: int, metrics: dict) -> None:
