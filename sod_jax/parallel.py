@@ -18,6 +18,7 @@ import math
 from typing import Any, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -143,27 +144,46 @@ def batch_spec(ndim: int, rules: Sequence[AxisRule] = DEFAULT_RULES) -> P:
     return P(dict(rules)["batch"], *([None] * (ndim - 1)))
 
 
-def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES, *,
-              process_local: Optional[bool] = None) -> Any:
-    """Place host arrays (a pytree) with their leading axis split over ``data`` x ``fsdp``.
+def place_rows(tree: Any, mesh: Optional[Mesh], *, row_axis: int = 0, process_local: bool = False,
+               rules: Sequence[AxisRule] = DEFAULT_RULES) -> Any:
+    """Place a pytree of host arrays on ``mesh`` with axis ``row_axis`` (the rows: ``0`` for
+    ``[B, ...]``, ``1`` for micro-batched ``[A, R, L]``; negative counts from the end) split over the
+    batch mesh axes (``data`` x ``fsdp``, dropping one that does not divide the rows); every other
+    axis is replicated. The one batch placement of the RL and SFT loops.
 
-    In a multi-process run (``jax.process_count() > 1``, or ``process_local=True``) each process
-    passes only *its own* rows: the global batch is their concatenation in process order
-    (``jax.make_array_from_process_local_data``), so every process must pass arrays of the same
-    shape. In a single process the arrays are the whole batch.
+    ``process_local=False``: every process passes the *whole* batch (the same arrays) and
+    contributes the shards of its own devices. ``process_local=True``: each process passes only
+    *its own* rows, arrays of the same shape on every process; the global batch is their
+    concatenation in process order along ``row_axis`` (``jax.make_array_from_process_local_data``).
+    Without a mesh the arrays go to the default device unchanged (``jnp.asarray``). ``None`` leaves
+    stay ``None``.
     """
-    if process_local is None:
-        process_local = jax.process_count() > 1
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
 
     def put(a):
         a = np.asarray(a)
-        axes = ("batch",) + (None,) * (a.ndim - 1)
-        if not process_local:
-            return jax.device_put(a, NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh, rules)))
-        # The global shape is inferred: local rows x the number of processes the batch axes span.
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, logical_to_spec(axes, None, mesh, rules)), a)
+        axes = [None] * a.ndim
+        axes[row_axis % a.ndim] = "batch"
+        if process_local:
+            # The global shape is inferred: local rows x the number of processes the batch axes span.
+            return jax.make_array_from_process_local_data(NamedSharding(mesh, logical_to_spec(axes, None, mesh, rules)),
+                                                          a)
+        sharding = NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh, rules))
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
-    return jax.tree.map(put, x)
+    return jax.tree.map(put, tree)
+
+
+def put_batch(x: Any, mesh: Mesh, rules: Sequence[AxisRule] = DEFAULT_RULES, *,
+              process_local: Optional[bool] = None) -> Any:
+    """:func:`place_rows` of batch-major arrays (the leading axis split over ``data`` x ``fsdp``),
+    from per-process rows in a multi-process run: ``process_local`` defaults to
+    ``jax.process_count() > 1`` (each process passes only *its own* rows; in a single process the
+    arrays are the whole batch)."""
+    if process_local is None:
+        process_local = jax.process_count() > 1
+    return place_rows(x, mesh, row_axis=0, process_local=process_local, rules=rules)
 
 
 def use_mesh(mesh: Mesh):

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sod_jax import optim
 from sod_jax.bench.timing import best_time, best_time_pair
 from sod_jax.config import OptimConfig
 from sod_jax.models import load_pretrained, preset
-from sod_jax.rl.update import RLBatch, UpdateSpec, build_update, init_train_state, make_optimizer
+from sod_jax.rl.update import RLBatch, UpdateSpec, build_update, init_train_state
 
 
 def _update_flops(student, teacher, tokens: int, seq: int) -> float:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         t_graph, t_params = nnx.split(load_pretrained(f"{tmp}/t", **runtime))
 
     # --- ours
-    tx = make_optimizer(OptimConfig(lr=1e-6), total_steps=1000)
+    tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(OptimConfig(lr=1e-6), 1000))
     state = {"s": init_train_state(tx, s_params, seed=0)}
     spec = UpdateSpec(mode="sod", mini_batches=M, num_groups=B // 4, logprob_chunk=1024)
     update = build_update(spec, tx, s_graph, t_graph)

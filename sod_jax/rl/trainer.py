@@ -54,11 +54,9 @@ from sod_jax.rl.update import (
     UpdateSpec,
     build_update,
     check_compatible,
-    init_train_state,
-    make_optimizer,
+    make_train_state,
     num_optimizer_steps,
     sequence_logprobs,
-    train_state_shardings,
 )
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
 from sod_jax.rollout.engine import Engine, engine_options
@@ -220,10 +218,8 @@ class Trainer:
                                    seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.total_steps = self._total_steps()
         self.opt_steps = num_optimizer_steps(cfg.train, self.total_steps)
-        self.tx = make_optimizer(cfg.optim, self.opt_steps)
+        self.tx, self.state, shardings = make_train_state(cfg, params, self.opt_steps, self.mesh)
         self.spec = UpdateSpec.from_config(cfg)
-        shardings = train_state_shardings(self.tx, params, jax.tree.map(lambda x: x.sharding, params), self.mesh)
-        self.state = init_train_state(self.tx, params, cfg.train.seed, shardings)
         self.update = build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh,
                                    state_shardings=shardings)
         self.max_len = cfg.data.max_prompt_length + cfg.rollout.max_response_length

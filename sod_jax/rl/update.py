@@ -11,7 +11,7 @@ Inside one device program:
    micro-batches that sums the gradients of the *unreduced* token-sum loss divided by the
    mini-batch's token count (so any split gives the un-split token mean), one global norm, clip,
    AdamW. A mini-batch whose loss or grad norm is not finite leaves params and optimizer state
-   untouched (``lax.cond``) and is counted in ``skipped_updates``.
+   untouched (:func:`sod_jax.optim.apply_if_finite`) and is counted in ``skipped_updates``.
 
 Log-probs (old, current and teacher) are of ``softmax(logits / temperature)``, the distribution the
 sampler drew from, as the reference computes them.
@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sod_jax import parallel
+from sod_jax import optim, parallel
 from sod_jax.algo.advantages import TEACHER_MODES, grpo_advantages, token_advantages
 from sod_jax.algo.iw_opd import iw_opd_stats, iw_opd_weights
 from sod_jax.algo.losses import BIG, advantage_stats, kl_estimates, masked_mean, ppo_token_loss, step_weight_stats
@@ -75,7 +75,7 @@ class TrainState(NamedTuple):
 
     step: jax.Array  # int32 scalar, optimizer steps taken (skipped mini-batches do not count)
     params: Any  # nnx.State of the student
-    opt_state: Any  # optax state of :func:`make_optimizer`'s transformation
+    opt_state: Any  # optax state of the transformation of :func:`sod_jax.optim.make_optimizer`
     rng: jax.Array  # PRNG key data (uint32 [2]); carried for the loop, the update draws nothing
 
 
@@ -146,22 +146,8 @@ class UpdateSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer and state
+# The train state (the optimizer itself is :mod:`sod_jax.optim`)
 # ---------------------------------------------------------------------------------------------
-
-
-def clip_by_given_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-    """``optax.clip_by_global_norm`` that reuses a norm the caller already computed
-    (``tx.update(grads, state, params, global_norm=g)``); computes it when none is passed."""
-
-    def update_fn(updates, state, params=None, *, global_norm=None, **_):
-        del params
-        g = optax.tree.norm(updates) if global_norm is None else global_norm
-        trigger = g < max_norm
-        updates = jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g.astype(t.dtype)) * max_norm), updates)
-        return updates, state
-
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def num_optimizer_steps(train_cfg: Any, rl_steps: int) -> int:
@@ -169,42 +155,14 @@ def num_optimizer_steps(train_cfg: Any, rl_steps: int) -> int:
     return rl_steps * train_cfg.mini_batches * train_cfg.epochs
 
 
-def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clip then AdamW (decoupled weight decay), from a :class:`sod_jax.config.OptimConfig`.
-
-    ``total_steps`` is the run's number of *optimizer* steps (:func:`num_optimizer_steps`): the
-    cosine schedule decays to 0 over it, warmup (``optim.warmup_steps``, also optimizer steps)
-    included.
-    """
-    if optim.schedule == "cosine":
-        if total_steps <= optim.warmup_steps:
-            raise ValueError(f"optim.schedule=cosine: the run has {total_steps} optimizer steps, not more than "
-                             f"optim.warmup_steps={optim.warmup_steps}; lower the warmup or train longer")
-        lr = optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, total_steps)
-    elif optim.warmup_steps:
-        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
-    else:
-        lr = optim.lr
-    return optax.chain(clip_by_given_global_norm(optim.grad_clip),
-                       optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
-
-
-def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Any) -> Any:
-    """Shard the optimizer state like the params (moments follow their param; counters replicate)."""
-
-    state_shape = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, s: s, state_shape, param_shardings,
-                                 transform_non_params=lambda _: replicated)
-
-
 def train_state_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any,
                           mesh: Any) -> TrainState:
-    """A :class:`TrainState` of shardings: params as given, optimizer state like its params,
-    step and rng replicated."""
+    """A :class:`TrainState` of shardings: params as given, optimizer state like its params
+    (:func:`sod_jax.optim.opt_state_shardings`), step and rng replicated."""
 
     replicated = NamedSharding(mesh, P())
-    return TrainState(replicated, param_shardings, optimizer_shardings(tx, params, param_shardings, mesh), replicated)
+    return TrainState(replicated, param_shardings, optim.opt_state_shardings(tx, params, param_shardings, mesh),
+                      replicated)
 
 
 def init_train_state(tx: optax.GradientTransformation, params: Any, seed: int,
@@ -213,7 +171,7 @@ def init_train_state(tx: optax.GradientTransformation, params: Any, seed: int,
     ``shardings`` (see :func:`train_state_shardings`) when given."""
     if shardings is not None:
         params = jax.device_put(params, shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=None if shardings is None else shardings.opt_state)(params)
+    opt_state = optim.init_opt_state(tx, params, None if shardings is None else shardings.opt_state)
     step = jnp.zeros((), jnp.int32)
     rng = jax.random.key_data(jax.random.PRNGKey(seed))
     if shardings is not None:
@@ -221,8 +179,20 @@ def init_train_state(tx: optax.GradientTransformation, params: Any, seed: int,
     return TrainState(step, params, opt_state, rng)
 
 
-def init_optimizer(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
-    return jax.jit(tx.init, out_shardings=shardings)(params)
+def make_train_state(cfg: Any, params: Any, optimizer_steps: int,
+                     mesh: Any = None) -> tuple[optax.GradientTransformation, TrainState, Optional[TrainState]]:
+    """The RL run's optimizer and initial state: ``(tx, state, shardings)``.
+
+    ``cfg`` is a :class:`sod_jax.config.Config` (``cfg.optim``, ``cfg.train.seed``), ``optimizer_steps``
+    the run's optimizer updates (:func:`num_optimizer_steps`). With ``mesh``, the params keep the
+    shardings they have (``x.sharding``), the optimizer state follows them, and ``shardings`` is the
+    :class:`TrainState` of shardings to build the update with; without, ``shardings`` is None.
+    """
+    tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(cfg.optim, optimizer_steps))
+    shardings = None
+    if mesh is not None:
+        shardings = train_state_shardings(tx, params, jax.tree.map(lambda x: x.sharding, params), mesh)
+    return tx, init_train_state(tx, params, cfg.train.seed, shardings), shardings
 
 
 def check_compatible(student_cfg: Any, teacher_cfg: Any, student_special: Optional[dict] = None,
@@ -314,8 +284,9 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
                  state_shardings: Optional[TrainState] = None) -> Callable:
     """``update(state, teacher_params, batch) -> (state, metrics)``, jitted with ``state`` donated.
 
-    With ``mesh``, every call runs under that mesh (activations constrained to it) and the new
-    state keeps ``state_shardings`` (:func:`train_state_shardings`). ``update.lower(state,
+    ``tx`` is the transformation of :func:`sod_jax.optim.make_optimizer`. With ``mesh``, every call
+    runs under that mesh (activations constrained to it) and the new state keeps ``state_shardings``
+    (:func:`train_state_shardings`). ``update.lower(state,
     teacher_params, batch)`` lowers it the same way (for inspecting the compiled program).
     """
     M, E = spec.mini_batches, spec.epochs
@@ -419,15 +390,8 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
                         {"ratio_max": -jnp.float32(BIG), "ratio_min": jnp.float32(BIG)})
                 (grads, sums, extremes), _ = jax.lax.scan(micro_step, init, mb)
             loss = sums.pop("pg_loss")
-            gnorm = optax.tree.norm(grads)  # the one global norm: metric, finiteness test and clip
-            ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
-
-            def apply(args):
-                params, opt_state = args
-                updates, new_opt = tx.update(grads, opt_state, params, global_norm=gnorm)
-                return optax.apply_updates(params, updates), new_opt
-
-            params, opt_state = jax.lax.cond(ok, apply, lambda args: args, (params, opt_state))
+            # the one global norm (metric, finiteness test and clip); a non-finite step is skipped
+            params, opt_state, gnorm, ok = optim.apply_if_finite(tx, grads, loss, params, opt_state)
             tok = jnp.maximum(tokens, 1.0)
             met = {k: v / tok for k, v in sums.items()}
             met.update(extremes, pg_loss=loss, grad_norm=gnorm, skipped=(~ok).astype(jnp.int32))

@@ -5,7 +5,9 @@ tokens (:mod:`sod_jax.sft.packing`) and grouped into micro-batches of R rows: th
 ``[A, R, L]``. ONE jitted function (state donated) scans over the A micro-batches, accumulating
 the gradient of the summed token NLL (chunked log-probs: never ``[R, L, V]``), divides by the
 number of loss tokens of the whole step (the loss is the token mean over the global batch), clips
-the global norm and applies AdamW with linear warmup and cosine decay. A is the largest number of
+the global norm and applies AdamW with linear warmup and cosine decay (the optimizer of
+:mod:`sod_jax.optim`; a step whose loss or gradient is not finite is skipped, as in RL: params and
+optimizer state untouched, ``skipped`` reported). A is the largest number of
 micro-batches any step of the plan needs, so the step compiles once; a step that needs fewer pads
 with empty micro-batches, which ``lax.cond`` skips at run time.
 
@@ -27,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from sod_jax import parallel
+from sod_jax import optim, parallel
 from sod_jax.models.logprobs import token_logprobs
 from sod_jax.sft.packing import Example, SFTBatch, build_batch, fit_length, pack_rows, tokenize_conversation
 
@@ -125,27 +126,8 @@ def eval_batches(examples: Sequence[Example], pack_length: int, rows_per_micro: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer and the compiled step
+# The compiled step (the optimizer is :mod:`sod_jax.optim`)
 # ---------------------------------------------------------------------------------------------
-
-
-def make_schedule(sft: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ``round(warmup_ratio * total_steps)`` steps from 0 to ``lr``, then cosine
-    decay to ``lr * min_lr_ratio`` at ``total_steps`` (or constant)."""
-    warmup = int(round(sft.warmup_ratio * total_steps))
-    if sft.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, max(total_steps, warmup + 1),
-                                                  end_value=sft.lr * sft.min_lr_ratio)
-    if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, sft.lr, warmup), optax.constant_schedule(sft.lr)],
-                                    [warmup])
-    return optax.constant_schedule(sft.lr)
-
-
-def make_sft_optimizer(sft: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Global-norm clip, then AdamW (decoupled weight decay on every parameter)."""
-    return optax.chain(optax.clip_by_global_norm(sft.grad_clip),
-                       optax.adamw(schedule, b1=sft.b1, b2=sft.b2, weight_decay=sft.weight_decay))
 
 
 def packed_nll(graphdef: Any, params: Any, input_ids, positions, segment_ids, loss_mask, chunk: int):
@@ -165,9 +147,12 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
                      mesh: Optional[Mesh] = None, state_shardings: Any = None) -> Callable:
     """``step(state, batch: SFTBatch [A, R, L]) -> (state, metrics)``, jitted, ``state`` donated.
 
-    metrics: ``loss`` (token-mean NLL over the step's loss tokens), ``grad_norm`` (before
-    clipping), ``lr`` (of this update), ``loss_tokens``, ``skipped`` (1 when the loss or gradient
-    was not finite: params and optimizer state are then left unchanged)."""
+    ``tx`` and ``schedule`` come from :func:`sod_jax.optim.make_optimizer`; the update is
+    :func:`sod_jax.optim.apply_if_finite`. metrics: ``loss`` (token-mean NLL over the step's loss
+    tokens), ``grad_norm`` (before clipping), ``lr`` (``schedule(state.step)``), ``loss_tokens``,
+    ``skipped`` (1 when the loss or gradient norm was not finite: the update is skipped, params and
+    optimizer state are left as they were). ``state.step`` counts every step, skipped or not: it is
+    the data position."""
 
     def _step(state: SFTState, batch: SFTBatch):
         params = state.params
@@ -193,13 +178,8 @@ def build_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: 
         denom = jnp.maximum(n_tok, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = nll_sum / denom
-        gnorm = optax.tree.norm(grads)
-        ok = jnp.isfinite(gnorm) & jnp.isfinite(loss)
-        updates, new_opt = tx.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        new_state = SFTState(state.step + 1, jax.tree.map(keep, new_params, params),
-                             jax.tree.map(keep, new_opt, state.opt_state))
+        new_params, new_opt, gnorm, ok = optim.apply_if_finite(tx, grads, loss, params, state.opt_state)
+        new_state = SFTState(state.step + 1, new_params, new_opt)
         metrics = dict(loss=loss, grad_norm=gnorm, lr=jnp.asarray(schedule(state.step), jnp.float32),
                        loss_tokens=n_tok, skipped=(~ok).astype(jnp.int32))
         return new_state, metrics
@@ -235,29 +215,5 @@ def build_eval_step(graphdef: Any, chunk: int, mesh: Optional[Mesh] = None) -> C
     return _under_mesh(jax.jit(ev), mesh)
 
 
-def state_shardings_for(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> SFTState:
-    """Shardings of an :class:`SFTState`: params by their logical axes, optimizer moments like their
-    param, counters replicated."""
-    p_sh = parallel.param_shardings(params, mesh)
-    replicated = NamedSharding(mesh, P())
-    opt_shape = jax.eval_shape(tx.init, params)
-    o_sh = optax.tree_map_params(tx, lambda _, s: s, opt_shape, p_sh, transform_non_params=lambda _: replicated)
-    return SFTState(replicated, p_sh, o_sh)
-
-
-def place_batch(batch: SFTBatch, mesh: Optional[Mesh]) -> SFTBatch:
-    """Host arrays -> device arrays with the row axis split over the batch mesh axes. Every process
-    holds the same (planned) batch and contributes the shards of its local devices."""
-    if mesh is None:
-        return SFTBatch(*(jnp.asarray(a) for a in batch))
-
-    def put(a: np.ndarray) -> jax.Array:
-        axes = (None,) * (a.ndim - 2) + ("batch", None)
-        sharding = NamedSharding(mesh, parallel.logical_to_spec(axes, a.shape, mesh))
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-
-    return SFTBatch(*(put(a) for a in batch))
-
-
-__all__ = ["SFTState", "StepPlan", "build_eval_step", "build_train_step", "eval_batches", "make_schedule",
-           "make_sft_optimizer", "packed_nll", "place_batch", "plan_steps", "prepare_examples", "state_shardings_for"]
+__all__ = ["SFTState", "StepPlan", "build_eval_step", "build_train_step", "eval_batches", "packed_nll", "plan_steps",
+           "prepare_examples"]

@@ -19,8 +19,10 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from sod_jax import optim, parallel
 from sod_jax.models import save_pretrained
 from sod_jax.sft.packing import Example, SFTBatch, build_batch
 from sod_jax.sft.step import (
@@ -28,11 +30,7 @@ from sod_jax.sft.step import (
     build_eval_step,
     build_train_step,
     eval_batches,
-    make_schedule,
-    make_sft_optimizer,
-    place_batch,
     plan_steps,
-    state_shardings_for,
 )
 
 log = logging.getLogger(__name__)
@@ -107,18 +105,17 @@ class SFTTrainer:
                                pack_length=self.pack_length, rows_per_micro=self.rows_per_micro, seed=s.seed,
                                shuffle=s.shuffle, max_steps=s.max_steps)
         self.val_batches = eval_batches(self.val_examples, self.pack_length, self.rows_per_micro) if self.val_examples else []
-        self.schedule = make_schedule(s, self.plan.total_steps)
-        self.tx = make_sft_optimizer(s, self.schedule)
+        self.tx, self.schedule = optim.make_optimizer(optim.OptimizerSpec.from_sft(s, self.plan.total_steps))
         self.graphdef, params = nnx.split(model)
         self.model_config = model.config
         self.state_shardings = None
-        if mesh is not None:
-            self.state_shardings = state_shardings_for(self.tx, params, mesh)
-            opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-            step0 = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
-        else:
-            opt_state = jax.jit(self.tx.init)(params)
-            step0 = jnp.zeros((), jnp.int32)
+        step0 = jnp.zeros((), jnp.int32)
+        if mesh is not None:  # params by their logical axes, moments like their param, the step replicated
+            p_sh = parallel.param_shardings(params, mesh)
+            counter = NamedSharding(mesh, P())
+            self.state_shardings = SFTState(counter, p_sh, optim.opt_state_shardings(self.tx, params, p_sh, mesh))
+            step0 = jax.device_put(step0, counter)
+        opt_state = optim.init_opt_state(self.tx, params, None if mesh is None else self.state_shardings.opt_state)
         self.state = SFTState(step0, params, opt_state)
         chunk = cfg.model.logprob_chunk
         self.train_step = build_train_step(self.graphdef, self.tx, self.schedule, chunk, mesh, self.state_shardings)
@@ -158,7 +155,7 @@ class SFTTrainer:
         nll = jnp.zeros((), jnp.float32)
         n = jnp.zeros((), jnp.float32)
         for b in self.val_batches:
-            s, c = self.eval_step(self.state.params, place_batch(b, self.mesh))
+            s, c = self.eval_step(self.state.params, parallel.place_rows(b, self.mesh, row_axis=1))
             nll, n = nll + s, n + c
         nll, n = (float(x) for x in jax.device_get((nll, n)))
         return {"val_loss": nll / max(n, 1.0), "val_tokens": int(n)}
@@ -251,7 +248,7 @@ class SFTTrainer:
             k = self.step
             host = self.batch(k)
             n_real = int((host.segment_ids > 0).sum())
-            self.state, dev_metrics = self.train_step(self.state, place_batch(host, self.mesh))
+            self.state, dev_metrics = self.train_step(self.state, parallel.place_rows(host, self.mesh, row_axis=1))
             self.step = k + 1
             flush()  # the previous step's metrics; the device is busy with this one
             pending = (self.step, dev_metrics, n_real)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from sod_jax import parallel
 from sod_jax.checkpoint import Checkpointer, CheckpointWarning, abstract_like
 from sod_jax.models.qwen3 import Qwen3Config, init_model
-from sod_jax.rl.update import optimizer_shardings
+from sod_jax.optim import opt_state_shardings
 
 TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
@@ -61,7 +61,7 @@ def _state(seed: int = 0, mesh: Any = None) -> State:
     param_sh = parallel.param_shardings(st.params, mesh)
     rep = NamedSharding(mesh, P())
     return State(jax.device_put(st.step, rep), jax.device_put(st.params, param_sh),
-                 jax.device_put(st.opt_state, optimizer_shardings(TX, st.params, param_sh, mesh)),
+                 jax.device_put(st.opt_state, opt_state_shardings(TX, st.params, param_sh, mesh)),
                  jax.device_put(st.rng, rep))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sod_jax import parallel
+from sod_jax import optim, parallel
 from sod_jax.algo.losses import ppo_loss
 from sod_jax.config import OptimConfig
 from sod_jax.models import init_model
@@ -22,7 +22,6 @@ from sod_jax.rl.update import (
     build_update,
     check_compatible,
     init_train_state,
-    make_optimizer,
     train_state_shardings,
 )
 
@@ -85,7 +84,7 @@ def setup(mode, mini_batches=2, lr=1e-3, num_groups=4, mesh=None, student=STUDEN
     s_graph, s_params = nnx.split(s_model)
     t_graph, t_params = nnx.split(t_model)
     spec = UpdateSpec(mode=mode, mini_batches=mini_batches, num_groups=num_groups, logprob_chunk=16, **spec_kw)
-    tx = make_optimizer(OptimConfig(lr=lr), total_steps=1000)
+    tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(OptimConfig(lr=lr), 1000))
     shardings = None
     if mesh is not None:
         shardings = train_state_shardings(tx, s_params, parallel.param_shardings(s_params, mesh), mesh)
@@ -398,7 +397,7 @@ def test_cosine_horizon_is_the_runs_optimizer_steps():
     from sod_jax.rl.update import num_optimizer_steps
 
     cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=2)
-    tx = make_optimizer(cfg, total_steps=10)
+    tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(cfg, 10))
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
     lrs = []
@@ -408,7 +407,7 @@ def test_cosine_horizon_is_the_runs_optimizer_steps():
     # step 10 of 10 has decayed to 0; warmup reaches the peak at step 2
     assert lrs[2] == pytest.approx(1.0, rel=1e-3) and lrs[-1] < 0.05 and lrs[1] < lrs[2]
     with pytest.raises(ValueError, match="warmup_steps=2"):
-        make_optimizer(cfg, total_steps=2)
+        optim.make_optimizer(optim.OptimizerSpec.from_rl(cfg, 2))
     from sod_jax.config import TrainConfig
     assert num_optimizer_steps(TrainConfig(mini_batches=4, epochs=2), 100) == 800
 
@@ -456,7 +455,7 @@ def test_update_equals_the_pytorch_reference(golden_models, tmp_path, lr, mini_b
     s_model, t_model = load_pretrained(dirs["student"]), load_pretrained(dirs["teacher"])
     s_graph, s_params = nnx.split(s_model)
     t_graph, t_params = nnx.split(t_model)
-    tx = make_optimizer(OptimConfig(lr=lr), total_steps=1000)
+    tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(OptimConfig(lr=lr), 1000))
     spec = UpdateSpec(mode="sod", mini_batches=mini_batches, num_groups=4, logprob_chunk=16,
                       temperature=temperature, **clip)
     batch = make_batch(ids, rewards, groups)._replace(response_mask=jnp.asarray(resp))

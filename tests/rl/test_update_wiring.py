@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from test_iw_opd import loop_weights
 
+from sod_jax import optim
 from sod_jax.algo.advantages import grpo_advantages
 from sod_jax.config import OptimConfig
 from sod_jax.models import init_model
@@ -59,15 +60,14 @@ def run(models, b, **spec_kw):
     s_graph, s_params, t_graph, t_params = models
     spec = ts.UpdateSpec(mini_batches=1, num_groups=2, logprob_chunk=16, **spec_kw)
     if spec not in _UPDATES:
-        tx = ts.make_optimizer(OptimConfig(lr=1e-3)) if not hasattr(ts, "TrainState") else \
-            ts.make_optimizer(OptimConfig(lr=1e-3), 10)
+        tx, _ = optim.make_optimizer(optim.OptimizerSpec.from_rl(OptimConfig(lr=1e-3), 10))
         _UPDATES[spec] = (tx, ts.build_update(spec, tx, s_graph, t_graph))
     tx, update = _UPDATES[spec]
     params = jax.tree.map(jnp.copy, s_params)
     if hasattr(ts, "TrainState"):
         state, met = update(ts.init_train_state(tx, params, seed=0), t_params, b)
         return state.params, jax.device_get(met)
-    new, _, met = update(params, ts.init_optimizer(tx, params), t_params, b)
+    new, _, met = update(params, optim.init_opt_state(tx, params), t_params, b)
     return new, jax.device_get(met)
 
 

@@ -17,11 +17,12 @@ import pytest
 import yaml
 from support.sft_conversations import make_rows, tool_conversation, write_jsonl
 
+from sod_jax import optim
 from sod_jax.chat import ChatTokenizer
 from sod_jax.config import ConfigError, load_config
 from sod_jax.models import Qwen3Config, init_model
 from sod_jax.sft.packing import SFTDataError, build_batch, pack_rows, tokenize_conversation
-from sod_jax.sft.step import SFTState, build_train_step, make_schedule, packed_nll, plan_steps, prepare_examples
+from sod_jax.sft.step import SFTState, build_train_step, packed_nll, plan_steps, prepare_examples
 from sod_jax.sft.trainer import SFTHook, SFTTrainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,7 +184,7 @@ def test_plan_covers_every_conversation_once_per_epoch():
 
 def test_schedule_warmup_then_cosine():
     cfg = load_config(overrides=["sft.lr=1.0", "sft.warmup_ratio=0.1", "sft.min_lr_ratio=0.1"], job="sft").sft
-    sched = make_schedule(cfg, 100)
+    sched = optim.make_schedule(optim.OptimizerSpec.from_sft(cfg, 100))
     assert float(sched(0)) == 0.0 and abs(float(sched(5)) - 0.5) < 1e-6 and abs(float(sched(10)) - 1.0) < 1e-6
     mid = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 45 / 90))
     assert abs(float(sched(55)) - mid) < 1e-5 and abs(float(sched(100)) - 0.1) < 1e-6
@@ -196,7 +197,7 @@ def test_gradient_accumulation_equals_one_big_micro_batch(tiny_examples):
     cfg = load_config(overrides=["sft.lr=1e-2", "sft.warmup_ratio=0.0"], job="sft")
     model = init_model(Qwen3Config(**TINY), seed=2)
     graphdef, params = nnx.split(model)
-    sched = make_schedule(cfg.sft, 10)
+    sched = optim.make_schedule(optim.OptimizerSpec.from_sft(cfg.sft, 10))
     tx = optax.sgd(1.0)  # the update is the accumulated gradient itself (Adam would amplify rounding noise)
     step = build_train_step(graphdef, tx, sched, chunk=64)
     L = max(len(e) for e in tiny_examples[:4])
