@@ -9,7 +9,9 @@ Loading order: defaults <- YAML file(s) <- ``section.key=value`` overrides. Any 
 type or impossible combination raises :class:`ConfigError` whose message names the key, where it
 came from (file or command line) and, for unknown keys, the nearest valid key.
 
-This module is a leaf: it imports nothing from the rest of ``sod_jax``.
+This module is a leaf: it imports nothing from the rest of ``sod_jax`` but the pure-data table of
+algorithm modes, :mod:`sod_jax.algo.modes` (plain Python, no jax, no other ``sod_jax`` import):
+``algo.name`` accepts the table's names and validation asks it which modes need ``teacher.path``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from sod_jax.algo import modes as algo_modes
 
 
 class ConfigError(ValueError):
@@ -160,7 +164,7 @@ class RewardConfig:
 class AlgoConfig:
     """Advantage mode and PPO loss (DESIGN §1.1-1.2)."""
 
-    name: Literal["grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd"] = _f("sod", "Advantage mode (iw_opd: TRL's position-weighted OPD, per token instead of SOD's per step).")
+    name: Literal[algo_modes.NAMES] = _f("sod", "Advantage mode (iw_opd: TRL's position-weighted OPD, per token instead of SOD's per step).")
     grpo_term: bool = _f(True, "opd/sod: include the GRPO outcome advantage (false: pure OPD).")
     opd_coef: float = _f(1.0, "c: scale of the distillation term.")
     eps: float = _f(1e-6, "SOD: epsilon in (d_1+eps)/(d_k+eps).")
@@ -340,9 +344,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-TEACHER_MODES = ("opd", "sod", "gated_opd", "iw_opd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,8 +573,10 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
             problems.append(msg)
 
     a, r, t = cfg.algo, cfg.rollout, cfg.train
-    need(job != "train" or not (a.name in TEACHER_MODES and not cfg.teacher.path),
-         f"algo.name={a.name} needs a teacher: set teacher.path (or use algo.name=grpo / opsd_gt / opsd_hint)")
+    mode = algo_modes.MODES.get(a.name)
+    need(job != "train" or mode is None or not mode.teacher_model or bool(cfg.teacher.path),
+         f"algo.name={a.name} needs a teacher: set teacher.path (or use algo.name="
+         f"{' / '.join(algo_modes.without_teacher_model())})")
     need(a.eps > 0, f"algo.eps must be > 0, got {a.eps}")
     need(a.delta >= 0, f"algo.delta must be >= 0, got {a.delta}")
     need(0 <= a.clip_low < 1, f"algo.clip_low must be in [0, 1), got {a.clip_low}")

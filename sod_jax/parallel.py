@@ -3,7 +3,8 @@
 Mesh axes: ``data`` (replicated params, split batch), ``fsdp`` (params sharded on their ``embed``
 axis, batch split too) and ``tensor`` (heads, mlp and vocab axes split). Parameters name their
 dimensions with logical axes (``("layers", "embed", "heads", "head_dim")``); :data:`DEFAULT_RULES`
-map each logical name to mesh axes. A mesh axis that does not divide a dimension (e.g. 1 kv head
+map each logical name to mesh axes for training, :data:`SAMPLING_RULES` for the rollout engine's
+sampling copy of the weights. A mesh axis that does not divide a dimension (e.g. 1 kv head
 over tensor=2) is dropped for that dimension, so any model runs on any mesh, just less sharded.
 
 Activation constraints (:func:`constrain`) read JAX's own mesh context (``jax.set_mesh``, which
@@ -32,6 +33,22 @@ DEFAULT_RULES: tuple[AxisRule, ...] = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("seq", None),
+)
+
+# The rollout engine's sampling copy of the weights: the training rules without fsdp for parameters
+# (``embed`` replicated), so decode reads whole weights with no all-gather of fsdp shards; tensor
+# parallelism (heads, mlp, vocab) is kept.
+SAMPLING_RULES: tuple[AxisRule, ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),

@@ -13,18 +13,22 @@ Modes (``m`` = response mask, ``s``/``q`` = student/teacher log-probs of the sam
 ``opsd_*``     as ``opd``; ``q`` comes from the student itself (stop-gradient) on a prompt holding
                privileged text, aligned on the response tokens by the caller.
 =============  ============================================================
+
+Which modes read ``q`` and which weight the distillation term is the table of
+:mod:`sod_jax.algo.modes`. :func:`overlong_penalty` is the one definition of DAPO's overlong reward
+shaping (the RL trainer and the evaluation add it to the score).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import numbers
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MODES = ("grpo", "opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd")
-TEACHER_MODES = ("opd", "sod", "gated_opd", "opsd_gt", "opsd_hint", "iw_opd")  # modes that need q
-WEIGHTED_MODES = ("sod", "iw_opd")  # modes whose distillation term carries per-token weights
+from sod_jax.algo import modes
 
 
 class GroupStats(NamedTuple):
@@ -63,12 +67,25 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, num_groups: int, e
     return GroupStats(adv, mean, std, real & (~single) & (std_g[gid] == 0))
 
 
-def overlong_penalty(response_len: jax.Array, max_response_length: int, buffer_len: int,
-                     factor: float = 1.0) -> jax.Array:
-    """DAPO soft overlong penalty ``min(-(L - expected) / buffer, 0) * factor``, ``expected = max - buffer``.
-    ``response_len [B]`` counts every response token (assistant and tool)."""
+def overlong_penalty(response_len: Union[int, np.ndarray, jax.Array], max_response_length: int, buffer_len: int,
+                     factor: float = 1.0) -> Union[float, np.ndarray, jax.Array]:
+    """DAPO soft overlong penalty ``min(-(L - expected) / buffer, 0) * factor``, ``expected = max - buffer``:
+    0 up to ``expected`` response tokens, then linear down to ``-factor`` at ``max_response_length``.
+
+    ``response_len`` counts every response token (assistant and tool): a Python int (gives a Python
+    float) or an array ``[B]`` (numpy gives numpy, jax gives jax; float32). ``buffer_len <= 0`` is
+    no penalty (0)."""
+    if isinstance(response_len, numbers.Real):
+        if buffer_len <= 0:
+            return 0.0
+        expected = max_response_length - buffer_len
+        return min(-(response_len - expected) / buffer_len, 0.0) * factor
+    xp = np if isinstance(response_len, np.ndarray) else jnp
+    length = xp.asarray(response_len).astype(xp.float32)
+    if buffer_len <= 0:
+        return xp.zeros_like(length)
     expected = max_response_length - buffer_len
-    return jnp.minimum(-(response_len.astype(jnp.float32) - expected) / buffer_len, 0.0) * factor
+    return (xp.minimum(-(length - expected) / buffer_len, 0.0) * factor).astype(xp.float32)
 
 
 def gated_beta(adv: jax.Array, beta_min: float, beta_max: float, gamma: float) -> jax.Array:
@@ -90,17 +107,18 @@ def token_advantages(
     gamma: float = 1.0,
 ) -> jax.Array:
     """Per-token advantage ``[B, T]`` of ``mode`` (see module docstring); exactly 0 where ``mask == 0``."""
-    if mode not in MODES:
-        raise ValueError(f"unknown advantage mode {mode!r}; known: {', '.join(MODES)}")
+    if mode not in modes.MODES:
+        raise ValueError(f"unknown advantage mode {mode!r}; known: {', '.join(modes.NAMES)}")
+    info = modes.MODES[mode]
     m = mask.astype(jnp.float32)
     outcome = adv[:, None].astype(jnp.float32) * m
-    if mode == "grpo" or (mode == "gated_opd" and beta_max <= beta_min):
+    if not info.teacher_logp or (mode == "gated_opd" and beta_max <= beta_min):
         return outcome
     # where() rather than a product: q - s on tool tokens/padding may be inf or NaN.
     gap = jnp.where(m > 0, teacher_logp - student_logp, 0.0)
     if mode == "gated_opd":
         return outcome + gated_beta(adv, beta_min, beta_max, gamma)[:, None] * gap
-    if mode in WEIGHTED_MODES:
+    if info.weights is not None:
         gap = weights * gap
     base = outcome if grpo_term else jnp.zeros_like(outcome)
     return base + opd_coef * gap

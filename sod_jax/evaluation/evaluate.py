@@ -36,6 +36,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sod_jax.algo.advantages import overlong_penalty  # the one DAPO overlong penalty (also re-exported here)
 from sod_jax.evaluation import metrics as M
 from sod_jax.rewards import response_text
 from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy
@@ -58,14 +59,6 @@ def prompt_fingerprint(row: dict) -> str:
     blob = json.dumps([row.get("data_source"), row.get("prompt"), row.get("ground_truth")], sort_keys=True,
                       default=str)
     return f"{zlib.crc32(blob.encode()):08x}"
-
-
-def overlong_penalty(response_tokens: int, max_response_length: int, buffer_len: int, factor: float) -> float:
-    """DAPO's soft overlong penalty: 0 up to ``max - buffer`` tokens, then linearly down to ``-factor``."""
-    if buffer_len <= 0:
-        return 0.0
-    exceed = response_tokens - (max_response_length - buffer_len)
-    return min(-exceed / buffer_len * factor, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

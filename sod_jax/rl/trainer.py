@@ -40,7 +40,8 @@ import numpy as np
 from flax import nnx
 
 from sod_jax import parallel
-from sod_jax.algo.advantages import TEACHER_MODES
+from sod_jax.algo import modes
+from sod_jax.algo.advantages import overlong_penalty
 from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
 from sod_jax.checkpoint import Checkpointer, PreemptionGuard
 from sod_jax.config import Config
@@ -50,7 +51,6 @@ from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, re
 from sod_jax.rewards import RewardPool, response_text
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
 from sod_jax.rl.update import (
-    RLBatch,
     UpdateSpec,
     build_update,
     check_compatible,
@@ -123,7 +123,7 @@ class Trainer:
     def preflight(self) -> None:
         cfg = self.cfg
         mode = cfg.algo.name
-        self.needs_teacher = mode in TEACHER_MODES and not mode.startswith("opsd")
+        self.needs_teacher = modes.needs_teacher_model(mode)
         if not cfg.model.path:
             raise SetupError("model.path is not set: point it at the HF checkpoint directory of the student")
         try:
@@ -143,7 +143,7 @@ class Trainer:
         if self.needs_teacher:
             if not cfg.teacher.path:
                 raise SetupError(f"algo.name={mode} needs a teacher: set teacher.path to an HF checkpoint directory "
-                                 "(or use algo.name=grpo / opsd_gt / opsd_hint)")
+                                 f"(or use algo.name={' / '.join(modes.without_teacher_model())})")
             try:
                 self.teacher_dir = resolve_checkpoint_dir(cfg.teacher.path)
                 self.teacher_cfg = read_config(self.teacher_dir)
@@ -287,23 +287,22 @@ class Trainer:
                  for t, row in zip(trajs, traj_rows)]
         scores = self.rewards.score(items)
         rewards = [float(s["score"]) for s in scores]
-        if self.cfg.reward.overlong_buffer:
-            rc = self.cfg.reward
-            expected = r.max_response_length - rc.overlong_buffer_len
+        rc = self.cfg.reward
+        if rc.overlong_buffer:
             for i, t in enumerate(trajs):
-                rewards[i] += min(-(len(t.response_ids) - expected) / rc.overlong_buffer_len, 0.0) * rc.overlong_penalty_factor
+                rewards[i] += overlong_penalty(len(t.response_ids), r.max_response_length, rc.overlong_buffer_len,
+                                               rc.overlong_penalty_factor)
         return StepRollouts(trajs, traj_rows, group_ids, scores, rewards, t1 - t0, time.perf_counter() - t1)
 
     def _teacher_prompts(self, ro: StepRollouts) -> Optional[list[list[int]]]:
-        mode = self.cfg.algo.name
-        if not mode.startswith("opsd"):
+        mode = modes.get(self.cfg.algo.name)
+        if not mode.self_teacher:
             return None
         out, cache = [], {}
         for row in ro.rows:
             key = id(row)
             if key not in cache:
-                priv = (str(row["ground_truth"]) if mode == "opsd_gt"
-                        else str((row.get("extra_info") or {}).get("hint", row["ground_truth"])))
+                priv = mode.privileged_text(row)
                 msgs = [dict(m) for m in row["prompt"]]
                 last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
                 msgs[last]["content"] = self.cfg.algo.opsd_template.format(prompt=msgs[last]["content"], privileged=priv)
@@ -329,15 +328,8 @@ class Trainer:
         Lt = None
         if t_prompts is not None:
             Lt = self._agreed_length(max(len(p) + len(t.response_ids) for p, t in zip(t_prompts, ro.trajectories)))
-        p = pack(ro.trajectories, ro.rewards, ro.group_ids, rows, L, self.tok.pad_id, t_prompts, Lt)
-        arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions,
-                      response_mask=p.response_mask, rewards=p.rewards, group_ids=p.group_ids,
-                      sampler_logp=p.sampler_logp, row_valid=p.row_valid)
-        if t_prompts is not None:
-            arrays.update(teacher_input_ids=p.teacher_input_ids, teacher_attention_mask=p.teacher_attention_mask,
-                          teacher_positions=p.teacher_positions, teacher_index=p.teacher_index)
-        arrays = parallel.put_batch(arrays, self.mesh)
-        return RLBatch(**arrays), (L, Lt)
+        batch = pack(ro.trajectories, ro.rewards, ro.group_ids, rows, L, self.tok.pad_id, t_prompts, Lt)
+        return parallel.put_batch(batch, self.mesh), (L, Lt)
 
     def _rollout_metrics(self, ro: StepRollouts) -> dict:
         trajs = ro.trajectories

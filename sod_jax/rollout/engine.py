@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sod_jax import parallel
 from sod_jax.models.qwen3 import CacheSplit, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
 
@@ -119,19 +120,26 @@ def sampling_weights(cfg: Qwen3Config, weights: dict, dtype: Any) -> dict:
     return out
 
 
-def sampling_sharding(sharding: Any, drop_axes: Sequence[str] = ("fsdp",)) -> Any:
-    """The sampling layout of a trainer array's sharding: the same mesh and spec with the ``drop_axes``
-    mesh axes removed (replicated over them: decode then needs no all-gather of fsdp shards)."""
+def weight_axes(model: Qwen3) -> dict:
+    """The logical axes of every array of ``model.weights()``, in the same nested dict (stacked layer
+    weights keep their leading ``layers`` axis); None for an array without axes."""
+    return nnx.to_pure_dict(nnx.state(model), lambda v: v.get_metadata().get("logical_axes"))
+
+
+def sampling_sharding(array: Any, axes: Optional[Sequence[Optional[str]]], layer_slice: bool = False) -> Any:
+    """Sharding of the sampling copy of a trainer ``array`` whose dims are named ``axes``: the same mesh,
+    the spec :data:`sod_jax.parallel.SAMPLING_RULES` give those axes (fsdp not used: decode then needs
+    no all-gather of fsdp shards). ``layer_slice``: for one layer's ``[...]`` slice of a stacked
+    ``[L, ...]`` array. An array not on a mesh keeps its sharding."""
+    sharding = array.sharding
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
-
-    def keep(entry):
-        if entry is None:
-            return None
-        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n not in drop_axes)
-        return names if len(names) > 1 else (names[0] if names else None)
-
-    spec = jax.sharding.PartitionSpec(*(keep(e) for e in sharding.spec))
+    shape = array.shape[1:] if layer_slice else array.shape
+    if axes is None:
+        spec = jax.sharding.PartitionSpec()
+    else:
+        spec = parallel.logical_to_spec(tuple(axes)[1:] if layer_slice else axes, shape, sharding.mesh,
+                                        parallel.SAMPLING_RULES)
     return jax.sharding.NamedSharding(sharding.mesh, spec)
 
 
@@ -219,7 +227,8 @@ class Engine:
     (``cfg.dtype``), made by :meth:`update_params` in one jitted cast + reshard. It never aliases the
     trainer's arrays, so a later donation of those buffers (the jitted update) cannot touch it. It
     costs ``num_params x itemsize(cfg.dtype)`` bytes (divided by the tensor-parallel degree when
-    sharded; fsdp is dropped from the sampling layout): 3.4 GB for Qwen3-1.7B in bf16.
+    sharded; the sampling layout, :data:`sod_jax.parallel.SAMPLING_RULES`, uses no fsdp): 3.4 GB for
+    Qwen3-1.7B in bf16.
     """
 
     def __init__(
@@ -272,6 +281,7 @@ class Engine:
                 "rollout.num_slots or the slot length (rollout.max_response_length + data.max_prompt_length), "
                 "use a smaller cache dtype (model.dtype bfloat16), or raise rollout.kv_cache_budget_gb")
         self.graphdef = nnx.graphdef(model)
+        self.weight_axes = weight_axes(model)  # logical axes of model.weights(): the sampling layout's source
         self._copy = jax.jit(partial(sampling_weights, cfg, dtype=self.dtype))
         self.params: dict = {}
         self.update_params(model)
@@ -293,8 +303,9 @@ class Engine:
     def update_params(self, model_or_params: Any) -> None:
         """Refresh the engine's sampling copy from a :class:`Qwen3`, its ``nnx.State`` (the trainer's
         ``TrainState.params``) or a ``Qwen3.weights()`` dict: ONE jitted cast to the compute dtype +
-        reshard (fsdp dropped) into new buffers. The caller may donate or delete its arrays afterwards.
-        Decode never casts a weight (the copy is already in the compute dtype)."""
+        reshard to the sampling layout (:data:`sod_jax.parallel.SAMPLING_RULES`) into new buffers. The caller
+        may donate or delete its arrays afterwards. Decode never casts a weight (the copy is already in the
+        compute dtype)."""
         src = model_or_params
         if isinstance(src, Qwen3):
             w = src.weights()
@@ -305,9 +316,10 @@ class Engine:
         out_shape = jax.eval_shape(self._copy, w)
         if not self.params or jax.tree.structure(out_shape) != jax.tree.structure(self.params) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(out_shape), jax.tree.leaves(self.params))):
-            shard = {k: (sampling_sharding(v.sharding) if k != "layers" else None) for k, v in w.items()}
-            shard["layers"] = [{n: _drop_layer_axis(sampling_sharding(a.sharding)) for n, a in w["layers"].items()}
-                               for _ in range(self.cfg.num_hidden_layers)]
+            axes = self.weight_axes
+            shard = {k: (sampling_sharding(v, axes.get(k)) if k != "layers" else None) for k, v in w.items()}
+            shard["layers"] = [{n: sampling_sharding(a, axes["layers"].get(n), layer_slice=True)
+                                for n, a in w["layers"].items()} for _ in range(self.cfg.num_hidden_layers)]
             self._copy = jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype), out_shardings=shard)
         self.params = {}  # drop the old copy first: the peak is one sampling copy, not two
         self.params = self._copy(w)
@@ -635,10 +647,3 @@ class Engine:
         self._left[slot] = 0
         if not self._bound.any() and self._cap > self.capacity_for(1):  # idle: start small again
             self.state, self._cap = self._resize(self.state, self.capacity_for(1)), self.capacity_for(1)
-
-
-def _drop_layer_axis(sharding: Any) -> Any:
-    """Sharding of one layer's slice of a stacked ``[L, ...]`` weight (the leading axis removed)."""
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))

@@ -53,3 +53,23 @@ def test_pack_teacher_index_points_at_the_same_response_tokens():
         assert p.teacher_input_ids[0, idx[t]] == p.input_ids[0, t]
     assert (idx[:3] == 0).all() and (idx[6:] == 0).all()
     np.testing.assert_array_equal(p.teacher_attention_mask[0], [1] * 8 + [0, 0])
+
+
+def test_pack_returns_the_batch_the_update_takes():
+    from sod_jax import parallel
+    from sod_jax.rl import update
+    from sod_jax.rl.batch import RLBatch
+
+    assert update.RLBatch is RLBatch  # one type from packing to the update
+    a = T([1, 2, 3], [4, 5, 6], [1, 0, 1], [-1.0, 0.0, -1.0])
+    p = pack([a, a], [1.0, 0.0], [0, 0], rows=8, length=8, pad_id=0)
+    assert isinstance(p, RLBatch) and isinstance(p.input_ids, np.ndarray)
+    assert p.teacher_input_ids is None and p.teacher_index is None and p.teacher_positions is None
+    placed = parallel.put_batch(p, parallel.make_mesh(data=2, fsdp=4, tensor=1))
+    assert isinstance(placed, RLBatch) and placed.teacher_input_ids is None
+    for name in ("input_ids", "attention_mask", "positions", "response_mask", "rewards", "group_ids",
+                 "sampler_logp", "row_valid", "response_len"):
+        np.testing.assert_array_equal(np.asarray(getattr(placed, name)), getattr(p, name))
+        assert getattr(placed, name).sharding.spec[0] == ("data", "fsdp"), name
+    t = pack([a], [0.0], [0], rows=1, length=8, pad_id=0, teacher_prompts=[[7, 7]], teacher_length=8)
+    assert t.teacher_positions.shape == (1, 8) and t.teacher_attention_mask.shape == (1, 8)
