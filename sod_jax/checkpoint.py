@@ -43,7 +43,6 @@ previously finalized checkpoint intact.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -181,7 +180,10 @@ class Checkpointer:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Wait for the save in flight and release orbax's resources."""
+        """Wait for the save in flight and release orbax's resources (a second call does nothing)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._mngr.wait_until_finished()
         self._mngr.close()
 
@@ -268,38 +270,8 @@ class Checkpointer:
 
 
 # -------------------------------------------------------------------------------------------------
-# Continuing a run's files
+# Continuing a run
 # -------------------------------------------------------------------------------------------------
-
-
-def trim_jsonl(path: Union[str, os.PathLike], last_step: int, key: str = "step") -> int:
-    """Drop the records of ``path`` (JSON lines) whose ``key`` is beyond ``last_step``; returns how many.
-
-    After a resume from step N, the steps after N are run again; their old records (written before a
-    kill) would otherwise appear twice. A torn last line (killed mid-write) is dropped too. Rewrites
-    the file atomically; a missing file is fine."""
-
-    p = Path(path)
-    if not p.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in p.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)) and rec[key] > last_step:
-            dropped += 1
-            continue
-        kept.append(line)
-    if dropped:
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(p)
-    return dropped
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "",

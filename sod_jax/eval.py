@@ -117,7 +117,7 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     try:
         _, out = run(cfg, progress=not args.no_progress)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -119,14 +120,17 @@ class RunDir:
             self._append("step_weights.jsonl", {"step": step, "trajectories": samples})
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps > ``step`` (a resumed run re-does them)."""
+        """Drop records of steps > ``step`` (a resumed run re-does them) and a torn last line (a run
+        killed mid-write); each file is replaced atomically."""
         if not self.enabled:
             return
         for name in ("metrics.jsonl", "eval.jsonl", "step_weights.jsonl"):
             p = self.path / name
             if p.is_file():
                 keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
-                p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                tmp = p.with_name(p.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+                os.replace(tmp, p)
 
     def plot(self) -> list[Path]:
         return plot_run(self.path) if self.enabled else []
@@ -178,12 +182,13 @@ def _save(fig, path: Path, ax) -> Path:
     return path
 
 
-def _curves(out: Path, records: list[dict], keys: Iterable[tuple[str, str]], title: str, ylabel: str) -> Optional[Path]:
+def _curves(out: Path, records: list[dict], keys: Iterable[tuple[str, str]], title: str, ylabel: str,
+            xlabel: str = "RL step") -> Optional[Path]:
     lines = [(label, *_series(records, key)) for key, label in keys]
     lines = [ln for ln in lines if ln[1]]
     if not lines:
         return None
-    fig, ax = _figure(title, "RL step", ylabel)
+    fig, ax = _figure(title, xlabel, ylabel)
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
     return _save(fig, out, ax)
@@ -204,6 +209,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 "Student-teacher KL on training rollouts", "KL (nats / token)"),
         _curves(out / "length.png", metrics, [("response_length_mean", "response tokens (mean)")],
                 "Response length", "tokens"),
+        _curves(out / "sft_loss.png", metrics, [("loss", "train loss"), ("val_loss", "held-out loss")],
+                "SFT loss", "token-mean NLL (assistant tokens)", xlabel="optimizer step"),
         _curves(out / "turns.png", metrics, [("turns_mean", "assistant turns"), ("tool_calls_mean", "tool calls"),
                                             ("tool_error_rate", "tool error rate")],
                 "Turns and tool use per trajectory", "per trajectory"),

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="No progress bar (one line per step instead).")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     if getattr(cfg, "distributed", None) is not None and getattr(cfg.distributed, "num_processes", None):
         from sod_jax import parallel

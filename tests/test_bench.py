@@ -12,7 +12,6 @@ import pytest
 
 from sod_jax.bench.sod_weights import loop_step_weights
 
-
 CLI_RUNS = {
     "sod-weights": ["sod-weights", "--batch", "4", "--seq", "256", "--steps", "3", "--repeats", "2"],
     "train-step": ["train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1"],

@@ -8,9 +8,10 @@ metrics, periodic eval, checkpoints.
    scorers, the sandbox's isolation) and fails with a one-line message saying what to change;
 2. :meth:`Trainer.setup` loads the models onto the mesh, builds the engine (its own sampling copy
    of the student's weights), the agent, the reward pool, the optimizer state and the update, and
-   resumes from the newest checkpoint of the run directory.
+   the loop's hooks (preemption, checkpoints with auto-resume from the run directory).
 
-:meth:`Trainer.run` then does, per step: ``train.prompts_per_step`` prompts of this process's data
+:meth:`Trainer.run` is the shared loop skeleton (:class:`sod_jax.loop.Loop`); per step
+(:meth:`Trainer.train_step`): ``train.prompts_per_step`` prompts of this process's data
 shard -> ``rollout.n`` trajectories each through the agent loop (sampling keys derived from
 ``(train.seed, step, prompt)``, so a resumed run samples the same streams) -> rewards in the pool
 -> an :class:`RLBatch` whose length is one of a few buckets -> one update -> the engine's weights
@@ -42,11 +43,12 @@ from flax import nnx
 from sod_jax import parallel
 from sod_jax.algo import modes
 from sod_jax.algo.advantages import overlong_penalty
-from sod_jax.chat import ChatError, ChatTokenizer, code_interpreter_tool
-from sod_jax.checkpoint import Checkpointer, PreemptionGuard
+from sod_jax.chat import ChatError, ChatTokenizer
+from sod_jax.checkpoint import Checkpointer
 from sod_jax.config import Config
 from sod_jax.data import PromptLoader, load_prompt_rows
 from sod_jax.evaluation import runtime as eval_runtime
+from sod_jax.loop import CheckpointHook, Loop, PreemptionHook
 from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, read_config, resolve_checkpoint_dir
 from sod_jax.rewards import RewardPool, response_text
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
@@ -105,13 +107,18 @@ def turn_tool_outputs(tokenizer: Any, traj: Any, max_chars: int = 80) -> list[Op
     return out
 
 
-class Trainer:
-    """See the module docstring."""
+class Trainer(Loop):
+    """See the module docstring. The loop itself is :class:`sod_jax.loop.Loop`'s; this class
+    supplies one step (:meth:`train_step`), the evaluation, the step record and the checkpoint
+    contents, with preemption and checkpoints as hooks."""
 
     def __init__(self, cfg: Config, *, progress: bool = True):
+        super().__init__(progress=progress)
         self.cfg = cfg
-        self.progress = progress
+        self.desc = f"{cfg.algo.name} RL"
         self.out = Path(cfg.train.out_dir)
+        self.loader_iter = None
+        self.first_eval = self.last_eval = None
         # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
         # first used them.
         self.loop = asyncio.new_event_loop()
@@ -164,7 +171,7 @@ class Trainer:
         for f in list(cfg.data.train_files) + list(cfg.data.val_files):
             if not Path(f).is_file():
                 raise SetupError(f"data file '{f}' does not exist (data.train_files / data.val_files)")
-        self.tools = [self.tool_schema()]
+        self.tools = eval_runtime.tool_schemas(cfg)
         kw = dict(reward_cfg=cfg.reward, tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
         try:
             self.train_rows, self.train_stats = load_prompt_rows(cfg.data.train_files, cfg.data, self.tok, kind="rl", **kw)
@@ -184,9 +191,6 @@ class Trainer:
                              f"is {cfg.train.prompts_per_step}; lower it or add data")
         # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
         self.sandbox = self._make_sandbox()
-
-    def tool_schema(self) -> dict:
-        return code_interpreter_tool(self.cfg.tool)
 
     def _make_sandbox(self):
         try:
@@ -237,10 +241,10 @@ class Trainer:
                               wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())
         ck = cfg.checkpoint
         self.ckpt = Checkpointer.from_config(ck, self.out)
-        self.start_step = 0
+        # Preemption first: a signal seen at a step boundary makes the checkpoint hook save that step.
+        self.hooks = [PreemptionHook(), CheckpointHook(self.ckpt, save_every=ck.save_every, resume=ck.resume,
+                                                       timing_key="time/checkpoint")]
         self.compiled_shapes: set = set()
-        if ck.resume:
-            self._resume()
         self.run_dir.write_text("config.yaml", cfg.to_yaml())
 
     def _total_steps(self) -> int:
@@ -250,19 +254,25 @@ class Trainer:
         epochs = getattr(t, "total_epochs", 1) or 1
         return max(1, int(math.ceil(epochs * self.loader.steps_per_epoch)))
 
-    def _resume(self) -> None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        got = self.ckpt.restore(abstract)
-        if got is None:
-            return
-        step, state, extra = got
+    # -- checkpoint contents (sod_jax.loop.CheckpointHook) ---------------------------------------
+
+    def checkpoint_state(self) -> Any:
+        return self.state
+
+    def checkpoint_extra(self, step: int) -> dict:
+        return {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict(),
+                "hf_config": config_to_hf(self.student.config, self.cfg.model.param_dtype)}
+
+    def restore(self, step: int, state: Any, extra: dict) -> None:
+        """Params, optimizer state, PRNG and the data position of checkpoint ``step``; records of later
+        steps are dropped from the run directory (the resumed run writes them again)."""
         self.state = state
         self.loader.set_state(extra["data_state"])
-        self.start_step = int(extra["rl_step"])
-        self.run_dir.truncate_after(self.start_step)
+        self.step = int(extra["rl_step"])
+        self.run_dir.truncate_after(self.step)
         self.engine.update_params(self.state.params)
         log.warning("resumed from checkpoint step %d (RL step %d): params, optimizer, PRNG and data order restored",
-                    step, self.start_step)
+                    step, self.step)
 
     # -----------------------------------------------------------------------------------------
     # One step
@@ -368,6 +378,9 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> dict:
+        """Rollouts of this step's prompts, their rewards and one update; returns the step's metrics."""
+        if self.loader_iter is None:  # after a restore has set the data position
+            self.loader_iter = iter(self.loader)
         rows = next(self.loader_iter)
         ro = self._rollout(rows, step)
         t0 = time.perf_counter()
@@ -410,6 +423,12 @@ class Trainer:
             summary["heldout_kl"] = self.heldout_kl(step)
         summary["seconds"] = time.perf_counter() - t0
         self.run_dir.log_eval(step, summary)
+        if step > 0:
+            self.add_metrics(step, **{"time/eval": summary["seconds"]})
+        if self.first_eval is None and step == 0:
+            self.first_eval = summary
+        self.last_eval = summary
+        self.say(f"step {step} eval: {_eval_line(summary)}")
         return summary
 
     def heldout_kl(self, step: int) -> float:
@@ -444,62 +463,23 @@ class Trainer:
     # The loop
     # -----------------------------------------------------------------------------------------
 
-    def save(self, step: int, force: bool = False) -> float:
-        extra = {"rl_step": step, "data_state": self.loader.get_state(), "config": self.cfg.to_dict(),
-                 "hf_config": config_to_hf(self.student.config, self.cfg.model.param_dtype)}
-        t0 = time.perf_counter()
-        self.ckpt.save(step, self.state, extra=extra, force=force)
-        return time.perf_counter() - t0
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and step % every == 0
 
-    def run(self) -> dict:
-        cfg = self.cfg
-        self.loader_iter = iter(self.loader)
-        bar = None
-        if self.progress and self.is_main:
-            from tqdm import tqdm
+    def end_of_step(self, step: int) -> None:
+        """The step's record to ``metrics.jsonl`` (every ``logging.log_every`` steps, the last one and a
+        stopping one) and its line."""
+        metrics = self.step_metrics.pop(step, {})
+        if step % self.cfg.logging.log_every == 0 or step == self.total_steps or self.stopping:
+            self.run_dir.log_metrics(step, metrics)
+        self.say(f"step {step}/{self.total_steps}: {_step_line(metrics)}")
 
-            bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"{cfg.algo.name} RL", unit="step",
-                       dynamic_ncols=True)
-        first_eval = last_eval = None
-        if self.start_step == 0 and cfg.train.eval_every:
-            first_eval = last_eval = self.evaluate(0)
-            self._print(f"step 0 eval: {_eval_line(first_eval)}", bar)
-        step = self.start_step
-        with PreemptionGuard() as guard:
-            while step < self.total_steps:
-                step += 1
-                metrics = self.train_step(step)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last_eval = self.evaluate(step)
-                    metrics["time/eval"] = last_eval["seconds"] if last_eval else 0.0
-                    self._print(f"step {step} eval: {_eval_line(last_eval)}", bar)
-                stop = guard.stop_now()  # agreed across processes: every host stops at the same step
-                if step % cfg.checkpoint.save_every == 0 or step == self.total_steps or stop:
-                    metrics["time/checkpoint"] = self.save(step, force=True)
-                    metrics["checkpoint_blocking_s"] = self.ckpt.last_save_blocking_s
-                if step % cfg.logging.log_every == 0 or step == self.total_steps or stop:
-                    self.run_dir.log_metrics(step, metrics)
-                self._print(f"step {step}/{self.total_steps}: {_step_line(metrics)}", bar)
-                if bar is not None:
-                    bar.update(1)
-                if stop:
-                    self._print(f"stopping at step {step} on a signal; checkpoint saved, rerun the same command "
-                                "to resume", bar)
-                    break
+    def finish(self) -> dict:
         self.ckpt.wait()
-        if bar is not None:
-            bar.close()
-        if cfg.logging.plots:
+        if self.cfg.logging.plots:
             self.run_dir.plot()
-        return {"first_eval": first_eval, "last_eval": last_eval, "steps": step}
-
-    def _print(self, text: str, bar=None) -> None:
-        if not self.is_main:
-            return
-        if bar is not None:
-            bar.write(text)
-        else:
-            print(text, flush=True)
+        return {"first_eval": self.first_eval, "last_eval": self.last_eval, "steps": self.step}
 
     def close(self) -> None:
         for name in ("ckpt", "rewards"):

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allow-unconfined", action="store_true",
                    help="run without isolation if bubblewrap is unavailable (trusted code only)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     from sod_jax.sandbox.local import LocalSandbox, LocalSandboxConfig
     from sod_jax.sandbox.protocol import SandboxUnavailable
     from sod_jax.sandbox.server import serve

@@ -26,12 +26,13 @@ import numpy as np
 
 from sod_jax import parallel
 from sod_jax.chat import ChatError, ChatTokenizer
+from sod_jax.checkpoint import Checkpointer
 from sod_jax.config import ConfigError, add_config_args, config_from_args
 from sod_jax.data import DataError, load_rows
+from sod_jax.loop import CheckpointHook, PreemptionHook
 from sod_jax.models import CheckpointError, init_model, load_pretrained, preset
 from sod_jax.models.hf import config_from_hf
 from sod_jax.sft.accuracy_hook import check_accuracy_config
-from sod_jax.sft.checkpoint_hook import SFTCheckpointHook
 from sod_jax.sft.packing import SFTDataError
 from sod_jax.sft.step import prepare_examples
 from sod_jax.sft.trainer import SFTTrainer
@@ -147,7 +148,11 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
         mesh = None
     model = build_model(cfg, tokenizer, mesh)
 
-    hooks = [*hooks, SFTCheckpointHook(cfg)]  # orbax checkpoints, auto-resume, SIGTERM/SIGINT (cfg.checkpoint)
+    # SIGTERM/SIGINT become a stop at a step boundary, which the checkpoint hook after it saves;
+    # orbax checkpoints with auto-resume (cfg.checkpoint).
+    ck = cfg.checkpoint
+    hooks = [*hooks, PreemptionHook(),
+             CheckpointHook(Checkpointer.from_config(ck, s.out_dir), save_every=ck.save_every, resume=ck.resume)]
     if s.accuracy_every:  # after the checkpoint hook: it sees the restored step
         from sod_jax.sft.accuracy_hook import AccuracyHook
 
@@ -174,7 +179,8 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, job="sft")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: importing jax / orbax already gave the root logger a handler, which would make this a no-op
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     try:
         res = run(cfg, progress=not args.no_progress)

@@ -1,14 +1,23 @@
-"""Cold-start SFT: the training loop and its hook points.
+"""Cold-start SFT: the training loop.
 
-:class:`SFTTrainer` runs the planned steps of :mod:`sod_jax.sft.step` and calls :class:`SFTHook`
-methods at fixed points (start, after every step, after every held-out evaluation, after every
-export, at the end). Checkpointing, preemption and early stopping by a downstream metric plug in
-there without touching the loop.
+:class:`SFTTrainer` runs the planned steps of :mod:`sod_jax.sft.step` on the shared loop skeleton
+(:class:`sod_jax.loop.Loop`), whose hooks (:class:`SFTHook` is :class:`sod_jax.loop.Hook`) are
+called at fixed points: start, after every step, with every step's host metrics, after every
+held-out evaluation, after every export, at the end. Checkpoints with auto-resume, preemption and
+early stopping by a downstream metric (:mod:`sod_jax.sft.accuracy_hook`) plug in there.
+
+Checkpoints (:class:`sod_jax.loop.CheckpointHook`) hold the :class:`SFTState`; the step counter is
+the data position (the plan is a pure function of the seed and the step), so a restored run
+continues with the next planned batch. ``metrics.jsonl`` loses records past the restored step (they
+are recomputed identically); the metric history and the early-stopping state come from the
+checkpoint's ``extra``. A save at a step with a held-out evaluation follows the evaluation, so a
+resumed run's early stopping continues exactly; the seconds a save blocked the loop are added to
+that step's record (or the next one's when the step's record is already written) as
+``checkpoint_blocking_s``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -23,15 +32,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sod_jax import optim, parallel
+from sod_jax.checkpoint import config_differences
+from sod_jax.loop import Hook, Loop
 from sod_jax.models import save_pretrained
+from sod_jax.models.hf import config_to_hf
 from sod_jax.sft.packing import Example, SFTBatch, build_batch
-from sod_jax.sft.step import (
-    SFTState,
-    build_eval_step,
-    build_train_step,
-    eval_batches,
-    plan_steps,
-)
+from sod_jax.sft.step import SFTState, build_eval_step, build_train_step, eval_batches, plan_steps
+from sod_jax.tracking import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +51,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------------------------------------
 
 
-class SFTHook:
-    """Override what you need. All methods run on every process, at step boundaries."""
-
-    def on_start(self, trainer: "SFTTrainer") -> None:
-        """Before the first step; e.g. restore a checkpoint with ``trainer.set_state(...)``."""
-
-    def on_step(self, trainer: "SFTTrainer", step: int) -> None:
-        """After optimizer step ``step`` (1-based) was dispatched; ``trainer.state`` is its result
-        (device arrays, possibly still computing). E.g. save a checkpoint, check a preemption flag."""
-
-    def on_metrics(self, trainer: "SFTTrainer", step: int, metrics: dict) -> None:
-        """Host metrics of ``step`` (fetched one step late so the device never waits for the host)."""
-
-    def on_eval(self, trainer: "SFTTrainer", step: int, metrics: dict) -> bool:
-        """After a held-out evaluation at ``step`` (``val_loss``, ``val_tokens``); return True to stop."""
-        return False
-
-    def on_export(self, trainer: "SFTTrainer", step: int, path: Path) -> None:
-        """After an HF checkpoint of the weights at ``step`` was written to ``path``."""
-
-    def on_end(self, trainer: "SFTTrainer") -> None:
-        """After the last step and the final export."""
+# The SFT loop's hooks are the shared loop's (the name stays for SFT-specific hooks and callers).
+SFTHook = Hook
 
 
 @dataclass
@@ -78,7 +65,7 @@ class SFTResult:
     history: list[dict] = field(default_factory=list)
 
 
-class SFTTrainer:
+class SFTTrainer(Loop):
     """The SFT loop over a planned sequence of packed steps.
 
     ``model`` is a :class:`sod_jax.models.Qwen3` (already sharded when ``mesh`` is given); ``cfg``
@@ -89,11 +76,13 @@ class SFTTrainer:
     def __init__(self, cfg: Any, model: Any, train_examples: Sequence[Example], val_examples: Sequence[Example] = (),
                  *, tokenizer_dir: Optional[str] = None, mesh: Optional[Mesh] = None,
                  hooks: Sequence[SFTHook] = (), progress: bool = True):
+        super().__init__(hooks=hooks, progress=progress, is_main=jax.process_index() == 0)
         s = cfg.sft
-        self.cfg, self.sft, self.mesh, self.hooks, self.progress = cfg, s, mesh, list(hooks), progress
+        self.desc = "sft"
+        self.cfg, self.sft, self.mesh = cfg, s, mesh
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.out_dir = Path(s.out_dir)
-        self.is_writer = jax.process_index() == 0
+        self.is_writer = self.is_main
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.pack_length = s.pack_length or s.max_length
         batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
@@ -118,14 +107,18 @@ class SFTTrainer:
         opt_state = optim.init_opt_state(self.tx, params, None if mesh is None else self.state_shardings.opt_state)
         self.state = SFTState(step0, params, opt_state)
         chunk = cfg.model.logprob_chunk
-        self.train_step = build_train_step(self.graphdef, self.tx, self.schedule, chunk, mesh, self.state_shardings)
+        self.step_fn = build_train_step(self.graphdef, self.tx, self.schedule, chunk, mesh, self.state_shardings)
         self.eval_step = build_eval_step(self.graphdef, chunk, mesh)
-        self.step = 0
+        self.total_steps = self.plan.total_steps
         self.history: list[dict] = []
-        self.step_metrics: dict[int, dict] = {}  # host metrics hooks add to a step's record (e.g. checkpoint time)
-        self._stop: Optional[tuple[str, bool]] = None
         self.best_val_loss: Optional[float] = None
         self._since_best = 0
+        self.run_dir = RunDir(self.out_dir, enabled=self.is_writer, tensorboard=cfg.logging.tensorboard,
+                              wandb=cfg.logging.wandb, project=cfg.logging.project, config=cfg.to_dict())
+        self._pending: Optional[tuple[int, dict, int]] = None  # (step, device metrics, real tokens)
+        self._last_t = time.perf_counter()
+        self.last_loss: Optional[float] = None
+        self._evaluated_at = -1
 
     # -- for hooks ---------------------------------------------------------------------------------
 
@@ -133,11 +126,6 @@ class SFTTrainer:
         """Replace the train state (e.g. restored from a checkpoint); the loop continues from ``state.step``."""
         self.state = state
         self.step = int(jax.device_get(state.step))
-
-    def request_stop(self, reason: str = "hook", export: bool = True) -> None:
-        """End the run at the next step boundary (``export=False``: skip the final HF export, e.g. on preemption)."""
-        if self._stop is None:
-            self._stop = (reason, export)
 
     def model(self) -> Any:
         """The current weights as a model (shares the state's arrays)."""
@@ -150,7 +138,7 @@ class SFTTrainer:
         p = self.plan
         return build_batch(self.train_examples, p.steps[k], p.micro_batches, p.rows_per_micro, p.pack_length)
 
-    def evaluate(self) -> dict:
+    def held_out_loss(self) -> dict:
         """Held-out token-mean NLL over all validation conversations."""
         nll = jnp.zeros((), jnp.float32)
         n = jnp.zeros((), jnp.float32)
@@ -171,143 +159,123 @@ class SFTTrainer:
                     shutil.copy2(src, Path(path) / name)
         return Path(path)
 
-    def _write(self, name: str, record: dict) -> None:
-        if self.is_writer:
-            with open(self.out_dir / name, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    # -- checkpoint contents (sod_jax.loop.CheckpointHook) -------------------------------------------
 
-    # -- the loop ----------------------------------------------------------------------------------
+    def checkpoint_state(self) -> SFTState:
+        return self.state
 
-    def run(self) -> SFTResult:
-        s, plan = self.sft, self.plan
-        if self.is_writer:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+    def checkpoint_extra(self, step: int) -> dict:
+        # The step's own metrics are still on the device (fetched one step late); the history holds
+        # the steps before it. Records past the restored step are dropped on resume.
+        return {"config": self.cfg.to_dict(), "hf_config": config_to_hf(self.model_config, self.cfg.model.param_dtype),
+                "history": list(self.history), "best_val_loss": self.best_val_loss, "since_best": self._since_best,
+                "total_steps": self.plan.total_steps}
+
+    def restore(self, step: int, state: Any, extra: dict) -> None:
+        self.set_state(SFTState(*state))
+        self.history = [r for r in extra.get("history", []) if r.get("step", 0) <= step]
+        self.best_val_loss = extra.get("best_val_loss")
+        self._since_best = int(extra.get("since_best", 0))  # early-stopping patience counter
+        self.run_dir.truncate_after(step)
+        diff = config_differences(extra.get("config", {}), self.cfg.to_dict())
+        if diff:
+            log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(diff))
+        log.info("resumed SFT from checkpoint step %d of %d", step, self.plan.total_steps)
+
+    def add_metrics(self, step: int, **values: Any) -> None:
+        """Figures for ``step``'s record; when that record is already written (a step with a held-out
+        evaluation), they go with the next step's."""
+        if self.history and self.history[-1].get("step", -1) >= step:
+            step += 1
+        super().add_metrics(step, **values)
+
+    # -- the loop's parts (sod_jax.loop.Loop) ---------------------------------------------------------
+
+    def _flush(self, write: bool = True) -> None:
+        """Fetch the pending step's device metrics and record them (one step late, so the device
+        never waits for the host)."""
+        if self._pending is None:
+            return
+        step, dev, n_real = self._pending
+        self._pending = None
+        m = {k: v.item() for k, v in jax.device_get(dev).items()}
+        now = time.perf_counter()
+        m["tokens_per_s"] = n_real / max(now - self._last_t, 1e-9)
+        m["tokens"] = n_real
+        self._last_t = now
+        m["epoch"] = (step - 1) // self.plan.steps_per_epoch + 1
+        m.update(self.step_metrics.pop(step, {}))
+        record = {"step": step, **m}
+        self.history.append(record)
+        if write:
+            self.run_dir.log_metrics(step, m)
+        self.last_loss = m["loss"]
+        if m.get("skipped"):
+            log.warning("step %d: non-finite loss or gradient; the update was skipped (params unchanged)", step)
         for h in self.hooks:
-            h.on_start(self)
-        total = plan.total_steps
-        bar = None
-        if self.progress and self.is_writer:
-            from tqdm import tqdm
+            h.on_metrics(self, step, m)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
 
-            bar = tqdm(total=total, initial=self.step, unit="step", desc="sft", dynamic_ncols=True)
-        pending: Optional[tuple[int, dict, int]] = None  # (step, device metrics, real tokens)
-        last_t = time.perf_counter()
-        last_loss = None
-        evaluated_at = -1
+    def train_step(self, step: int) -> None:
+        host = self.batch(step - 1)
+        n_real = int((host.segment_ids > 0).sum())
+        self.state, dev_metrics = self.step_fn(self.state, parallel.place_rows(host, self.mesh, row_axis=1))
+        self._flush()  # the previous step's metrics; the device is busy with this one
+        self._pending = (step, dev_metrics, n_real)
+        return None
 
-        def flush(write: bool = True) -> None:
-            nonlocal pending, last_t, last_loss
-            if pending is None:
-                return
-            step, dev, n_real = pending
-            pending = None
-            m = {k: v.item() for k, v in jax.device_get(dev).items()}
-            now = time.perf_counter()
-            m["tokens_per_s"] = n_real / max(now - last_t, 1e-9)
-            m["tokens"] = n_real
-            last_t = now
-            m["epoch"] = (step - 1) // plan.steps_per_epoch + 1
-            m.update(self.step_metrics.pop(step, {}))
-            record = {"step": step, **m}
-            self.history.append(record)
-            if write:
-                self._write("metrics.jsonl", record)
-            last_loss = m["loss"]
+    def eval_due(self, step: int) -> bool:
+        return bool(self.val_batches) and bool(self.sft.eval_every) and step % self.sft.eval_every == 0
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out loss at ``step``, in the same record as the step's training metrics; early stopping."""
+        had_pending = self._pending is not None
+        self._flush(write=False)
+        em = self.held_out_loss()
+        self._evaluated_at = step
+        if had_pending and self.history[-1]["step"] == step:  # one record per step: train and held-out
+            self.history[-1].update(em)
+        else:
+            self.history.append({"step": step, **em})
+        rec = self.history[-1]
+        self.run_dir.log_metrics(step, {k: v for k, v in rec.items() if k != "step"})
+        if self.best_val_loss is None or em["val_loss"] < self.best_val_loss:
+            self.best_val_loss, self._since_best = em["val_loss"], 0
+        else:
+            self._since_best += 1
+            if self.sft.early_stop_patience and self._since_best >= self.sft.early_stop_patience:
+                self.request_stop("early_stop")
+        if self.bar is not None:
+            self.bar.write(f"step {step}: held-out loss {em['val_loss']:.4f} over {em['val_tokens']} tokens")
+        return em
+
+    def end_of_step(self, step: int) -> None:
+        """An HF checkpoint every ``sft.save_every`` steps (the last step's is the final export)."""
+        s = self.sft
+        if s.save_every and step % s.save_every == 0 and step < self.total_steps:
+            self._flush()
+            path = self.export(self.out_dir / "hf" / f"step_{step:06d}")
             for h in self.hooks:
-                h.on_metrics(self, step, m)
-            if bar is not None:
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+                h.on_export(self, step, path)
 
-        def run_eval(step: int) -> None:
-            nonlocal evaluated_at
-            had_pending = pending is not None
-            flush(write=False)
-            em = self.evaluate()
-            evaluated_at = step
-            if had_pending and self.history[-1]["step"] == step:  # one record per step: train and held-out
-                self.history[-1].update(em)
-                self._write("metrics.jsonl", self.history[-1])
-            else:
-                self.history.append({"step": step, **em})
-                self._write("metrics.jsonl", self.history[-1])
-            if self.best_val_loss is None or em["val_loss"] < self.best_val_loss:
-                self.best_val_loss, self._since_best = em["val_loss"], 0
-            else:
-                self._since_best += 1
-                if s.early_stop_patience and self._since_best >= s.early_stop_patience:
-                    self.request_stop("early_stop")
-            for h in self.hooks:
-                if h.on_eval(self, step, em):
-                    self.request_stop("hook")
-            if bar is not None:
-                bar.write(f"step {step}: held-out loss {em['val_loss']:.4f} over {em['val_tokens']} tokens")
-
-        if self.val_batches and self.step == 0 and s.eval_every:
-            run_eval(0)
-        while self.step < total and self._stop is None:
-            k = self.step
-            host = self.batch(k)
-            n_real = int((host.segment_ids > 0).sum())
-            self.state, dev_metrics = self.train_step(self.state, parallel.place_rows(host, self.mesh, row_axis=1))
-            self.step = k + 1
-            flush()  # the previous step's metrics; the device is busy with this one
-            pending = (self.step, dev_metrics, n_real)
-            for h in self.hooks:
-                h.on_step(self, self.step)
-            if bar is not None:
-                bar.update(1)
-            if self.val_batches and s.eval_every and self.step % s.eval_every == 0:
-                run_eval(self.step)
-            if s.save_every and self.step % s.save_every == 0 and self.step < total:
-                flush()
-                path = self.export(self.out_dir / "hf" / f"step_{self.step:06d}")
-                for h in self.hooks:
-                    h.on_export(self, self.step, path)
-        flush()
-        if bar is not None:
-            bar.close()
-        reason, do_export = self._stop or ("max_steps" if s.max_steps and total == s.max_steps else "finished", True)
-        if self.val_batches and evaluated_at != self.step and do_export:
-            run_eval(self.step)
+    def finish(self) -> "SFTResult":
+        s = self.sft
+        self._flush()
+        if self.stop_reason is not None:
+            reason, do_export = self.stop_reason, self.stop_export
+        else:
+            reason, do_export = ("max_steps" if s.max_steps and self.total_steps == s.max_steps else "finished"), True
+        if self.val_batches and self._evaluated_at != self.step and do_export:
+            self.run_eval(self.step)
         model_dir = None
         if do_export:
             model_dir = self.export(self.out_dir / "model")
             for h in self.hooks:
                 h.on_export(self, self.step, model_dir)
-        if self.is_writer and self.cfg.logging.plots:
-            plot_curves(self.out_dir / "metrics.jsonl", self.out_dir / "plots" / "sft_loss.png")
-        for h in self.hooks:
-            h.on_end(self)
-        return SFTResult(self.step, reason, last_loss, self.best_val_loss, model_dir, self.history)
+        if self.cfg.logging.plots:
+            self.run_dir.plot()
+        return SFTResult(self.step, reason, self.last_loss, self.best_val_loss, model_dir, self.history)
 
 
-def plot_curves(metrics_file: Path, out_png: Path) -> None:
-    """Training and held-out loss against step (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not metrics_file.is_file():
-        return
-    recs = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    if not train and not val:
-        return
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("token-mean NLL (assistant tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-__all__ = ["SFTHook", "SFTResult", "SFTTrainer", "TOKENIZER_FILES", "plot_curves"]
+__all__ = ["SFTHook", "SFTResult", "SFTTrainer", "TOKENIZER_FILES"]

@@ -152,7 +152,7 @@ def test_eval_cli_sft_hook_and_rl_eval_all_build_through_the_runtime(recorded, t
     try:
         live = dict(engine=object(), sandbox=object(), rewards=object())
         t.__dict__.update(live, tok=tok, val_rows=[dict(r) for r in ROWS], val_stats={"rows": 2},
-                          tools=[t.tool_schema()], is_main=True, needs_teacher=False, run_dir=FakeRunDir())
+                          tools=runtime.tool_schemas(cfg), is_main=True, needs_teacher=False, run_dir=FakeRunDir())
         first = t.evaluate(0)
         second = t.evaluate(0)
         assert len(recorded) == 3  # one build for both evals

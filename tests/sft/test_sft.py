@@ -279,7 +279,7 @@ def test_trainer_on_a_mesh_with_hooks_and_stop(tmp_path, chat_tok, tokenizer_dir
     assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
     assert (run / "plots" / "sft_loss.png").is_file()
     # the step compiled once for all steps
-    assert trainer.train_step._cache_size() == 1
+    assert trainer.step_fn._cache_size() == 1
 
 
 def test_early_stop_by_held_out_loss(tmp_path, chat_tok):
