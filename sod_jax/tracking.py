@@ -40,17 +40,43 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a jsonl file; a torn last line (a run killed mid-write) is ignored."""
+# -- jsonl: every run file of the project is read and written through these ------------------------
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a jsonl file (none when it is missing); a torn line (a run killed mid-write) is
+    skipped, so the record it held is simply redone."""
+    path = Path(path)
     if not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
     return out
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict], *, sync: bool = False) -> None:
+    """Append one line per record (values made JSON-able: numpy scalars, NaN -> null); ``sync``
+    forces them to disk before returning (outputs a resumed run relies on)."""
+    with open(path, "a") as f:
+        for rec in records:
+            f.write(json.dumps(_plain(rec), ensure_ascii=False) + "\n")
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Replace the file with these records, atomically (a kill leaves the old file or the new one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 class RunDir:
@@ -86,8 +112,7 @@ class RunDir:
             (self.path / name).write_text(text)
 
     def _append(self, name: str, record: dict) -> None:
-        with open(self.path / name, "a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+        append_jsonl(self.path / name, [record])
 
     def log_metrics(self, step: int, metrics: dict) -> None:
         """One line of ``metrics.jsonl``; scalars also to TensorBoard / wandb."""
@@ -127,10 +152,7 @@ class RunDir:
         for name in ("metrics.jsonl", "eval.jsonl", "step_weights.jsonl"):
             p = self.path / name
             if p.is_file():
-                keep = [r for r in read_jsonl(p) if r.get("step", 0) <= step]
-                tmp = p.with_name(p.name + ".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-                os.replace(tmp, p)
+                write_jsonl(p, [r for r in read_jsonl(p) if r.get("step", 0) <= step])
 
     def plot(self) -> list[Path]:
         return plot_run(self.path) if self.enabled else []

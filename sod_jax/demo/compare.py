@@ -29,17 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sod_jax.demo.task import failed_steps, parse_problem
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            out.append(json.loads(line))
-    return out
+from sod_jax.tracking import read_jsonl
 
 
 def eval_acc(record: dict) -> Optional[float]:

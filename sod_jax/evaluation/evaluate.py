@@ -29,7 +29,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import sys
 import zlib
 from collections import Counter, defaultdict
@@ -41,6 +40,7 @@ from sod_jax.evaluation import metrics as M
 from sod_jax.rewards import response_text
 from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy
 from sod_jax.rollout.sampling import SamplingParams
+from sod_jax.tracking import append_jsonl, read_jsonl, write_jsonl
 
 SETTINGS_KEYS = ("n", "temperature", "top_p", "max_response_length", "max_assistant_turns", "seed")
 
@@ -167,22 +167,6 @@ def summary_markdown(summary: dict, ks: Sequence[int], step: Optional[int] = Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_records(path: Path) -> list[dict]:
-    out = []
-    if not path.is_file():
-        return out
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill mid-write: that prompt is redone
-                continue
-    return out
-
-
 def _check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "eval_settings.json"
     if path.is_file():
@@ -272,7 +256,7 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
         _check_settings(out, settings)
         known = dict(zip(ids, fingerprints))
         by_prompt: dict[Any, dict[int, dict]] = defaultdict(dict)
-        for rec in _read_records(out / "generations.jsonl"):
+        for rec in read_jsonl(out / "generations.jsonl"):
             pid = rec.get("prompt_id")
             if pid in known and rec.get("fingerprint") != known[pid]:
                 raise EvalError(f"{out}/generations.jsonl: prompt {pid} was a different prompt (fingerprint "
@@ -282,11 +266,7 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
         done = {pid for pid, recs in by_prompt.items() if len(recs) >= n and all(j in recs for j in range(n))}
         records = [by_prompt[pid][j] for pid in ids if pid in done for j in range(n)]
         # rewrite the file without partial prompts, so it holds exactly the finished ones
-        tmp = out / "generations.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out / "generations.jsonl")
+        write_jsonl(out / "generations.jsonl", records)
         if done:
             print(f"eval: resuming in {out}: {len(done)} of {len(rows)} prompts already generated, "
                   f"{len(rows) - len(done)} to go", file=sys.stderr)
@@ -324,11 +304,7 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
                 "model_tokens": int(sum(t.response_mask)),
             })
         if out is not None:
-            with open(out / "generations.jsonl", "a") as f:
-                for rec in recs:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(out / "generations.jsonl", recs, sync=True)
         return recs
 
     pending = None  # (indices, trajectories, future of their scores): scored while the next chunk generates

@@ -28,11 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import zlib
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +49,7 @@ from sod_jax.loop import CheckpointHook, Loop, PreemptionHook
 from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, read_config, resolve_checkpoint_dir
 from sod_jax.rewards import RewardPool, response_text
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
+from sod_jax.rl.rollouts import StepRollouts, eval_line, rollout_metrics, step_line, step_weight_samples
 from sod_jax.rl.update import (
     UpdateSpec,
     build_update,
@@ -77,34 +75,6 @@ class SetupError(RuntimeError):
 def prompt_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of one prompt of one step: a stable hash, independent of process layout."""
     return zlib.crc32(f"{seed}:{step}:{index}".encode()) & 0x7FFFFFFF
-
-
-@dataclass
-class StepRollouts:
-    """What one step's rollouts produced on this process."""
-
-    trajectories: list
-    rows: list  # the data rows, one per trajectory
-    group_ids: list[int]
-    scores: list[dict]
-    rewards: list[float]
-    seconds: float
-    reward_seconds: float
-
-
-_TOOL_RESPONSE = re.compile(r"<tool_response>\n?(.*?)\n?</tool_response>", re.S)
-
-
-def turn_tool_outputs(tokenizer: Any, traj: Any, max_chars: int = 80) -> list[Optional[str]]:
-    """Per assistant turn of ``traj``: the text of the tool responses that follow it (several calls
-    joined by newlines, cut to ``max_chars``), or None when the turn made no tool call."""
-    spans = list(traj.turn_spans)
-    out: list[Optional[str]] = []
-    for k, (_, end) in enumerate(spans):
-        nxt = spans[k + 1][0] if k + 1 < len(spans) else len(traj.response_ids)
-        found = _TOOL_RESPONSE.findall(tokenizer.decode(traj.response_ids[end:nxt])) if nxt > end else []
-        out.append("\n".join(found)[:max_chars] if found else None)
-    return out
 
 
 class Trainer(Loop):
@@ -341,42 +311,6 @@ class Trainer(Loop):
         batch = pack(ro.trajectories, ro.rewards, ro.group_ids, rows, L, self.tok.pad_id, t_prompts, Lt)
         return parallel.put_batch(batch, self.mesh), (L, Lt)
 
-    def _rollout_metrics(self, ro: StepRollouts) -> dict:
-        trajs = ro.trajectories
-        n = len(trajs)
-        calls = sum(t.num_tool_calls for t in trajs)
-        errors = sum(t.num_tool_errors for t in trajs)
-        gen = sum(sum(t.response_mask) for t in trajs)
-        m = {
-            "acc": float(np.mean([bool(s.get("acc")) for s in ro.scores])),
-            "score_mean": float(np.mean([s["score"] for s in ro.scores])),
-            "response_length_mean": float(np.mean([len(t.response_ids) for t in trajs])),
-            "response_length_max": int(max(len(t.response_ids) for t in trajs)),
-            "turns_mean": float(np.mean([t.num_turns for t in trajs])),
-            "tool_calls_mean": calls / n,
-            "tool_error_rate": errors / max(calls + errors, 1),
-            "rollout_tokens_per_s": gen / max(ro.seconds, 1e-9),
-            "generated_tokens": int(gen),
-        }
-        for reason, c in Counter(t.finish_reason for t in trajs).items():
-            m[f"finish/{reason}"] = c / n
-        return m
-
-    def _step_weight_samples(self, metrics: dict, ro: StepRollouts, limit: int = 8) -> list[dict]:
-        w, d = metrics.get("sample_step_w"), metrics.get("sample_step_d")
-        if w is None or d is None:
-            return []
-        out = []
-        for i in range(min(limit, len(w), len(ro.trajectories))):
-            t = ro.trajectories[i]
-            k = t.num_turns
-            user = [m.get("content", "") for m in ro.rows[i].get("prompt", []) if m.get("role") == "user"]
-            out.append({"row": i, "reward": ro.rewards[i], "tool_errors": t.num_tool_errors,
-                        "d": [float(x) for x in d[i][:k]], "w": [float(x) for x in w[i][:k]],
-                        # what a task-specific reader needs to tell which step went wrong (demo compare)
-                        "prompt": (user[-1] if user else "")[:400], "tool_outputs": turn_tool_outputs(self.tok, t)})
-        return out
-
     def train_step(self, step: int) -> dict:
         """Rollouts of this step's prompts, their rewards and one update; returns the step's metrics."""
         if self.loader_iter is None:  # after a restore has set the data position
@@ -392,14 +326,14 @@ class Trainer(Loop):
         self.engine.update_params(self.state.params)
         out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in metrics.items()
                if not k.startswith("sample_step_")}
-        out.update(self._rollout_metrics(ro))
+        out.update(rollout_metrics(ro))
         tokens = int(np.sum(batch.attention_mask)) if jax.process_count() == 1 else None
         out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
                     "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
                     "optimizer_step": int(self.state.step)})
         if tokens:
             out["update_tokens_per_s"] = tokens / max(t_update, 1e-9)
-        self.run_dir.log_step_weights(step, self._step_weight_samples(metrics, ro))
+        self.run_dir.log_step_weights(step, step_weight_samples(self.tok, metrics, ro))
         return out
 
     # -----------------------------------------------------------------------------------------
@@ -428,7 +362,7 @@ class Trainer(Loop):
         if self.first_eval is None and step == 0:
             self.first_eval = summary
         self.last_eval = summary
-        self.say(f"step {step} eval: {_eval_line(summary)}")
+        self.say(f"step {step} eval: {eval_line(summary)}")
         return summary
 
     def heldout_kl(self, step: int) -> float:
@@ -473,7 +407,7 @@ class Trainer(Loop):
         metrics = self.step_metrics.pop(step, {})
         if step % self.cfg.logging.log_every == 0 or step == self.total_steps or self.stopping:
             self.run_dir.log_metrics(step, metrics)
-        self.say(f"step {step}/{self.total_steps}: {_step_line(metrics)}")
+        self.say(f"step {step}/{self.total_steps}: {step_line(metrics)}")
 
     def finish(self) -> dict:
         self.ckpt.wait()
@@ -500,21 +434,3 @@ def _special_ids(tok) -> dict:
     names = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>", "<tool_response>",
              "</tool_response>", "<think>", "</think>")
     return {n: tok.tok.token_to_id(n) for n in names}
-
-
-def _step_line(m: dict) -> str:
-    parts = [f"reward {m.get('reward_mean', float('nan')):.3f}", f"acc {m.get('acc', float('nan')):.2f}"]
-    if "kl_k1" in m:
-        parts.append(f"kl {m['kl_k1']:.3f}")
-    parts.append(f"turns {m.get('turns_mean', 0):.1f}")
-    parts.append(f"len {m.get('response_length_mean', 0):.0f}")
-    return " | ".join(parts)
-
-
-def _eval_line(summary: Optional[dict]) -> str:
-    if not summary:
-        return "no held-out data"
-    parts = [f"{src} acc {d['acc']:.3f}" for src, d in summary.items() if isinstance(d, dict) and "acc" in d]
-    if "heldout_kl" in summary:
-        parts.append(f"held-out KL {summary['heldout_kl']:.4f}")
-    return ", ".join(parts)

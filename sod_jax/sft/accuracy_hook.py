@@ -22,13 +22,13 @@ What a measurement can trigger:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from sod_jax.evaluation import runtime
 from sod_jax.sft.trainer import SFTHook
+from sod_jax.tracking import append_jsonl, read_jsonl, write_jsonl
 
 
 def accuracy_decision(acc: float, sft: Any, snapshot_taken: bool) -> tuple[bool, Optional[str]]:
@@ -98,7 +98,7 @@ class AccuracyHook(SFTHook):
         path = trainer.out_dir / "accuracy.jsonl"
         old = []
         if trainer.step > 0 and path.is_file():
-            old = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            old = read_jsonl(path)
             old = [r for r in old if r["step"] <= trainer.step]
         self.records = old
         for r in old:
@@ -107,7 +107,7 @@ class AccuracyHook(SFTHook):
             self.best = r["acc"] if self.best is None else max(self.best, r["acc"])
         if trainer.is_writer:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in old))
+            write_jsonl(path, old)
 
     def on_end(self, trainer: Any) -> None:
         self.close()
@@ -146,8 +146,7 @@ class AccuracyHook(SFTHook):
         rec = self.measure(trainer, step)
         self.records.append(rec)
         if trainer.is_writer:
-            with open(trainer.out_dir / "accuracy.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(trainer.out_dir / "accuracy.jsonl", [rec])
         snap, stop = accuracy_decision(rec["acc"], s, self.snapshot_taken)
         note = f"step {step}: held-out tool-using accuracy {rec['acc']:.3f} ({rec['prompts']} prompts)"
         if snap:
@@ -160,14 +159,7 @@ class AccuracyHook(SFTHook):
         if stop:
             trainer.request_stop(stop)
             note += f"; stopping ({stop})"
-        _say(trainer, note)
-
-
-def _say(trainer: Any, text: str) -> None:
-    if trainer.is_writer:
-        from tqdm import tqdm
-
-        tqdm.write(text)
+        trainer.say(note)
 
 
 __all__ = ["AccuracyHook", "accuracy_decision", "check_accuracy_config"]

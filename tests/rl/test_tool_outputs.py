@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
 from sod_jax.demo import TOKENIZER_DIR
-from sod_jax.rl.trainer import turn_tool_outputs
+from sod_jax.rl.rollouts import turn_tool_outputs
 
 
 def test_turn_tool_outputs_follow_each_assistant_turn():
