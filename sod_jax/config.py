@@ -2,8 +2,9 @@
 
 The tree is a set of frozen-free dataclasses, one per section (``model``, ``teacher``, ``data``,
 ``rollout``, ``tool``, ``sandbox``, ``reward``, ``algo``, ``optim``, ``train``, ``mesh``,
-``checkpoint``, ``logging``, ``eval``). Every field has a default reproducing the paper's SOD run
-(DESIGN §1.1) and a help string; ``python -m sod_jax.config`` prints the reference.
+``distributed``, ``checkpoint``, ``logging``, ``eval``, ``sft``, ``compile``). Every field has a
+default reproducing the paper's SOD run (DESIGN §1.1) and a help string; ``python -m
+sod_jax.config`` prints the reference.
 
 Loading order: defaults <- YAML file(s) <- ``section.key=value`` overrides. Any unknown key, wrong
 type or impossible combination raises :class:`ConfigError` whose message names the key, where it
@@ -110,7 +111,7 @@ class RolloutConfig:
     extend_buckets: list[int] = _f([16, 32, 64, 128, 256, 512], "Tool-response lengths are padded up to one of these when appended to a slot's cache (one device call per bucket per agent advance).")
     compact_decode: bool = _f(True, "When at most a quarter of the slots can still generate (a batch's stragglers), decode only those (gathered into a smaller batch) instead of every slot.")
     tail_slots: int = _f(-1, "Ragged decode: only this many of the longest slots read the whole KV cache in a decode call; the others read up to the capacity that holds them, so a straggler does not make every slot read its length (-1: num_slots/8, at least 1; 0: off).")
-    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this (0: 90% of the device memory less the sampling weights; no check on CPU).")
+    kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this, checked from the student's config.json before any weights load; the error names the largest rollout.num_slots that fits (0: 90% of the device memory less the sampling weights; no check on CPU).")
     stop_strings: list[str] = _f([], "Extra strings that end an assistant turn (the agent stops on <|im_end|> / eos only).", implemented=False)
 
 
@@ -319,6 +320,13 @@ class SFTConfig:
 
 
 @dataclass
+class CompileConfig:
+    """XLA compilation: the persistent cache that lets a restarted run skip recompiling."""
+
+    cache_dir: str = _f("", "Persistent compilation cache (every program, however small or quick to compile): empty = <train.out_dir>/xla_cache for python -m sod_jax.train, <sft.out_dir>/xla_cache for sod_jax.sft, <eval.out_dir>/xla_cache for sod_jax.eval; a directory or gs:// URL; none = off. JAX_COMPILATION_CACHE_DIR in the environment takes precedence.")
+
+
+@dataclass
 class Config:
     """The whole tree."""
 
@@ -338,6 +346,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,10 @@
 The loop is :class:`sod_jax.rl.trainer.Trainer`; this CLI resolves the config, runs the checks that
 need no compute (paths, teacher compatibility, data, sandbox), then trains, resuming from the run
 directory's newest checkpoint. Exit codes: 0 done (or stopped cleanly on SIGTERM/SIGINT after a
-checkpoint), 2 a configuration or set-up problem (the message says what to change).
+checkpoint), 2 a configuration or set-up problem, found before any weights load where it can be (one
+``error: ...`` line saying what to change; no traceback). The persistent compilation cache is on
+(``compile.cache_dir``, default ``<train.out_dir>/xla_cache``), so a restarted run does not compile
+again.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import argparse
 import logging
 import sys
 
+from sod_jax import compile_cache
 from sod_jax.config import add_config_args, config_from_args
+from sod_jax.models.hf import CheckpointError
 from sod_jax.rl.trainer import SetupError, Trainer
+from sod_jax.sandbox.protocol import SandboxUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 
+    compile_cache.enable(cfg.compile.cache_dir, cfg.train.out_dir)
+
     if getattr(cfg, "distributed", None) is not None and getattr(cfg.distributed, "num_processes", None):
         from sod_jax import parallel
 
@@ -37,17 +45,35 @@ def main(argv: list[str] | None = None) -> int:
         parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:
-        trainer.preflight()
-        trainer.setup()
-        result = trainer.run()
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Set-up: checks, then models, engine, update. A failure here is a configuration or
+        # environment problem: one line and exit 2. Errors of the training steps surface as they are.
+        try:
+            trainer.preflight()
+            trainer.setup()
+        except SETUP_ERRORS as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+        try:
+            result = trainer.run()
+        except SetupError as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
+    finally:
         trainer.close()
-        return 2
-    trainer.close()
     if trainer.is_main:
         _report(trainer, result)
     return 0
+
+
+# What set-up may raise for a problem the user fixes: the trainer's checks, a bad checkpoint directory,
+# the engine's limits (EngineError), data and tokenizer errors (ValueError subclasses), no sandbox.
+SETUP_ERRORS = (SetupError, CheckpointError, ValueError, SandboxUnavailable)
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (a multi-line message's lines joined with '; ')."""
+    lines = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip(" -")]
+    return "; ".join(lines) or type(e).__name__
 
 
 def _report(trainer, result: dict) -> None:

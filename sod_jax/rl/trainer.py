@@ -15,8 +15,10 @@ metrics, periodic eval, checkpoints.
 shard -> ``rollout.n`` trajectories each through the agent loop (sampling keys derived from
 ``(train.seed, step, prompt)``, so a resumed run samples the same streams) -> rewards in the pool
 -> an :class:`RLBatch` whose length is one of a few buckets -> one update -> the engine's weights
-refreshed -> metrics; eval every ``train.eval_every`` steps (and at step 0); a checkpoint every
-``checkpoint.save_every`` steps, at the end, and on SIGTERM/SIGINT.
+refreshed -> metrics (with ``compiles`` / ``compile_s``: the programs compiled since the previous
+step's record, counted from JAX's compile events; the first step's record also holds the start-up
+set, ``startup_compiles`` / ``startup_compile_s``); eval every ``train.eval_every`` steps (and at
+step 0); a checkpoint every ``checkpoint.save_every`` steps, at the end, and on SIGTERM/SIGINT.
 
 Every process runs the same loop on its own prompts; trajectories meet in the global update
 (``jax.make_array_from_process_local_data``) with the sequence length agreed across processes;
@@ -37,16 +39,24 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sod_jax import parallel
+from sod_jax import compile_cache, parallel
 from sod_jax.algo import modes
 from sod_jax.algo.advantages import overlong_penalty
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.checkpoint import Checkpointer
+from sod_jax.compile_cache import CompileCounter, CompileStats
 from sod_jax.config import Config
 from sod_jax.data import PromptLoader, load_prompt_rows
 from sod_jax.evaluation import runtime as eval_runtime
 from sod_jax.loop import CheckpointHook, Loop, PreemptionHook
-from sod_jax.models.hf import CheckpointError, config_to_hf, load_pretrained, read_config, resolve_checkpoint_dir
+from sod_jax.models.hf import (
+    CheckpointError,
+    config_to_hf,
+    load_pretrained,
+    np_dtype,
+    read_config,
+    resolve_checkpoint_dir,
+)
 from sod_jax.rewards import RewardPool, response_text
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
 from sod_jax.rl.rollouts import StepRollouts, eval_line, rollout_metrics, step_line, step_weight_samples
@@ -59,7 +69,13 @@ from sod_jax.rl.update import (
     sequence_logprobs,
 )
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
-from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.rollout.engine import (
+    DEFAULT_BUDGET_SOURCE,
+    Engine,
+    default_kv_budget_bytes,
+    engine_options,
+    kv_budget_problem,
+)
 from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.sandbox.factory import make_sandbox
 from sod_jax.sandbox.protocol import SandboxUnavailable
@@ -92,6 +108,9 @@ class Trainer(Loop):
         # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
         # first used them.
         self.loop = asyncio.new_event_loop()
+        # Compilations (JAX's own events): the start-up set before the first step, then per step.
+        self.compile_counter = CompileCounter()
+        self.startup_compiles: Optional[CompileStats] = None
 
     # -----------------------------------------------------------------------------------------
     # Phase 1: checks before any compute
@@ -134,6 +153,7 @@ class Trainer(Loop):
                 check_compatible(self.student_cfg, self.teacher_cfg, _special_ids(self.tok), t_special)
             except ValueError as e:
                 raise SetupError(f"{e} (student {self.student_dir}, teacher {self.teacher_dir})") from None
+        self._check_kv_cache()
         # Data: rows, scorers, templates, lengths (incl. the tool block the agent renders).
 
         if not cfg.data.train_files:
@@ -161,6 +181,21 @@ class Trainer(Loop):
                              f"is {cfg.train.prompts_per_step}; lower it or add data")
         # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
         self.sandbox = self._make_sandbox()
+
+    def _check_kv_cache(self) -> None:
+        """The engine's KV-cache check (same arithmetic, its cache dtype model.dtype, its slot length)
+        from the student's config alone: a cache that cannot fit fails here, before any weights load."""
+        cfg, r = self.cfg, self.cfg.rollout
+        max_len = cfg.data.max_prompt_length + r.max_response_length
+        if r.kv_cache_budget_gb:
+            budget, src = int(r.kv_cache_budget_gb * 2**30), "rollout.kv_cache_budget_gb"
+        else:
+            weight_bytes = self.student_cfg.num_params() * np_dtype(cfg.model.dtype).itemsize
+            budget, src = default_kv_budget_bytes(weight_bytes), DEFAULT_BUDGET_SOURCE
+        problem = kv_budget_problem(self.student_cfg, r.num_slots, max_len, cfg.model.dtype, budget, src,
+                                    min_slots=r.n)
+        if problem:
+            raise SetupError(problem)
 
     def _make_sandbox(self):
         try:
@@ -315,6 +350,11 @@ class Trainer(Loop):
         """Rollouts of this step's prompts, their rewards and one update; returns the step's metrics."""
         if self.loader_iter is None:  # after a restore has set the data position
             self.loader_iter = iter(self.loader)
+        startup = None
+        if self.startup_compiles is None:  # the first step this process runs: what compiled before it
+            startup = self.startup_compiles = self.compile_counter.take()
+            if self.is_main:
+                self.say(f"start-up: {startup.line()} before step {step}")
         rows = next(self.loader_iter)
         ro = self._rollout(rows, step)
         t0 = time.perf_counter()
@@ -333,6 +373,8 @@ class Trainer(Loop):
                     "optimizer_step": int(self.state.step)})
         if tokens:
             out["update_tokens_per_s"] = tokens / max(t_update, 1e-9)
+        if startup is not None:
+            out.update(startup.metrics("startup_", cache=compile_cache.cache_dir() is not None))
         self.run_dir.log_step_weights(step, step_weight_samples(self.tok, metrics, ro))
         return out
 
@@ -404,10 +446,16 @@ class Trainer(Loop):
     def end_of_step(self, step: int) -> None:
         """The step's record to ``metrics.jsonl`` (every ``logging.log_every`` steps, the last one and a
         stopping one) and its line."""
+        # Everything compiled since the previous step's record: rollouts, update, eval, checkpoint.
+        compiled = self.compile_counter.take()
+        self.add_metrics(step, **compiled.metrics(cache=compile_cache.cache_dir() is not None))
         metrics = self.step_metrics.pop(step, {})
         if step % self.cfg.logging.log_every == 0 or step == self.total_steps or self.stopping:
             self.run_dir.log_metrics(step, metrics)
-        self.say(f"step {step}/{self.total_steps}: {step_line(metrics)}")
+        line = step_line(metrics)
+        if compiled.compiles:
+            line += f" | {compiled.compiles} compiles ({compiled.seconds:.1f} s)"
+        self.say(f"step {step}/{self.total_steps}: {line}")
 
     def finish(self) -> dict:
         self.ckpt.wait()

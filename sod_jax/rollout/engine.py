@@ -203,6 +203,29 @@ def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -
             * jnp.dtype(dtype).itemsize)
 
 
+def kv_budget_problem(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any, budget_bytes: Optional[int],
+                      budget_source: str = "rollout.kv_cache_budget_gb", min_slots: int = 1) -> Optional[str]:
+    """None when ``num_slots`` slots of ``max_len`` tokens fit ``budget_bytes`` (None: no budget), else
+    the one-line message: what the cache needs, the budget, and the largest ``rollout.num_slots``
+    (at least ``min_slots``, e.g. ``rollout.n``) that fits, or that none does."""
+    need = kv_cache_bytes(cfg, num_slots, max_len, dtype)
+    if not budget_bytes or need <= budget_bytes:
+        return None
+    item = jnp.dtype(dtype).itemsize
+    fit = budget_bytes // kv_cache_bytes(cfg, 1, max_len, dtype)
+    head = (f"KV cache needs {need / 2**30:.2f} GiB (rollout.num_slots={num_slots} slots x {max_len} tokens x "
+            f"{cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x 2 x {item} B) "
+            f"but {budget_source} is {budget_bytes / 2**30:.2f} GiB")
+    if fit >= max(min_slots, 1):
+        fix = (f"the largest rollout.num_slots that fits is {fit}: set rollout.num_slots={fit} (or shorten the slots, "
+               "rollout.max_response_length + data.max_prompt_length, or raise rollout.kv_cache_budget_gb)")
+    else:
+        fix = (f"no rollout.num_slots >= {max(min_slots, 1)} fits ({fit} would): shorten the slots "
+               "(rollout.max_response_length + data.max_prompt_length), use a smaller cache dtype (model.dtype "
+               "bfloat16) or raise rollout.kv_cache_budget_gb")
+    return f"{head}; {fix}"
+
+
 def device_memory_bytes(device: Any = None) -> Optional[int]:
     """Memory of one accelerator (``bytes_limit`` of its allocator), None where unknown (CPU)."""
     device = device or jax.local_devices()[0]
@@ -211,6 +234,9 @@ def device_memory_bytes(device: Any = None) -> Optional[int]:
     except Exception:  # noqa: BLE001 - backends without allocator stats
         return None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+DEFAULT_BUDGET_SOURCE = "90% of the device's memory less the sampling weights (rollout.kv_cache_budget_gb=0)"
 
 
 def default_kv_budget_bytes(weight_bytes: int, fraction: float = 0.9, device: Any = None) -> Optional[int]:
@@ -272,14 +298,10 @@ class Engine:
                  max_len, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                  jnp.dtype(self.cache_dtype).name, self.kv_bytes / 2**30)
         budget = kv_budget_bytes if kv_budget_bytes else default_kv_budget_bytes(self.weight_bytes)
-        if budget and self.kv_bytes > budget:
-            src = "the budget" if kv_budget_bytes else "90% of the device's memory less the sampling weights"
-            raise EngineError(
-                f"KV cache needs {self.kv_bytes / 2**30:.2f} GiB ({num_slots} slots x {max_len} tokens x "
-                f"{cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x 2 x "
-                f"{jnp.dtype(self.cache_dtype).itemsize} B) but {src} is {budget / 2**30:.2f} GiB; lower "
-                "rollout.num_slots or the slot length (rollout.max_response_length + data.max_prompt_length), "
-                "use a smaller cache dtype (model.dtype bfloat16), or raise rollout.kv_cache_budget_gb")
+        problem = kv_budget_problem(cfg, num_slots, max_len, self.cache_dtype, budget,
+                                    "the budget" if kv_budget_bytes else DEFAULT_BUDGET_SOURCE)
+        if problem:
+            raise EngineError(problem)
         self.graphdef = nnx.graphdef(model)
         self.weight_axes = weight_axes(model)  # logical axes of model.weights(): the sampling layout's source
         self._copy = jax.jit(partial(sampling_weights, cfg, dtype=self.dtype))

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from sod_jax import parallel
+from sod_jax import compile_cache, parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.checkpoint import Checkpointer
 from sod_jax.config import ConfigError, add_config_args, config_from_args
@@ -181,6 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = config_from_args(args, job="sft")
     # force: importing jax / orbax already gave the root logger a handler, which would make this a no-op
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    compile_cache.enable(cfg.compile.cache_dir, cfg.sft.out_dir)  # a rerun loads its programs instead of compiling
 
     try:
         res = run(cfg, progress=not args.no_progress)
