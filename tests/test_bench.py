@@ -114,5 +114,6 @@ def test_bench_rl_step_splits_one_step(cli_rows):
     (row,) = cli_rows["rl-step"]
     assert row["bench"] == "rl-step" and row["trajectories"] == 64
     parts = row["time/rollout"] + row["time/reward"] + row["time/update"]
-    assert 0 < parts <= row["ours"] + 1e-3 and row["ratio"] == round(row["baseline"] / row["ours"], 4)
+    # the ratio is of the unrounded times, the printed times are rounded to 4 decimals
+    assert 0 < parts <= row["ours"] + 1e-3 and row["ratio"] == pytest.approx(row["baseline"] / row["ours"], abs=1e-3)
     assert row["generated_tokens"] > 0
