@@ -111,7 +111,7 @@ def test_each_algorithm_runs_three_steps(setup, algo):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         for key in ("pg_loss", "reward_mean", "grad_norm", "response_length_mean", "turns_mean", "acc",
-                    "time/rollout", "time/update", "sampler_trainer_logp_absdiff"):
+                    "time/rollout", "time/update", "sampler_trainer_logp_absdiff", "compiles", "compile_s"):
             assert key in m and m[key] is not None and math.isfinite(m[key]), (algo, key, m.get(key))
         # Engine log-probs and the trainer's old log-probs of the same tokens agree (fp32).
         assert m["sampler_trainer_logp_absdiff"] < 1e-4
