@@ -145,8 +145,10 @@ def _final_params(run: Path) -> dict:
 
 
 def _comparable(m: dict) -> dict:
-    """A step's metrics without the wall-clock ones."""
-    return {k: v for k, v in m.items() if not (k.startswith("time/") or "per_s" in k or k == "checkpoint_blocking_s")}
+    """A step's metrics without the wall-clock ones and the compilation counts (a resumed process
+    compiles its programs again, at other steps than a straight run)."""
+    return {k: v for k, v in m.items() if not (k.startswith(("time/", "compile", "startup_compile")) or "per_s" in k
+                                               or k == "checkpoint_blocking_s")}
 
 
 def _interrupted(args: list, out: Path, how: str) -> str:
