@@ -226,12 +226,18 @@ class MeshConfig:
 
 @dataclass
 class DistributedConfig:
-    """Multi-controller start-up (``jax.distributed.initialize``). On TPU pods and under SLURM leave
-    all three unset: JAX detects them. Local multi-process runs set them."""
+    """Multi-controller start-up (``jax.distributed.initialize``), done by every CLI that computes
+    (train, sft, eval, generate). On TPU pod slices, under SLURM (``srun``, more than one task) and
+    with ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` set, leave
+    coordinator, num_processes and process_id unset: the cluster is detected. Set them to override
+    the detection; ``num_processes: 1`` forces a single process."""
 
     coordinator: Optional[str] = _f(None, "host:port of process 0's coordination service (None: auto-detect).")
     num_processes: Optional[int] = _f(None, "Number of processes (None: auto-detect; 1: single process, no initialisation).")
     process_id: Optional[int] = _f(None, "This process's index in [0, num_processes) (None: auto-detect).")
+    initialization_timeout: int = _f(300, "Seconds every process waits for all others to join the coordination service before failing.")
+    heartbeat_timeout: int = _f(100, "Seconds without a heartbeat after which a process is declared dead and the job fails.")
+    shutdown_timeout: int = _f(300, "Seconds a finishing process waits at the shutdown barrier for the others.")
 
 
 @dataclass
@@ -639,6 +645,8 @@ def validate(cfg: Config, source: str = "config", job: str = "train") -> None:
          f"distributed.process_id must be in [0, distributed.num_processes), got {d.process_id}")
     need(not (d.num_processes and d.num_processes > 1 and d.process_id is not None and not d.coordinator),
          "distributed.num_processes > 1 with an explicit process_id needs distributed.coordinator (host:port of process 0)")
+    for k in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        need(getattr(d, k) >= 1, f"distributed.{k} must be >= 1 second, got {getattr(d, k)}")
     for sec, (_, sec_tp) in _fields(Config).items():
         for name, (f, _tp) in _fields(sec_tp).items():
             if not f.metadata.get("implemented", True):

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from sod_jax import compile_cache
+from sod_jax import compile_cache, parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.config import ConfigError, add_config_args, load_config
 from sod_jax.data import DataError
@@ -119,6 +119,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
+    except parallel.DistributedStartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     compile_cache.enable(cfg.compile.cache_dir, cfg.eval.out_dir)  # a rerun loads its programs instead of compiling
 
     try:

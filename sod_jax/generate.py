@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from sod_jax import parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.models import CheckpointError, load_pretrained
 from sod_jax.rollout import Engine, EngineError, Request, SamplingParams, generate
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        parallel.start_distributed(None)  # before any other JAX work: every host joins one run
+    except parallel.DistributedStartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         tok = ChatTokenizer.from_dir(args.model)

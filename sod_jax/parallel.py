@@ -219,12 +219,127 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-    """Multi-controller start-up: ``jax.distributed.initialize`` (TPU pods and SLURM auto-detect
-    their arguments; local multi-process runs pass them). Call before any other JAX work."""
-    if num_processes is not None and num_processes <= 1:
-        return
-    kwargs = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
-                                     process_id=process_id).items() if v is not None}
-    jax.distributed.initialize(**kwargs)
+# ---------------------------------------------------------------------------------------------
+# Multi-controller start-up (DESIGN §4 Scale-out): every CLI that computes calls start_distributed
+# first, so that each host of a pod or SLURM job joins one run instead of being its own process 0.
+# ---------------------------------------------------------------------------------------------
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+_TPU_HOST_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+_MEGASCALE_VARS = ("MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES")
+
+
+class DistributedStartupError(RuntimeError):
+    """Cluster variables are present but the start-up did not give a multi-process run."""
+
+
+def _int_env(env: Any, name: str) -> Optional[int]:
+    try:
+        return int(env[name]) if env.get(name, "").strip() else None
+    except ValueError:
+        return None
+
+
+def detect_cluster(env: Any = None) -> Optional[dict]:
+    """The multi-process cluster this process runs in, from environment variables alone (no
+    network, no JAX initialisation): ``{"kind", "num_processes" (int or None: unknown), "vars"
+    (the names seen)}``, or None for a single process. The variables are those JAX's own cluster
+    detection reads (``jax/_src/clusters``: SLURM under ``srun``, TPU VM slices and multislice)
+    plus ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` for any launcher.
+    A GCE TPU pod that sets no variable is found by :func:`_jax_tpu_vm_process_count` instead."""
+    import os
+
+    env = os.environ if env is None else env
+    seen = [v for v in _JAX_VARS if env.get(v)]
+    if seen:
+        n = _int_env(env, "JAX_NUM_PROCESSES")
+        return None if n == 1 else {"kind": "jax-env", "num_processes": n, "vars": seen}
+    if all(v in env for v in _SLURM_VARS):
+        n = _int_env(env, "SLURM_NTASKS")
+        if n is not None and n > 1:
+            return {"kind": "slurm", "num_processes": n, "vars": [v for v in _SLURM_VARS]}
+    tpu = [v for v in _TPU_HOST_VARS if env.get(v)]
+    mega = [v for v in _MEGASCALE_VARS if env.get(v)]
+    hosts = len([h for h in env.get(tpu[0], "").split(",") if h.strip()]) if tpu else 1
+    slices = _int_env(env, "MEGASCALE_NUM_SLICES") or 1
+    if hosts * slices > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in mega:
+        n = hosts * slices if (tpu or "MEGASCALE_NUM_SLICES" in mega) else None
+        return {"kind": "tpu", "num_processes": n, "vars": tpu + mega}
+    return None
+
+
+def _jax_tpu_vm_process_count() -> Optional[int]:
+    """Process count of a Cloud TPU VM slice as JAX's own detection sees it (the GCE metadata
+    server), or None when not on a TPU VM or it cannot tell. Uses private JAX APIs
+    (``jax._src.clusters``, checked against jax 0.10); any change there reads as None."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster as ct
+
+        if not ct.running_in_cloud_tpu_vm:
+            return None
+        for env_cls in (ct.GkeTpuCluster, ct.GceTpuCluster):
+            if env_cls.is_env_present():
+                return int(env_cls.get_process_count())
+    except Exception:  # noqa: BLE001 - a private API: anything unexpected means "cannot tell"
+        return None
+    return None
+
+
+def _initialize_kwargs(**kw: Any) -> dict:
+    """``kw`` minus None values and the names this jax's ``jax.distributed.initialize`` lacks."""
+    import inspect
+
+    params = inspect.signature(jax.distributed.initialize).parameters
+    return {k: v for k, v in kw.items() if v is not None and k in params}
+
+
+def start_distributed(dist_cfg: Any = None, env: Any = None) -> dict:
+    """Multi-controller start-up, before any other JAX work; call it from every CLI that computes.
+
+    Explicit ``distributed.coordinator / num_processes / process_id`` win; otherwise a detected
+    cluster (:func:`detect_cluster`, or a TPU VM slice of more than one host) starts
+    ``jax.distributed.initialize`` with JAX's own detection, ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` filling what it does not read. ``distributed.num_processes: 1`` forces a
+    single process. Idempotent: a second call, or one after JAX was initialised elsewhere, does
+    nothing. Raises :class:`DistributedStartupError` (one line naming the variables seen) when a
+    cluster was detected but JAX reports a single process afterwards. Returns what it did:
+    ``{"initialized": bool, "kind": str | None, "vars": [...]}``.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    coordinator = getattr(dist_cfg, "coordinator", None)
+    num_processes = getattr(dist_cfg, "num_processes", None)
+    process_id = getattr(dist_cfg, "process_id", None)
+    timeouts = dict(initialization_timeout=getattr(dist_cfg, "initialization_timeout", None),
+                    heartbeat_timeout_seconds=getattr(dist_cfg, "heartbeat_timeout", None),
+                    shutdown_timeout_seconds=getattr(dist_cfg, "shutdown_timeout", None))
+    if jax.distributed.is_initialized():
+        return {"initialized": False, "kind": "already", "vars": []}
+    if num_processes == 1:
+        return {"initialized": False, "kind": None, "vars": []}
+    found = None if num_processes else detect_cluster(env)
+    if not num_processes and found is None:
+        n_tpu = _jax_tpu_vm_process_count()
+        if n_tpu is None or n_tpu <= 1:
+            return {"initialized": False, "kind": None, "vars": []}
+        found = {"kind": "tpu-vm", "num_processes": n_tpu, "vars": ["GCE TPU metadata"]}
+    kind = "config" if num_processes else found["kind"]
+    seen = ["distributed.num_processes"] if num_processes else list(found["vars"])
+    if not num_processes and found["kind"] == "jax-env":
+        # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count / id.
+        num_processes = _int_env(env, "JAX_NUM_PROCESSES")
+        process_id = _int_env(env, "JAX_PROCESS_ID")
+    try:
+        jax.distributed.initialize(**_initialize_kwargs(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id, **timeouts))
+    except (ValueError, RuntimeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise DistributedStartupError(f"jax.distributed.initialize failed ({kind}: {', '.join(seen)}): {msg}") from None
+    if jax.process_count() == 1:
+        raise DistributedStartupError(
+            f"distributed start-up ({kind}: {', '.join(seen)}) left jax.process_count() == 1; "
+            "every host would run as its own process 0 and write the same out_dir (set distributed.num_processes=1 "
+            "to run one process on purpose, or unset the cluster variables)")
+    return {"initialized": True, "kind": kind, "vars": seen}
+

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from sod_jax import compile_cache
+from sod_jax import compile_cache, parallel
 from sod_jax.config import add_config_args, config_from_args
 from sod_jax.models.hf import CheckpointError
 from sod_jax.rl.trainer import SetupError, Trainer
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 
+    try:
+        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
+    except parallel.DistributedStartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     compile_cache.enable(cfg.compile.cache_dir, cfg.train.out_dir)
 
-    if getattr(cfg, "distributed", None) is not None and getattr(cfg.distributed, "num_processes", None):
-        from sod_jax import parallel
-
-        d = cfg.distributed
-        parallel.initialize_distributed(d.coordinator, d.num_processes, d.process_id)
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:
         # Set-up: checks, then models, engine, update. A failure here is a configuration or

@@ -93,6 +93,26 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return zlib.crc32(f"{seed}:{step}:{index}".encode()) & 0x7FFFFFFF
 
 
+def step_split_problem(prompts_per_step: int, n: int, mini_batches: int, processes: int,
+                       batch_devices: Optional[int] = None) -> Optional[str]:
+    """Why one RL step cannot be split as the loop needs, or None. Each process takes
+    ``prompts_per_step // processes`` prompts and fills ``prompts_per_step * n // processes`` rows;
+    the update deals the global rows to ``mini_batches``; in a multi-process run the global rows are
+    one array split over the batch devices (mesh data x fsdp), which must divide it (a single
+    process replicates an axis that does not divide instead)."""
+    rows = prompts_per_step * n
+    if prompts_per_step % processes:
+        return (f"train.prompts_per_step ({prompts_per_step}) must be divisible by the process count ({processes}): "
+                f"each process takes prompts_per_step / processes prompts, the rest would be silently replaced by padding")
+    if rows % mini_batches:
+        return (f"train.prompts_per_step * rollout.n ({prompts_per_step} * {n} = {rows}) must be divisible by "
+                f"train.mini_batches ({mini_batches})")
+    if processes > 1 and batch_devices and rows % batch_devices:
+        return (f"train.prompts_per_step * rollout.n ({prompts_per_step} * {n} = {rows}) must be divisible by the "
+                f"batch-parallel devices (mesh.data x mesh.fsdp = {batch_devices}) in a {processes}-process run")
+    return None
+
+
 class Trainer(Loop):
     """See the module docstring. The loop itself is :class:`sod_jax.loop.Loop`'s; this class
     supplies one step (:meth:`train_step`), the evaluation, the step record and the checkpoint
@@ -179,8 +199,24 @@ class Trainer(Loop):
         if len(self.train_rows) < cfg.train.prompts_per_step:
             raise SetupError(f"data.train_files hold {len(self.train_rows)} usable prompts but train.prompts_per_step "
                              f"is {cfg.train.prompts_per_step}; lower it or add data")
+        self._check_step_split()
         # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
         self.sandbox = self._make_sandbox()
+
+    def _check_step_split(self) -> None:
+        """The step's prompts and rows split evenly over the processes and batch devices."""
+        cfg = self.cfg
+        batch_devices = None
+        if jax.process_count() > 1:
+            try:
+                d, f, _ = parallel.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, jax.device_count())
+                batch_devices = d * f
+            except ValueError:
+                batch_devices = None  # a bad mesh is reported by setup, naming the mesh keys
+        problem = step_split_problem(cfg.train.prompts_per_step, cfg.rollout.n, cfg.train.mini_batches,
+                                     jax.process_count(), batch_devices)
+        if problem:
+            raise SetupError(problem)
 
     def _check_kv_cache(self) -> None:
         """The engine's KV-cache check (same arithmetic, its cache dtype model.dtype, its slot length)

@@ -181,6 +181,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = config_from_args(args, job="sft")
     # force: importing jax / orbax already gave the root logger a handler, which would make this a no-op
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
+    except parallel.DistributedStartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     compile_cache.enable(cfg.compile.cache_dir, cfg.sft.out_dir)  # a rerun loads its programs instead of compiling
 
     try:
