@@ -12,7 +12,9 @@ the fraction of the step the update takes (the rest is rollouts, tools and rewar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,17 +52,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                      f"rollout.max_response_length={args.max_response}",
                      f"train.length_buckets=[{args.max_response + 64}]"]
         cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
-        trainer = Trainer(cfg, progress=False)
-        trainer.preflight()
-        trainer.setup()
-        trainer.loader_iter = iter(trainer.loader)
-        walls, rows = [], []
-        for step in range(1, args.steps + 2):
-            t0 = time.perf_counter()
-            m = trainer.train_step(step)
-            walls.append(time.perf_counter() - t0)
-            rows.append(m)
-        trainer.close()
+        # The trainer's progress lines go to stderr: this command's stdout is JSON lines only.
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer = Trainer(cfg, progress=False)
+            trainer.preflight()
+            trainer.setup()
+            trainer.loader_iter = iter(trainer.loader)
+            walls, rows = [], []
+            for step in range(1, args.steps + 2):
+                t0 = time.perf_counter()
+                m = trainer.train_step(step)
+                walls.append(time.perf_counter() - t0)
+                rows.append(m)
+            trainer.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     later = rows[1:]
