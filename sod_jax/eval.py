@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from sod_jax import compile_cache, parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.config import ConfigError, add_config_args, load_config
 from sod_jax.data import DataError
@@ -30,6 +28,7 @@ from sod_jax.evaluation import runtime
 from sod_jax.evaluation.evaluate import EvalError
 from sod_jax.models import CheckpointError
 from sod_jax.sandbox import SandboxUnavailable
+from sod_jax.startup import start_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,13 +117,9 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
-        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
-    except parallel.DistributedStartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    compile_cache.enable(cfg.compile.cache_dir, cfg.eval.out_dir)  # a rerun loads its programs instead of compiling
+    code = start_job(cfg.distributed, cache_dir=cfg.compile.cache_dir, out_dir=cfg.eval.out_dir)
+    if code is not None:
+        return code
 
     try:
         _, out = run(cfg, progress=not args.no_progress)

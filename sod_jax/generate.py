@@ -14,12 +14,12 @@ import json
 import sys
 import time
 
-from sod_jax import parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.models import CheckpointError, load_pretrained
 from sod_jax.rollout import Engine, EngineError, Request, SamplingParams, generate
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig, SandboxUnavailable
+from sod_jax.startup import start_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        parallel.start_distributed(None)  # before any other JAX work: every host joins one run
-    except parallel.DistributedStartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    code = start_job(None)
+    if code is not None:
+        return code
 
     try:
         tok = ChatTokenizer.from_dir(args.model)

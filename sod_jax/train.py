@@ -12,14 +12,13 @@ again.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from sod_jax import compile_cache, parallel
 from sod_jax.config import add_config_args, config_from_args
 from sod_jax.models.hf import CheckpointError
 from sod_jax.rl.trainer import SetupError, Trainer
 from sod_jax.sandbox.protocol import SandboxUnavailable
+from sod_jax.startup import start_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="No progress bar (one line per step instead).")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-
-    try:
-        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
-    except parallel.DistributedStartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    compile_cache.enable(cfg.compile.cache_dir, cfg.train.out_dir)
+    code = start_job(cfg.distributed, cache_dir=cfg.compile.cache_dir, out_dir=cfg.train.out_dir)
+    if code is not None:
+        return code
 
     trainer = Trainer(cfg, progress=not args.no_progress)
     try:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from sod_jax import compile_cache, parallel
+from sod_jax import parallel
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.checkpoint import Checkpointer
 from sod_jax.config import ConfigError, add_config_args, config_from_args
@@ -36,6 +36,7 @@ from sod_jax.sft.accuracy_hook import check_accuracy_config
 from sod_jax.sft.packing import SFTDataError
 from sod_jax.sft.step import prepare_examples
 from sod_jax.sft.trainer import SFTTrainer
+from sod_jax.startup import start_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,14 +180,9 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, job="sft")
-    # force: importing jax / orbax already gave the root logger a handler, which would make this a no-op
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
-        parallel.start_distributed(cfg.distributed)  # before any other JAX work: every host joins one run
-    except parallel.DistributedStartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    compile_cache.enable(cfg.compile.cache_dir, cfg.sft.out_dir)  # a rerun loads its programs instead of compiling
+    code = start_job(cfg.distributed, cache_dir=cfg.compile.cache_dir, out_dir=cfg.sft.out_dir, log_level=logging.INFO)
+    if code is not None:
+        return code
 
     try:
         res = run(cfg, progress=not args.no_progress)
