@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -183,17 +183,23 @@ class CacheWrite(NamedTuple):
     rows: Optional[jax.Array]  # [B] int32 or None
     start: jax.Array  # [B] int32 tokens already in the row
     write: jax.Array  # [B, T] bool
-    split: Optional["CacheSplit"] = None  # a ragged read (decode): see CacheSplit
+    read: Optional["CacheRead"] = None  # which positions the attention reads (None: the whole cache)
 
 
-class CacheSplit(NamedTuple):
-    """A ragged cache read: every row reads positions ``[0, common)`` of its cache row and only the
-    rows ``tail_rows`` (the longest ones) also read ``[common, C)``. The caller guarantees that no
-    other row attends at or past ``common``. One straggler then costs its own tail, not a tail for
-    every row: the reads are ``B x common + R x (C - common)`` positions instead of ``B x C``."""
+class CacheRead(NamedTuple):
+    """Which cache positions a cached forward reads, chosen on device, so one compiled program serves
+    every cache length: every row reads the first ``windows[index]`` positions, and the rows
+    ``tail_rows`` (the longest ones; a *ragged* read) read ``windows[tail_index]`` instead. The
+    caller guarantees that no row attends past the window it reads. One straggler then costs its own
+    long read, not a long read for every row: ``B x w + R x w_tail`` positions instead of ``B x C``.
 
-    common: int  # static, <= C
-    tail_rows: jax.Array  # [R] int32, distinct cache rows
+    ``windows`` is a static ladder (ascending, the last one at most C); ``lax.switch`` picks the
+    branch, so each program holds one attention per window, not one program per cache length."""
+
+    windows: tuple  # static ascending window lengths
+    index: jax.Array  # [] int32 into windows
+    tail_rows: Optional[jax.Array] = None  # [R] int32, distinct rows of the batch
+    tail_index: Optional[jax.Array] = None  # [] int32 into windows; < 0: no tail read this call
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -211,40 +217,39 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _partial_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array):
-    """Unnormalised :func:`cache_attention` over a span of cache positions, for merging spans.
-    q ``[B, T, N, H]``, k ``[B, K, H, P]``, v ``[B, K, P, H]``, mask ``[B, T, P]`` -> (acc
-    ``[B, K, G, T, H]`` = sum_p exp(s_p - m) v_p, m ``[B, K, G, T]`` the largest visible score
-    (MASKED_SCORE when none is visible), l ``[B, K, G, T]`` = sum_p exp(s_p - m)); masked positions
-    contribute exactly 0."""
-    B, T, N, H = q.shape
-    K, P = k.shape[1], k.shape[3]
-    G = N // K
-    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    s = jnp.einsum("bkqh,bkhc->bkqc", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (H**-0.5)
-    visible = mask[:, None, None]  # [B, 1, 1, T, P]
-    s = jnp.where(visible, s.reshape(B, K, G, T, P), jnp.float32(MASKED_SCORE))
-    m = s.max(axis=-1)
-    p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
-    acc = jnp.einsum("bkqc,bkch->bkqh", p.astype(q.dtype).reshape(B, K, G * T, P), v.astype(q.dtype))
-    return acc.reshape(B, K, G, T, H).astype(jnp.float32), m, p.sum(axis=-1)
+def window_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, windows: Sequence[int],
+                     index: jax.Array, rows: Optional[jax.Array] = None) -> jax.Array:
+    """:func:`cache_attention` of ``q [B, T, N, H]`` over the first ``windows[index]`` positions of
+    the cache rows ``rows [B]`` of ``k [S, K, H, C]`` / ``v [S, K, C, H]`` (all S rows in order when
+    None; ``mask [B, T, C]``). ``index`` is traced: one ``lax.switch`` branch per window, each
+    reading (gathering) only its window. Equal to :func:`cache_attention` over the whole rows when
+    no query sees a position at or past the window."""
+
+    def branch(w):
+        def attend(q, k, v, m):
+            if rows is None:
+                return cache_attention(q, k[..., :w], v[:, :, :w], m[..., :w])
+            return cache_attention(q, k[rows, :, :, :w], v[rows, :, :w], m[..., :w])
+        return attend
+
+    return jax.lax.switch(index, [branch(w) for w in windows], q, k, v, mask)
 
 
-def split_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, split: CacheSplit) -> jax.Array:
-    """:func:`cache_attention` reading only ``[0, split.common)`` for most rows and the whole cache for
-    ``split.tail_rows`` (flash-decoding style: two spans merged by their log-sum-exp). Same shapes as
-    :func:`cache_attention`; equal to it when no row outside ``tail_rows`` sees a position at or past
-    ``common``."""
-    B, T, N, H = q.shape
-    c, rows = split.common, split.tail_rows
-    acc, m, l = _partial_cache_attention(q, k[..., :c], v[:, :, :c], mask[..., :c])
-    acc_t, m_t, l_t = _partial_cache_attention(q[rows], k[rows][..., c:], v[rows][:, :, c:], mask[rows][..., c:])
-    top = jnp.maximum(m[rows], m_t)
-    a, b = jnp.exp(m[rows] - top), jnp.exp(m_t - top)  # b == 0 when a tail row sees no tail position
-    acc = acc.at[rows].set(acc[rows] * a[..., None] + acc_t * b[..., None])
-    l = l.at[rows].set(l[rows] * a + l_t * b)
-    out = (acc / l[..., None]).astype(q.dtype)  # l > 0: position 0 is visible to every row
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+def read_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, read: CacheRead,
+                         rows: Optional[jax.Array] = None) -> jax.Array:
+    """:func:`window_attention` as :class:`CacheRead` says: every row over its window, the tail rows
+    (when ``tail_index >= 0``) over theirs. ``rows``: as in :func:`window_attention`."""
+    out = window_attention(q, k, v, mask, read.windows, read.index, rows)
+    if read.tail_rows is None:
+        return out
+    t = read.tail_rows  # [R] positions in the batch
+    cache_rows = t if rows is None else rows[t]
+
+    def with_tail(out):
+        tail = window_attention(q[t], k, v, mask[t], read.windows, jnp.maximum(read.tail_index, 0), cache_rows)
+        return out.at[t].set(tail)
+
+    return jax.lax.cond(read.tail_index >= 0, with_tail, lambda out: out, out)
 
 
 def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
@@ -257,10 +262,10 @@ def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
     rows = (jnp.arange(B) if w.rows is None else w.rows)[:, None]  # [B, 1]
     ck = ck.at[rows, :, :, at].set(k.astype(ck.dtype), mode="drop")
     cv = cv.at[rows, :, at].set(v.astype(cv.dtype), mode="drop")
-    kr, vr = (ck, cv) if w.rows is None else (ck[w.rows], cv[w.rows])  # [B, K, H, C], [B, K, C, H]
     mask = jnp.arange(C)[None, None, :] <= idx[:, :, None]  # [B, T, C]
-    if w.split is not None and w.split.common < C:
-        return split_cache_attention(q, kr, vr, mask, w.split), ck, cv
+    if w.read is not None:
+        return read_cache_attention(q, ck, cv, mask, w.read, w.rows), ck, cv
+    kr, vr = (ck, cv) if w.rows is None else (ck[w.rows], cv[w.rows])  # [B, K, H, C], [B, K, C, H]
     return cache_attention(q, kr, vr, mask), ck, cv
 
 

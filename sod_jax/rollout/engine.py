@@ -1,27 +1,36 @@
 """Slot-based rollout engine: KV cache, prefill, insert, multi-token decode, cache extension.
 
 A fixed number of decode *slots* each own one row of the KV cache: per layer, keys
-``[slots, K, H, C]`` and values ``[slots, K, C, H]``. The capacity ``C`` grows on demand in powers
-of two up to ``max_len`` (and shrinks back when every slot is free), so a decode step reads only
-the positions that can be live, straight from the cache buffers, without slicing or copying.
+``[slots, K, H, M]`` and values ``[slots, K, M, H]`` (M = ``max_len``). The cache is allocated
+once, when the first request arrives, and freed when every slot is free again (so it is not
+resident during the trainer's update). A device call reads only a *window* of it, the shortest of a
+static ladder (:func:`window_ladder`) that holds every live position, chosen on device
+(:class:`~sod_jax.models.qwen3.CacheRead`): the cache length is never a compiled shape.
 
-* :meth:`Engine.prefill` runs a prompt (padded to a length bucket to bound recompiles) into a
-  standalone cache row and returns it with the next-token logits.
+* :meth:`Engine.prefill` runs a prompt (padded to a length bucket) into a standalone cache row and
+  returns it with the next-token logits.
 * :meth:`Engine.insert` copies that row into one or many slots at once (a GRPO group shares one
   prefill) and samples each slot's first token with the slot's own key.
 * :meth:`Engine.step` advances every live slot ``decode_steps`` tokens in ONE device call (a
   ``lax.while_loop`` that ends early once no slot is active); stop ids, per-slot token budgets and
-  the cache capacity are checked on device, so the host syncs once per call, not per token. Two
+  the cache length are checked on device, so the host syncs once per call, not per token. Two
   plans bound what stragglers cost, both made on the host from its length and budget bounds:
-  *ragged reads* (only the ``tail_slots`` longest slots read past the capacity that holds the
-  others, :class:`~sod_jax.models.qwen3.CacheSplit`) and *compact decode* (when at most a quarter
-  of the slots can still generate, only those are gathered and decoded).
+  *ragged reads* (only the ``tail_slots`` longest slots read the window that holds them; the others
+  read the window that holds the rest) and *compact decode* (when at most a quarter of the slots can
+  still generate, only those are gathered and decoded).
 * :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
   re-running their context and samples each one's next token, one device call per tool-text
   bucket: the multi-turn agent's fast path.
 Whole requests run through :func:`sod_jax.rollout.scheduler.generate` (continuous batching on the
 agent's :class:`~sod_jax.rollout.scheduler.SlotScheduler`, which drives this engine): finished slots
 are freed and refilled from the queue while the others keep decoding.
+
+**A bounded program set.** Every shape a device call sees comes from a short ladder fixed by the
+config, never from the data: row counts (prompts in a prefill, slots in an insert or extension)
+are padded to :func:`row_ladder` (1, 4, 16, ... up to the slot count), prompt and tool-text
+lengths to their buckets, decode batches to S, S/4, S/16, ...; the sampling mode is one per call.
+:meth:`Engine.program_calls` lists every program a run's phases can call, with abstract inputs,
+for a warm-up that compiles them all before step 1 (:mod:`sod_jax.programs`) and for the planner.
 
 Every device function runs the model's one forward (:func:`sod_jax.models.qwen3.forward`) with a
 :class:`~sod_jax.models.qwen3.KVCache`; this module owns only the cache layout, slot state and the
@@ -35,7 +44,6 @@ The last token a slot generated is *pending*: it is not in the cache until the n
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple, Optional, Sequence
@@ -46,7 +54,8 @@ import numpy as np
 from flax import nnx
 
 from sod_jax import parallel
-from sod_jax.models.qwen3 import CacheSplit, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
+from sod_jax.models.qwen3 import CacheRead, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
+from sod_jax.programs import Call, Program, abstract
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
 
 log = logging.getLogger(__name__)
@@ -62,10 +71,10 @@ class EngineError(ValueError):
 
 
 class SlotState(NamedTuple):
-    """Everything the device keeps per slot. S = slots, C = current cache capacity (<= max_len)."""
+    """Everything the device keeps per slot. S = slots, M = max_len (positions a slot holds)."""
 
-    k: tuple  # per layer [S, K, H, C] keys, positions last: q.k^T is then a plain matmul per head
-    v: tuple  # per layer [S, K, C, H] values (heads before positions: p.v reads it in place)
+    k: tuple  # per layer [S, K, H, M] keys, positions last: q.k^T is then a plain matmul per head
+    v: tuple  # per layer [S, K, M, H] values (heads before positions: p.v reads it in place)
     lengths: jax.Array  # [S] int32 tokens in the cache
     next_token: jax.Array  # [S] int32 last generated token (pending: not yet in the cache)
     counters: jax.Array  # [S] int32 tokens generated by this sample so far (key fold index)
@@ -85,15 +94,15 @@ def _last_logits(cfg: Qwen3Config, w: dict, h: jax.Array, n_valid: jax.Array) ->
 
 
 def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, mode: str, max_len: int,
-                split: Optional[CacheSplit] = None):
+                read: CacheRead):
     """Feed every active slot's pending token (one cached :func:`forward` step), sample the next one.
     Returns new state and (token [S], logprob [S], emitted [S]). The caller guarantees every active
-    slot stays below the cache capacity during the call (and, with a ``split``, every slot outside
-    its tail rows below ``split.common``); ``max_len`` is the slot length a sample may reach."""
+    slot stays inside the window ``read`` gives it during the call; ``max_len`` is the slot length a
+    sample may reach."""
     pos = st.lengths  # where the pending token goes
     act = st.active
     h, cache = forward(cfg, w, st.next_token[:, None], pos[:, None], cache=KVCache(st.k, st.v),
-                       write=CacheWrite(None, pos, act[:, None], split))
+                       write=CacheWrite(None, pos, act[:, None], read))
     logits = lm_logits(cfg, w, h[:, 0])
     with jax.named_scope("sample"):
         tok, lp = sample(logits, token_keys(st.base_keys, st.counters), st.temperature, st.top_k, st.top_p,
@@ -106,6 +115,42 @@ def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, m
                      counters=jnp.where(act, st.counters + 1, st.counters),
                      active=act & ~stopped)
     return st, (tok, lp, act)
+
+
+def window_ladder(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """The cache windows a call may read: powers of two from ``smallest`` below ``max_len``, then
+    ``max_len`` (a few ``lax.switch`` branches; a read never exceeds twice what it needs)."""
+    out, w = [], smallest
+    while w < max_len:
+        out.append(w)
+        w *= 2
+    return tuple(out) + (max_len,)
+
+
+def row_ladder(num_slots: int) -> tuple[int, ...]:
+    """The row counts a call is padded to: 1, 4, 16, ... below ``num_slots``, then ``num_slots``
+    (padding costs at most 4x the rows of a small call; the set of shapes stays small)."""
+    out, n = [], 1
+    while n < num_slots:
+        out.append(n)
+        n *= 4
+    return tuple(out) + (num_slots,)
+
+
+def pad_to(n: int, ladder: Sequence[int]) -> int:
+    """The smallest entry of ``ladder`` >= n (the last one when none is)."""
+    return next((x for x in ladder if x >= n), ladder[-1])
+
+
+def length_bucket(n: int, buckets: Sequence[int], limit: int) -> int:
+    """Padded length for ``n`` tokens: the smallest bucket >= n, beyond the largest the largest times
+    a power of two; never more than ``limit`` (nor less than n)."""
+    b = next((b for b in buckets if b >= n), None)
+    if b is None:
+        b = buckets[-1] if buckets else n
+        while b < n:
+            b *= 2
+    return max(n, min(b, limit))
 
 
 def sampling_weights(cfg: Qwen3Config, weights: dict, dtype: Any) -> dict:
@@ -177,7 +222,8 @@ class Completion:
 
 @dataclass
 class Prefix:
-    """G prefilled prompts (device arrays): their cache rows, next-token logits and true lengths."""
+    """G prefilled prompts (device arrays; G padded to the row ladder): their cache rows, next-token
+    logits and the true lengths of the real ones."""
 
     k: tuple  # per layer [G, K, H, C]
     v: tuple  # per layer [G, K, C, H]
@@ -187,6 +233,20 @@ class Prefix:
     @property
     def width(self) -> int:
         return self.v[0].shape[2]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One way a run uses the engine, for the program enumeration: ``n`` samples per prompt with
+    sampling ``mode`` (:data:`~sod_jax.rollout.sampling.MODES`), prompts up to ``max_prompt``
+    tokens, tool turns of up to ``max_extend`` tokens appended (0: no tools). A longer tool turn
+    still runs, compiling its width when it first appears (logged)."""
+
+    n: int
+    mode: str
+    max_prompt: int
+    max_extend: int = 0
+    label: str = ""
 
 
 def engine_options(rollout_cfg: Any) -> dict:
@@ -255,6 +315,9 @@ class Engine:
     costs ``num_params x itemsize(cfg.dtype)`` bytes (divided by the tensor-parallel degree when
     sharded; the sampling layout, :data:`sod_jax.parallel.SAMPLING_RULES`, uses no fsdp): 3.4 GB for
     Qwen3-1.7B in bf16.
+
+    Device calls go through :class:`~sod_jax.programs.Program` objects (``self.programs``), so a
+    warm-up over :meth:`program_calls` compiles them before the first request.
     """
 
     def __init__(
@@ -274,26 +337,9 @@ class Engine:
         compact_decode: bool = True,
     ):
         cfg = model.config
-        self.cfg = cfg
-        self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
-        # Ragged decode: the longest `tail_slots` slots read the whole cache, the others only up to the
-        # capacity that holds the rest (default: 1/8 of the slots, at least 1; 0 = off).
-        self.tail_slots = max(1, num_slots // 8) if tail_slots is None else int(tail_slots)
-        self.ragged_calls = 0  # decode calls that ran with a ragged read (diagnostics, tests)
-        # Compact decode: when at most a quarter of the slots can be active (the tail of a rollout
-        # batch), a call decodes only those (gathered, padded to S/4, S/16, ...), not all S rows.
-        self.compact_decode = bool(compact_decode)
-        self.compact_calls = 0
-        self._no_tail = jnp.zeros((1,), jnp.int32)
-        self.buckets = sorted(set(int(b) for b in prefill_buckets))
-        self.extend_buckets = sorted(set(int(b) for b in extend_buckets))
-        self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-        self.stop_set = frozenset(int(i) for i in stop_ids)
+        self._configure(cfg, num_slots, max_len, decode_steps, prefill_buckets, extend_buckets, stop_ids,
+                        cache_dtype, tail_slots, compact_decode)
         self.tokenizer = tokenizer
-        self.dtype = as_dtype(cfg.dtype)
-        self.cache_dtype = as_dtype(cache_dtype or cfg.dtype)
-        self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype)
-        self.weight_bytes = cfg.num_params() * jnp.dtype(self.dtype).itemsize
         log.info("KV cache: %d slots x %d tokens x %d layers x %d kv heads x %d x 2 x %s = %.3f GiB", num_slots,
                  max_len, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                  jnp.dtype(self.cache_dtype).name, self.kv_bytes / 2**30)
@@ -304,23 +350,66 @@ class Engine:
             raise EngineError(problem)
         self.graphdef = nnx.graphdef(model)
         self.weight_axes = weight_axes(model)  # logical axes of model.weights(): the sampling layout's source
-        self._copy = jax.jit(partial(sampling_weights, cfg, dtype=self.dtype))
         self.params: dict = {}
         self.update_params(model)
-        self._cap = self.capacity_for(1)
-        self.state = self._empty_state()
+
+    def _configure(self, cfg: Qwen3Config, num_slots, max_len, decode_steps, prefill_buckets, extend_buckets,
+                   stop_ids, cache_dtype, tail_slots, compact_decode) -> None:
+        """Sizes, ladders, host bookkeeping and the device programs (no weights, nothing allocated)."""
+        self.cfg = cfg
+        self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
+        # Ragged decode: the longest `tail_slots` slots read the window that holds them, the others only
+        # the one that holds the rest (default: 1/8 of the slots, at least 1; 0 = off).
+        self.tail_slots = max(1, num_slots // 8) if tail_slots is None else int(tail_slots)
+        self.ragged_calls = 0  # decode calls that ran with a ragged read (diagnostics, tests)
+        # Compact decode: when at most a quarter of the slots can be active (the tail of a rollout
+        # batch), a call decodes only those (gathered, padded to S/4, S/16, ...), not all S rows.
+        self.compact_decode = bool(compact_decode)
+        self.compact_calls = 0
+        self.buckets = sorted(set(int(b) for b in prefill_buckets))
+        self.extend_buckets = sorted(set(int(b) for b in extend_buckets))
+        self.windows = window_ladder(max_len)
+        self.rows = row_ladder(num_slots)
+        self.stop_ids = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        self.stop_set = frozenset(int(i) for i in stop_ids)
+        self.dtype = as_dtype(cfg.dtype)
+        self.cache_dtype = as_dtype(cache_dtype or cfg.dtype)
+        self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype)
+        self.weight_bytes = cfg.num_params() * jnp.dtype(self.dtype).itemsize
+        self.state: Optional[SlotState] = None  # allocated by the first insert, freed when all slots are free
+        self._copy = Program("sampling_copy", jax.jit(partial(sampling_weights, cfg, dtype=self.dtype)))
         self._build()
+        self._modes = ["greedy"] * self.num_slots  # per slot: the static sampling mode it needs
+        # Host-side bookkeeping without syncs, per slot: an upper bound on its cache length (picks the
+        # read window) and on the tokens it may still generate (0 => certainly inactive on device).
+        self._bound = np.zeros(self.num_slots, np.int64)
+        self._left = np.zeros(self.num_slots, np.int64)
+        self._window = 0  # index of the window the last decode call read (diagnostics, tests)
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _empty_state(self) -> SlotState:
-        c, S, C = self.cfg, self.num_slots, self._cap
-        L, K, H = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
-        zi = lambda: jnp.zeros((S,), jnp.int32)  # noqa: E731 - distinct buffers (the state is donated)
-        return SlotState(tuple(jnp.zeros((S, K, H, C), self.cache_dtype) for _ in range(L)),
-                         tuple(jnp.zeros((S, K, C, H), self.cache_dtype) for _ in range(L)), zi(), zi(), zi(),
-                         zi(), jnp.zeros((S,), bool), jnp.zeros((S, 2), jnp.uint32), jnp.ones((S,), jnp.float32),
-                         zi() - 1, jnp.ones((S,), jnp.float32), jnp.zeros((S,), bool))
+    def state_shapes(self) -> SlotState:
+        """The slot state's ``jax.ShapeDtypeStruct`` s (no allocation)."""
+        return jax.eval_shape(self._init_state.fn)
+
+    def _state_sharding(self) -> Any:
+        """Where the slot state lives: replicated over the sampling copy's mesh (None: one device)."""
+        leaf = jax.tree.leaves(self.params)[0] if self.params else None
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return None
+
+    def _live_state(self) -> SlotState:
+        if self.state is None:
+            self.state = self._init_state()
+        return self.state
+
+    def free_cache(self) -> None:
+        """Drop the KV cache buffers (every slot must be free); the next insert allocates them again."""
+        if self._bound.any():
+            raise EngineError("free_cache with slots in use; release them first")
+        self.state = None
 
     def update_params(self, model_or_params: Any) -> None:
         """Refresh the engine's sampling copy from a :class:`Qwen3`, its ``nnx.State`` (the trainer's
@@ -328,28 +417,65 @@ class Engine:
         reshard to the sampling layout (:data:`sod_jax.parallel.SAMPLING_RULES`) into new buffers. The caller
         may donate or delete its arrays afterwards. Decode never casts a weight (the copy is already in the
         compute dtype)."""
-        src = model_or_params
-        if isinstance(src, Qwen3):
-            w = src.weights()
-        elif isinstance(src, dict) and "embed" in src and "layers" in src and not isinstance(src["layers"], nnx.State):
-            w = src
-        else:
-            w = nnx.merge(self.graphdef, src).weights()
-        out_shape = jax.eval_shape(self._copy, w)
+        w = self.source_weights(model_or_params)
+        self._source_shapes = abstract(w)  # the copy program's input, for program_calls
+        out_shape = jax.eval_shape(self._copy.fn, w)
         if not self.params or jax.tree.structure(out_shape) != jax.tree.structure(self.params) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(out_shape), jax.tree.leaves(self.params))):
-            axes = self.weight_axes
-            shard = {k: (sampling_sharding(v, axes.get(k)) if k != "layers" else None) for k, v in w.items()}
-            shard["layers"] = [{n: sampling_sharding(a, axes["layers"].get(n), layer_slice=True)
-                                for n, a in w["layers"].items()} for _ in range(self.cfg.num_hidden_layers)]
-            self._copy = jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype), out_shardings=shard)
+            self._copy = Program("sampling_copy", jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype),
+                                                          out_shardings=self._copy_shardings(w)))
         self.params = {}  # drop the old copy first: the peak is one sampling copy, not two
         self.params = self._copy(w)
+        self._set_state_sharding()
+
+    def source_weights(self, model_or_params: Any) -> dict:
+        """``Qwen3.weights()`` of a model, its ``nnx.State`` or a weights dict (returned as is)."""
+        src = model_or_params
+        if isinstance(src, Qwen3):
+            return src.weights()
+        if isinstance(src, dict) and "embed" in src and "layers" in src and not isinstance(src["layers"], nnx.State):
+            return src
+        return nnx.merge(self.graphdef, src).weights()
+
+    def _copy_shardings(self, w: dict) -> dict:
+        axes = self.weight_axes
+        shard = {k: (sampling_sharding(v, axes.get(k)) if k != "layers" else None) for k, v in w.items()}
+        shard["layers"] = [{n: sampling_sharding(a, axes["layers"].get(n), layer_slice=True)
+                            for n, a in w["layers"].items()} for _ in range(self.cfg.num_hidden_layers)]
+        return shard
+
+    def _set_state_sharding(self) -> None:
+        sharding = self._state_sharding()
+        if sharding != getattr(self, "_sharding", None) or not hasattr(self, "_sharding"):
+            self._sharding = sharding
+            self._init_state = Program("init_state", jax.jit(self._empty_state_fn(),
+                                                             out_shardings=sharding))
+            if self.state is not None and sharding is not None:
+                self.state = jax.device_put(self.state, sharding)
+
+    def _empty_state_fn(self):
+        c, S, M = self.cfg, self.num_slots, self.max_len
+        L, K, H, dt = c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.cache_dtype
+
+        def empty():
+            zi = jnp.zeros((S,), jnp.int32)
+            return SlotState(tuple(jnp.zeros((S, K, H, M), dt) for _ in range(L)),
+                             tuple(jnp.zeros((S, K, M, H), dt) for _ in range(L)), zi, zi, zi, zi,
+                             jnp.zeros((S,), bool), jnp.zeros((S, 2), jnp.uint32), jnp.ones((S,), jnp.float32),
+                             zi - 1, jnp.ones((S,), jnp.float32), jnp.zeros((S,), bool))
+
+        return empty
+
+    def _pin(self, st: SlotState) -> SlotState:
+        """Keep a program's output state where its input state lives (a stable signature)."""
+        return st if self._sharding is None else jax.lax.with_sharding_constraint(st, self._sharding)
 
     def _build(self) -> None:
-        cfg, M = self.cfg, self.max_len
-        cache_dtype = self.cache_dtype
+        cfg, M, windows = self.cfg, self.max_len, self.windows
+        cache_dtype, stop_ids = self.cache_dtype, self.stop_ids
         K, H = cfg.num_key_value_heads, cfg.head_dim
+        self._sharding = None
+        self._init_state = Program("init_state", jax.jit(self._empty_state_fn()))
 
         @jax.jit
         def prefill(w, tokens, n_valid):
@@ -374,103 +500,94 @@ class Engine:
                              mode)
             length = lengths[src]
             remaining = budget - 1
-            active = ~jnp.isin(tok, self.stop_ids) & (remaining > 0) & (length < M)
+            active = ~jnp.isin(tok, stop_ids) & (remaining > 0) & (length < M)
             put = lambda a, x: a.at[slots].set(x, mode="drop")  # noqa: E731
             st = st._replace(
                 k=k, v=v, lengths=put(st.lengths, length), next_token=put(st.next_token, tok),
                 counters=put(st.counters, jnp.ones_like(tok)), remaining=put(st.remaining, remaining),
                 active=put(st.active, active), base_keys=put(st.base_keys, keys), temperature=put(st.temperature, temp),
                 top_k=put(st.top_k, top_k), top_p=put(st.top_p, top_p), greedy=put(st.greedy, greedy))
-            return st, (tok, lp, active)
+            return self._pin(st), (tok, lp, active)
 
-        def decode_loop(w, st, tail_rows, steps, mode, common):
-            """``steps`` decode steps of every row of ``st``; ``common`` > 0: a ragged read (only
-            ``tail_rows [R]`` read past position ``common``, see :class:`CacheSplit`)."""
+        def decode_loop(w, st, tail_rows, window, tail_window, steps, mode):
+            """``steps`` decode steps of every row of ``st``, each reading ``windows[window]`` positions
+            (the rows ``tail_rows [R]``: ``windows[tail_window]``, when >= 0; see :class:`CacheRead`)."""
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
-            split = CacheSplit(common, tail_rows) if common else None
+            read = CacheRead(windows, window, tail_rows, tail_window if tail_rows is not None else None)
 
             def body(carry):
                 i, st, (toks, lps, emitted) = carry
-                st, (tok, lp, act) = _decode_one(cfg, w, st, self.stop_ids, mode, M, split)
+                st, (tok, lp, act) = _decode_one(cfg, w, st, stop_ids, mode, M, read)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
             _, st, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, st, out))
             return st, out + (st.active,)  # a copy of the flags: the state itself is donated next call
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "common"))
-        def step(w, st, tail_rows, steps, mode, common):
-            return decode_loop(w, st, tail_rows, steps, mode, common)
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
+        def step(w, st, tail_rows, window, tail_window, steps, mode):
+            st, out = decode_loop(w, st, tail_rows, window, tail_window, steps, mode)
+            return self._pin(st), out
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode", "common"))
-        def step_rows(w, st, rows, tail_rows, steps, mode, common):
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
+        def step_rows(w, st, rows, tail_rows, window, tail_window, steps, mode):
             """Decode only the slots ``rows [P]`` (distinct; every other slot is inactive): their state
             and cache rows are gathered, decoded as a batch of P and written back, so the matmuls
             run on P rows, not S. ``tail_rows`` index into ``rows``. Outputs are ``[steps, S]``."""
             S = st.lengths.shape[0]
-            sub, (toks, lps, emitted, _) = decode_loop(w, jax.tree.map(lambda a: a[rows], st), tail_rows, steps,
-                                                        mode, common)
+            sub, (toks, lps, emitted, _) = decode_loop(w, jax.tree.map(lambda a: a[rows], st), tail_rows, window,
+                                                        tail_window, steps, mode)
             st = jax.tree.map(lambda a, b: a.at[rows].set(b), st, sub)
             wide = lambda x: jnp.zeros((x.shape[0], S), x.dtype).at[:, rows].set(x)  # noqa: E731
-            return st, (wide(toks), wide(lps), wide(emitted), st.active)
+            return self._pin(st), (wide(toks), wide(lps), wide(emitted), st.active)
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode", "with_logits"))
-        def extend(w, st, rows, tokens, n_valid, budget, mode, with_logits=False):
+        def extend(w, st, rows, tokens, n_valid, budget, window, mode, with_logits=False):
             """Rows ``rows [G]`` (out of range: padding) append ``tokens [G, C]`` (column 0 is filled
-            with each slot's pending token here), ``n_valid [G]`` real, and sample their next token."""
+            with each slot's pending token here), ``n_valid [G]`` real, and sample their next token;
+            attention reads ``windows[window]`` positions. Padding tokens past the slot's end are
+            not written (the write drops out-of-range positions)."""
             S = st.lengths.shape[0]
             safe = jnp.minimum(rows, S - 1)
             tokens = tokens.at[:, 0].set(st.next_token[safe])
             start = st.lengths[safe]
             C = tokens.shape[1]
-            write = CacheWrite(rows, start, (jnp.arange(C)[None] < n_valid[:, None]) & (rows < S)[:, None])
+            write = CacheWrite(safe, start, (jnp.arange(C)[None] < n_valid[:, None]) & (rows < S)[:, None],
+                               CacheRead(windows, window))
             h, cache = forward(cfg, w, tokens, start[:, None] + jnp.arange(C)[None], cache=KVCache(st.k, st.v),
                                write=write)
             logits = _last_logits(cfg, w, h, n_valid)
             tok, lp = sample(logits, token_keys(st.base_keys[safe], st.counters[safe]), st.temperature[safe],
                              st.top_k[safe], st.top_p[safe], st.greedy[safe], mode)
             length = start + n_valid
-            active = ~jnp.isin(tok, self.stop_ids) & (budget > 1) & (length < M)
+            active = ~jnp.isin(tok, stop_ids) & (budget > 1) & (length < M)
             put = lambda a, x: a.at[rows].set(x, mode="drop")  # noqa: E731
             st = st._replace(k=cache.k, v=cache.v, lengths=put(st.lengths, length), next_token=put(st.next_token, tok),
                              counters=put(st.counters, st.counters[safe] + 1), remaining=put(st.remaining, budget - 1),
                              active=put(st.active, active))
-            return st, (tok, lp, active) + ((logits,) if with_logits else ())
+            return self._pin(st), (tok, lp, active) + ((logits,) if with_logits else ())
 
         @partial(jax.jit, donate_argnums=(0,))
         def set_slot(st, slot, length, active):
-            return st._replace(lengths=st.lengths.at[slot].set(length), active=st.active.at[slot].set(active))
+            st = st._replace(lengths=st.lengths.at[slot].set(length), active=st.active.at[slot].set(active))
+            return self._pin(st)
 
-        @partial(jax.jit, static_argnums=(1,))  # not donated: the cache changes shape, nothing to reuse
-        def resize(st, cap):
-            def fit(a, axis):  # keep the first cap positions, zero-pad beyond the old capacity
-                if cap <= a.shape[axis]:
-                    return jax.lax.slice_in_dim(a, 0, cap, axis=axis)
-                return jnp.pad(a, [(0, cap - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)])
+        self._prefill, self._insert = Program("prefill", prefill), Program("insert", insert)
+        self._step, self._step_rows = Program("decode", step), Program("decode_rows", step_rows)
+        self._extend, self._set_slot = Program("extend", extend), Program("set_slot", set_slot)
 
-            return st._replace(k=tuple(fit(a, 3) for a in st.k), v=tuple(fit(a, 2) for a in st.v))
-
-        self._prefill, self._insert, self._step, self._extend, self._set_slot = prefill, insert, step, extend, set_slot
-        self._step_rows = step_rows
-        self._resize = resize
-        self._modes = ["greedy"] * self.num_slots  # per slot: the static sampling mode it needs
-        # Host-side bookkeeping without syncs, per slot: an upper bound on its cache length (sizes the
-        # cache capacity) and on the tokens it may still generate (0 => certainly inactive on device).
-        self._bound = np.zeros(self.num_slots, np.int64)
-        self._left = np.zeros(self.num_slots, np.int64)
+    @property
+    def programs(self) -> list[Program]:
+        return [self._copy, self._init_state, self._prefill, self._insert, self._step, self._step_rows, self._extend,
+                self._set_slot]
 
     # -- low-level protocol ----------------------------------------------------------------------
 
     def bucket(self, n: int, room: int, buckets: Optional[Sequence[int]] = None) -> int:
-        """Padded length for ``n`` tokens: the smallest bucket >= n (multiples of the largest beyond
-        it), never more than ``room``."""
-        buckets = self.buckets if buckets is None else buckets
-        b = next((b for b in buckets if b >= n), None)
-        if b is None:
-            top = buckets[-1] if buckets else n
-            b = top * math.ceil(n / top)
-        return max(n, min(b, room))
+        """Padded length for ``n`` tokens (:func:`length_bucket` over the prefill buckets by default),
+        never more than ``room``."""
+        return length_bucket(n, self.buckets if buckets is None else buckets, room)
 
     def check_prompt(self, n_tokens: int) -> Optional[EngineError]:
         """Why a prompt of ``n_tokens`` cannot be served (None when it can)."""
@@ -483,7 +600,7 @@ class Engine:
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
         """Prefill several prompts in one device call (padded to a common length bucket; the
-        number of prompts is padded to a power of two to bound recompiles)."""
+        number of prompts is padded to the row ladder)."""
         if prompts and isinstance(prompts[0], (int, np.integer)):
             prompts = [prompts]  # a single prompt
         lens = [len(p) for p in prompts]
@@ -492,7 +609,9 @@ class Engine:
             if err:
                 raise err
         C = self.bucket(max(lens), self.max_len)
-        G = 1 << (len(prompts) - 1).bit_length()
+        G = pad_to(len(prompts), self.rows)
+        if len(prompts) > G:
+            raise EngineError(f"{len(prompts)} prompts in one prefill exceed the {self.num_slots} decode slots")
         tokens = np.zeros((G, C), np.int32)
         n_valid = np.ones(G, np.int32)
         for i, p in enumerate(prompts):
@@ -506,7 +625,8 @@ class Engine:
                src: Optional[Sequence[int]] = None):
         """Copy prompt ``src[j]`` of ``prefix`` (default 0) into ``slots[j]`` and sample each slot's first
         token; slot j samples with the key of sample ``sample_indices[j]`` of seed ``seeds[j]``. Returns
-        device arrays (token, logprob, still active) per slot; no host sync."""
+        device arrays (token, logprob, still active) per slot, padded to the row ladder (entry j is
+        ``slots[j]``'s); no host sync."""
         n = len(slots)
         if n > self.num_slots:
             raise EngineError(f"n={n} samples exceed the {self.num_slots} decode slots; raise rollout.num_slots")
@@ -515,17 +635,32 @@ class Engine:
             self._modes[s] = mode_of(p)
             self._bound[s] = prefix.lengths[j] + 1
             self._left[s] = b - 1
-        self._reserve(max(prefix.width, int(self._bound.max())))
-        arr = lambda xs, dt: jnp.asarray(np.asarray(xs, dt))  # noqa: E731
+        N = pad_to(n, self.rows)
+        pad = N - n
+
+        def arr(xs, dt, fill):
+            return jnp.asarray(np.asarray(list(xs) + [fill] * pad, dt))
+
         G = prefix.logits.shape[0]
+        state = self._live_state()
+        self.state = None  # donated
         self.state, out = self._insert(
-            self.params, self.state, prefix.k, prefix.v, prefix.logits,
-            arr(prefix.lengths + [1] * (G - len(prefix.lengths)), np.int32), arr(src, np.int32),
-            arr(slots, np.int32), arr(seeds, np.uint32), arr(sample_indices, np.int32),
-            arr([p.temperature for p in sampling], np.float32), arr([p.top_k for p in sampling], np.int32),
-            arr([p.top_p for p in sampling], np.float32), arr([p.greedy for p in sampling], bool),
-            arr(budgets, np.int32), mode=widest_mode(mode_of(p) for p in sampling))
+            self.params, state, prefix.k, prefix.v, prefix.logits,
+            jnp.asarray(np.asarray(prefix.lengths + [1] * (G - len(prefix.lengths)), np.int32)), arr(src, np.int32, 0),
+            arr(slots, np.int32, self.num_slots), arr(seeds, np.uint32, 0), arr(sample_indices, np.int32, 0),
+            arr([p.temperature for p in sampling], np.float32, 1.0), arr([p.top_k for p in sampling], np.int32, -1),
+            arr([p.top_p for p in sampling], np.float32, 1.0), arr([p.greedy for p in sampling], bool, True),
+            arr(budgets, np.int32, 1), mode=widest_mode(mode_of(p) for p in sampling))
         return out
+
+    def window_index(self, n: int) -> int:
+        """Index of the shortest read window that holds ``n`` positions."""
+        return next((i for i, w in enumerate(self.windows) if w >= n), len(self.windows) - 1)
+
+    @property
+    def capacity(self) -> int:
+        """Positions the last decode or extension call read (a window of :func:`window_ladder`)."""
+        return self.windows[self._window]
 
     def step_async(self, steps: Optional[int] = None):
         """Dispatch one decode call (``steps`` tokens for every active slot) and return its device
@@ -534,18 +669,21 @@ class Engine:
         grow = np.minimum(self._left, steps)  # no slot can grow further in this call
         self._bound = np.minimum(self._bound + grow, self.max_len)
         self._left -= grow
-        self._reserve(int(self._bound.max()))
         mode = widest_mode(self._modes)
         rows = self._compact_rows(grow > 0)
+        state = self._live_state()
+        self.state = None  # donated
         if rows is None:
-            common, tail = self._split_plan(self._bound)
-            self.state, out = self._step(self.params, self.state, tail, steps=steps, mode=mode, common=common)
+            tail, window, tail_window = self._read_plan(self._bound)
+            self.state, out = self._step(self.params, state, tail, jnp.int32(window), jnp.int32(tail_window),
+                                         steps=steps, mode=mode)
         else:
-            common, tail = self._split_plan(self._bound[rows])
-            self.state, out = self._step_rows(self.params, self.state, jnp.asarray(rows), tail, steps=steps,
-                                              mode=mode, common=common)
+            tail, window, tail_window = self._read_plan(self._bound[rows])
+            self.state, out = self._step_rows(self.params, state, jnp.asarray(rows), tail, jnp.int32(window),
+                                              jnp.int32(tail_window), steps=steps, mode=mode)
             self.compact_calls += 1
-        self.ragged_calls += bool(common)
+        self._window = max(window, tail_window)
+        self.ragged_calls += tail_window >= 0
         return out
 
     def _compact_rows(self, live: np.ndarray) -> Optional[np.ndarray]:
@@ -561,41 +699,40 @@ class Engine:
         idle = np.flatnonzero(~live)[: P - n]
         return np.sort(np.concatenate([np.flatnonzero(live), idle])).astype(np.int32)
 
-    def _split_plan(self, bounds: np.ndarray) -> tuple[int, jax.Array]:
-        """(common capacity, tail rows ``[R]``) of a decode call over rows with length bounds
-        ``bounds``: the ``tail_slots`` rows with the largest bounds read the whole cache, every other
-        row only the capacity that holds the longest of them (a power of two). (0, a dummy row) when
-        that saves nothing."""
-        R = self.tail_slots
-        if R <= 0 or R >= len(bounds):
-            return 0, self._no_tail
+    def compact_sizes(self) -> list[int]:
+        """Every batch size a compact decode call may have (see :meth:`_compact_rows`)."""
+        S = self.num_slots
+        if not self.compact_decode or S < 4:
+            return []
+        out, P = [S // 4], S // 4
+        while P >= 4:
+            P //= 4
+            out.append(P)
+        return [p for p in out if p >= 1]
+
+    def _tail_count(self, rows: int) -> int:
+        """Tail rows of a decode call over ``rows`` rows (0: no ragged read in that program)."""
+        return self.tail_slots if 0 < self.tail_slots < rows else 0
+
+    def _read_plan(self, bounds: np.ndarray) -> tuple[Optional[jax.Array], int, int]:
+        """(tail rows ``[R]`` or None, common window index, tail window index or -1) of a decode call
+        over rows with length bounds ``bounds``: the ``tail_slots`` rows with the largest bounds read
+        the window that holds them, every other row the window that holds the longest of the rest.
+        The tail window is -1 (no tail read) when that saves nothing."""
+        R = self._tail_count(len(bounds))
+        full = self.window_index(max(int(bounds.max()), 1))
+        if R == 0:
+            return None, full, -1
         order = np.argsort(-bounds, kind="stable")
-        common = self.capacity_for(max(int(bounds[order[R]]), 1))
-        if common >= self._cap:
-            return 0, self._no_tail
-        return common, jnp.asarray(np.sort(order[:R]).astype(np.int32))
+        common = self.window_index(max(int(bounds[order[R]]), 1))
+        tail = jnp.asarray(np.sort(order[:R]).astype(np.int32))
+        return (tail, full, -1) if common >= full else (tail, common, full)
 
     def may_generate(self, slots: Optional[Sequence[int]] = None) -> bool:
         """False when none of ``slots`` (default all) can still be active on the device: its token budget
         is spent, so a decode call would do nothing for it (known without a host sync)."""
         left = self._left if slots is None else self._left[list(slots)]
         return bool(left.size) and bool(left.max() > 0)
-
-    def capacity_for(self, n: int) -> int:
-        """Cache capacity that holds ``n`` positions: the next power of two (at least 64), at most
-        ``max_len``; a handful of compiled variants."""
-        return min(self.max_len, max(64, 1 << max(n - 1, 1).bit_length()))
-
-    @property
-    def capacity(self) -> int:
-        """Positions each slot's cache holds now (and every decode step reads)."""
-        return self._cap
-
-    def _reserve(self, n: int) -> None:
-        """Grow the cache (every slot keeps its contents) so it holds ``n`` positions."""
-        cap = self.capacity_for(n)
-        if cap > self._cap:
-            self.state, self._cap = self._resize(self.state, cap), cap
 
     def step(self, steps: Optional[int] = None):
         """:meth:`step_async` and wait: host numpy arrays."""
@@ -605,23 +742,24 @@ class Engine:
                     lengths: Optional[Sequence[int]] = None, return_logits: bool = False) -> list:
         """Append ``token_ids[j]`` (a tool response) to finished slot ``slots[j]`` after its pending last
         token and sample each slot's next token: one device call per length bucket (tool-text buckets
-        ``extend_buckets``), no host sync when the caller passes the slots' cache ``lengths`` (else
-        one sync for all). ``budgets[j]`` = tokens the slot may still generate. Returns one
-        (token, logprob, active[, logits]) tuple of device arrays per bucket group with the group's
-        positions in ``slots``: ``[(idx, out), ...]``. Raises :class:`EngineError` when any
+        ``extend_buckets``; the number of slots padded to the row ladder), no host sync when the
+        caller passes the slots' cache ``lengths`` (else one sync for all). ``budgets[j]`` = tokens
+        the slot may still generate. Returns one (token, logprob, active[, logits]) tuple of device
+        arrays per bucket group with the group's positions in ``slots``: ``[(idx, out), ...]``
+        (entry g of a group's arrays is ``slots[idx[g]]``'s). Raises :class:`EngineError` when any
         extension would overflow its slot (check first with :meth:`extend_problem`)."""
         if lengths is None:
-            lengths = np.asarray(jax.device_get(self.state.lengths))[list(slots)].tolist()
+            lengths = np.asarray(jax.device_get(self._live_state().lengths))[list(slots)].tolist()
         for s, ids, ln in zip(slots, token_ids, lengths):
             err = self.extend_problem(s, len(ids), ln)
             if err:
                 raise err
         groups: dict[int, list[int]] = {}
-        for j, (ids, ln) in enumerate(zip(token_ids, lengths)):
-            groups.setdefault(self.bucket(len(ids) + 1, self.max_len - ln, self.extend_buckets), []).append(j)
+        for j, ids in enumerate(token_ids):
+            groups.setdefault(length_bucket(len(ids) + 1, self.extend_buckets, self.max_len), []).append(j)
         results = []
         for C, idx in groups.items():
-            G = 1 << (len(idx) - 1).bit_length()
+            G = pad_to(len(idx), self.rows)
             rows = np.full(G, self.num_slots, np.int32)  # out of range: padding rows
             tokens = np.zeros((G, C), np.int32)
             n_valid = np.ones(G, np.int32)
@@ -632,9 +770,11 @@ class Engine:
                 tokens[g, 1:len(ids) + 1] = ids
                 self._bound[s] = lengths[j] + len(ids) + 2
                 self._left[s] = budgets[j] - 1
-            self._reserve(max(lengths[j] for j in idx) + C)
-            self.state, out = self._extend(self.params, self.state, jnp.asarray(rows), jnp.asarray(tokens),
-                                           jnp.asarray(n_valid), jnp.asarray(budget),
+            window = self._window = self.window_index(max(lengths[j] + len(token_ids[j]) + 1 for j in idx))
+            state = self._live_state()
+            self.state = None  # donated
+            self.state, out = self._extend(self.params, state, jnp.asarray(rows), jnp.asarray(tokens),
+                                           jnp.asarray(n_valid), jnp.asarray(budget), jnp.int32(window),
                                            mode=widest_mode(self._modes[slots[j]] for j in idx),
                                            with_logits=return_logits)
             results.append((idx, out))
@@ -657,15 +797,84 @@ class Engine:
 
     def finish(self, slot: int, length: Optional[int] = None) -> None:
         """Stop a slot (e.g. a stop string was seen); optionally roll its cache back to ``length``."""
-        ln = int(jax.device_get(self.state.lengths[slot])) if length is None else length
+        state = self._live_state()
+        ln = int(jax.device_get(state.lengths)[slot]) if length is None else length
         self._bound[slot] = ln + 1
         self._left[slot] = 0
-        self.state = self._set_slot(self.state, jnp.int32(slot), jnp.int32(ln), jnp.bool_(False))
+        self.state = None  # donated
+        self.state = self._set_slot(state, np.int32(slot), np.int32(ln), np.bool_(False))
 
     def release(self, slot: int) -> None:
-        """Forget a finished slot (its sampling mode no longer widens the decode call)."""
+        """Forget a finished slot (its sampling mode no longer widens the decode call); when every slot
+        is free the KV cache is freed (it is allocated again by the next insert)."""
         self._modes[slot] = "greedy"
         self._bound[slot] = 0
         self._left[slot] = 0
-        if not self._bound.any() and self._cap > self.capacity_for(1):  # idle: start small again
-            self.state, self._cap = self._resize(self.state, self.capacity_for(1)), self.capacity_for(1)
+        if not self._bound.any():
+            self.state = None
+
+    # -- the program set ---------------------------------------------------------------------------
+
+    def program_calls(self, phases: Sequence[Phase], with_copy: bool = True) -> list[Call]:
+        """Every device program the engine can run for ``phases``, with abstract inputs (nothing is
+        allocated): the sampling copy, the state's allocation, prefill and insert per prompt-count and
+        prompt-length bucket, decode per batch size, extension per slot-count and tool-text bucket,
+        and the slot stop. Duplicates are dropped by :func:`sod_jax.programs.unique`."""
+        i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+        sds = jax.ShapeDtypeStruct
+        w = abstract(self.params)
+        st = jax.tree.map(lambda a: sds(a.shape, a.dtype, sharding=self._sharding), self.state_shapes())
+        scalar = sds((), i32)
+        cfg, S = self.cfg, self.num_slots
+        L, K, H, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
+        calls = [Call(self._init_state, (), {}, "init_state"),
+                 Call(self._set_slot, (st, np.int32(0), np.int32(0), np.bool_(False)), {}, "set_slot")]
+        if with_copy:
+            calls.append(Call(self._copy, (self._source_shapes,), {}, "sampling_copy"))
+        for ph in phases:
+            prompt_buckets = sorted({self.bucket(n, self.max_len) for n in self._prompt_lengths(ph.max_prompt)})
+            per_prefill = max(1, S // max(ph.n, 1))  # prompts whose n samples fit the slots at once
+            for g in range(1, per_prefill + 1):
+                G, N = pad_to(g, self.rows), pad_to(g * ph.n, self.rows)
+                for C in prompt_buckets:
+                    rows_k = tuple(sds((G, K, H, C), self.cache_dtype) for _ in range(L))
+                    rows_v = tuple(sds((G, K, C, H), self.cache_dtype) for _ in range(L))
+                    calls.append(Call(self._prefill, (w, sds((G, C), i32), sds((G,), i32)), {}, f"prefill {G}x{C}"))
+                    vec = lambda dt: sds((N,), dt)  # noqa: E731
+                    calls.append(Call(self._insert, (w, st, rows_k, rows_v, sds((G, V), f32), sds((G,), i32),
+                                                     vec(i32), vec(i32), vec(u32), vec(i32), vec(f32), vec(i32),
+                                                     vec(f32), vec(bool), vec(i32)), {"mode": ph.mode},
+                                      f"insert {N} slots from {G}x{C}"))
+            R = self._tail_count(S)
+            tail = sds((R,), i32) if R else None
+            calls.append(Call(self._step, (w, st, tail, scalar, scalar), {"steps": self.decode_steps, "mode": ph.mode},
+                              f"decode {S} slots"))
+            for P in self.compact_sizes():
+                Rp = self._tail_count(P)
+                calls.append(Call(self._step_rows, (w, st, sds((P,), i32), sds((Rp,), i32) if Rp else None, scalar,
+                                                    scalar), {"steps": self.decode_steps, "mode": ph.mode},
+                                  f"decode {P} slots"))
+            if ph.max_extend:
+                for C in self._extend_widths(ph.max_extend):
+                    for G in self.rows:
+                        calls.append(Call(self._extend, (w, st, sds((G,), i32), sds((G, C), i32), sds((G,), i32),
+                                                         sds((G,), i32), scalar), {"mode": ph.mode,
+                                                                                   "with_logits": False},
+                                          f"extend {G}x{C}"))
+        return calls
+
+    def _prompt_lengths(self, max_prompt: int) -> list[int]:
+        """One length per prefill bucket a prompt of at most ``max_prompt`` tokens can land in."""
+        limit = max(1, min(max_prompt, self.max_len - 1))
+        out = [b for b in self.buckets if b <= limit]
+        return out + [limit]
+
+    def _extend_widths(self, max_tokens: int) -> list[int]:
+        """Every padded width an extension of at most ``max_tokens`` appended tokens can have."""
+        top = self.extend_buckets[-1] if self.extend_buckets else 1
+        widths = {min(b, self.max_len) for b in self.extend_buckets}
+        while top < min(max_tokens + 1, self.max_len):
+            top *= 2
+            widths.add(min(top, self.max_len))
+        widest = length_bucket(max_tokens + 1, self.extend_buckets, self.max_len)
+        return sorted(w for w in widths if w <= widest)

@@ -56,7 +56,7 @@ def test_greedy_equals_transformers_with_continuous_batching(ckpt, mesh_shape):
         assert o.finish_reason == "length" and len(o.logprobs) == 64
 
 
-@pytest.mark.parametrize("tool_len", [5, 40])  # 40: the extension grows the cache from 64 to 96 positions
+@pytest.mark.parametrize("tool_len", [5, 60])  # 60: the extension reads a 96-position window, not 64
 def test_extend_equals_full_prefill(ckpt, tool_len):
     path, hf = ckpt
     model = load_pretrained(path)
@@ -74,7 +74,7 @@ def test_extend_equals_full_prefill(ckpt, tool_len):
     tool = [7 + i % 100 for i in range(tool_len)]
     assert engine.capacity == 64
     _, _, _, logits = engine.extend(1, tool, budget=5, return_logits=True)
-    assert engine.capacity == (64 if tool_len == 5 else 96)
+    assert engine.capacity == (64 if tool_len == 5 else 96)  # 16 cached + 61 appended > 64
     full = p + generated + tool
     np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits)[0], atol=1e-4)
     with torch.no_grad():
@@ -229,7 +229,7 @@ def test_batched_extension_equals_full_prefill(ckpt):
     slots = [0, 2, 3]
     lengths = [len(p) + len(gen[s]) - 1 for p, s in zip(ps, slots)]
     groups = engine.extend_many(slots, [tools[s] for s in slots], [4, 4, 4], lengths=lengths, return_logits=True)
-    assert sorted(calls) == [(1, 32), (2, 8)]  # slots 0 and 3 share a bucket; slot 2 has its own
+    assert sorted(calls) == [(1, 32), (4, 8)]  # slots 0 and 3 share a bucket (2 rows padded to 4); slot 2 alone
     for idx, (_, _, _, logits) in groups:
         logits = np.asarray(logits)
         for g, j in enumerate(idx):
@@ -278,18 +278,23 @@ def test_host_knows_when_budgets_are_spent(ckpt):
     assert engine.may_generate([0]) is False
 
 
-def test_cache_capacity_follows_the_live_lengths(ckpt):
+def test_read_window_follows_the_live_lengths(ckpt):
+    """The cache is allocated once at max_len; each decode call reads the shortest window of the ladder
+    that holds the live positions (chosen on device: the program does not change), and the cache is
+    freed once every slot is free."""
     path, hf = ckpt
     engine = Engine(load_pretrained(path), num_slots=2, max_len=1000, decode_steps=8)
-    assert [engine.capacity_for(n) for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
+    assert engine.windows == (64, 128, 256, 512, 1000)
+    assert [engine.windows[engine.window_index(n)] for n in (1, 64, 65, 300, 999)] == [64, 64, 128, 512, 1000]
     p = prompts(1)[0]
     seen = []
     real = engine._step
-    engine._step = lambda *a, **k: (seen.append(engine.capacity), real(*a, **k))[1]
+    engine._step = lambda *a, **k: (seen.append(max(int(a[3]), int(a[4]))), real(*a, **k))[1]
     out, = generate(engine, [Request(p, max_new_tokens=70, sampling=SamplingParams(greedy=True))])
-    assert out.token_ids == hf_greedy(hf, p, 70)  # the cache grows from 64 to 128 mid-generation
-    assert seen[0] == 64 and seen[-1] == 128 and max(seen) < 1000
-    assert engine.capacity == 64 and engine.state.v[0].shape[2] == 64  # every slot free: small again
+    assert out.token_ids == hf_greedy(hf, p, 70)  # the read grows from 64 to 128 positions mid-generation
+    assert engine.windows[seen[0]] == 64 and engine.windows[seen[-1]] == 128
+    assert len(real.compiled) == 1  # one decode program for every window
+    assert engine.state is None  # every slot free: the cache is freed
 
 
 def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
@@ -305,10 +310,11 @@ def test_ragged_decode_with_a_straggler_equals_transformers(ckpt):
     ragged, plain = Engine(model, tail_slots=1, **kw), Engine(model, tail_slots=0, **kw)
     seen = []
     real = ragged._step
-    ragged._step = lambda *a, **k: (seen.append((k["common"], ragged.capacity)), real(*a, **k))[1]
+    ragged._step = lambda *a, **k: (seen.append((int(a[3]), int(a[4]))), real(*a, **k))[1]
     outs, ref = generate(ragged, reqs), generate(plain, reqs)
     assert ragged.ragged_calls > 0 and plain.ragged_calls == 0
-    assert (64, 256) in seen  # the short slots read 64 positions while the straggler reads 256
+    assert ragged.windows == (64, 128, 256)
+    assert (0, 2) in seen  # the short slots read 64 positions while the straggler reads 256
     for p, r, o, b in zip(ps, reqs, outs, ref):
         assert o.token_ids == b.token_ids == hf_greedy(hf, p, r.max_new_tokens)
         np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
