@@ -18,6 +18,10 @@ mid-save therefore leaves at most a temporary directory, never a half-written st
 files were damaged afterwards (truncated, missing) fails to restore and :meth:`restore` falls back to
 the previous step with a warning naming both.
 
+The directory may be local or a ``gs://`` URL (shared storage for a pod; see
+:mod:`sod_jax.paths`): orbax writes the arrays through TensorStore, which reads and writes local
+paths and ``gs://`` only, so other URL schemes are refused when the :class:`Checkpointer` is made.
+
 Typical loop (RL or SFT)::
 
     ckpt = Checkpointer.from_config(cfg.checkpoint, cfg.train.out_dir)
@@ -50,7 +54,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -58,7 +61,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sod_jax import paths
+from sod_jax.paths import AnyPath
+
 log = logging.getLogger(__name__)
+
+# URL schemes orbax can write arrays to (its TensorStore kvstore for a URL is the GCS driver).
+CHECKPOINT_SCHEMES = ("gs",)
 
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
@@ -109,7 +118,7 @@ class Checkpointer:
     """orbax ``CheckpointManager`` for one run: periodic async saves, keep-last-N, resume with fallback.
 
     Args:
-      directory: where step directories live (created if missing).
+      directory: where step directories live (created if missing): a local path or a ``gs://`` URL.
       save_every: :meth:`save` writes when ``step % save_every == 0`` (or ``force``); <= 0: only forced.
       keep: keep the newest ``keep`` checkpoints (older ones are deleted after a save finishes).
       async_save: write in a background thread (the caller blocks only for the device-to-host copy).
@@ -121,27 +130,38 @@ class Checkpointer:
                  async_save: bool = True):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.directory = Path(directory).absolute()
+        if paths.is_url(directory) and paths.scheme(directory) not in CHECKPOINT_SCHEMES:
+            schemes = ", ".join(s + "://" for s in CHECKPOINT_SCHEMES)
+            raise paths.StorageError(f"checkpoint directory '{os.fspath(directory)}': orbax writes checkpoints to local "
+                                     f"(or mounted) paths and {schemes} URLs only; set checkpoint.dir to one of those")
+        self.directory: AnyPath = paths.absolute(directory)
         self.save_every = int(save_every)
         self.keep = int(keep)
         self.last_save_blocking_s: float = 0.0  # seconds the last save() that wrote held the caller
         quiet_orbax_logs()
         options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
+        except ImportError as e:  # a URL whose storage client is not installed
+            raise paths.storage_error(self.directory, e) from None
 
     @classmethod
     def from_config(cls, ckpt_cfg: Any, out_dir: Union[str, os.PathLike]) -> "Checkpointer":
-        """From a :class:`sod_jax.config.CheckpointConfig`; ``dir`` defaults to ``<out_dir>/checkpoints``."""
-        directory = ckpt_cfg.dir or os.path.join(os.fspath(out_dir), "checkpoints")
+        """From a :class:`sod_jax.config.CheckpointConfig`; ``dir`` defaults to ``<out_dir>/checkpoints``
+        (a URL ``out_dir`` gives a URL)."""
+        directory = ckpt_cfg.dir or paths.as_path(out_dir) / "checkpoints"
         return cls(directory, save_every=ckpt_cfg.save_every, keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
 
     # -- queries ---------------------------------------------------------------------------------
 
     def all_steps(self) -> list[int]:
         """Finalized steps on disk, ascending (a save still being written is not listed)."""
-        self._mngr.reload()
-        return sorted(self._mngr.all_steps())
+        try:
+            self._mngr.reload()
+            return sorted(self._mngr.all_steps())
+        except ImportError as e:  # orbax asks a gs:// bucket's layout through google-cloud-storage
+            raise paths.storage_error(self.directory, e) from None
 
     def latest_step(self) -> Optional[int]:
         steps = self.all_steps()
@@ -200,7 +220,7 @@ class Checkpointer:
         jax.block_until_ready(state)
         return state, extra
 
-    def _quarantine(self, step: int) -> Optional[Path]:
+    def _quarantine(self, step: int) -> Optional[AnyPath]:
         """Move an unreadable step aside (kept for inspection; its step number becomes free again)."""
         src = self.directory / str(step)
         dst = self.directory / f"{step}{UNREADABLE_SUFFIX}"

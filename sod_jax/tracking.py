@@ -13,18 +13,28 @@
 Only process 0 writes (``RunDir(..., enabled=jax.process_index() == 0)``); other processes get a
 writer whose methods do nothing. On resume, :meth:`RunDir.truncate_after` drops records of steps
 after the restored checkpoint so curves continue without duplicates.
+
+The run directory may be a URL (``gs://bucket/run``, see :mod:`sod_jax.paths`): every file goes
+through the same path object, jsonl appends become rewrites of the object, plots are rendered to
+bytes and written whole. TensorBoard events and the wandb directory are written only to a local run
+directory (for a URL the run has no TensorBoard events; ``metrics.jsonl`` holds every scalar).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
+
+from sod_jax import paths
+from sod_jax.paths import AnyPath, as_path
+
+log = logging.getLogger(__name__)
 
 
 def _plain(x: Any) -> Any:
@@ -43,10 +53,10 @@ def _plain(x: Any) -> Any:
 # -- jsonl: every run file of the project is read and written through these ------------------------
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: paths.PathLike) -> list[dict]:
     """Records of a jsonl file (none when it is missing); a torn line (a run killed mid-write) is
     skipped, so the record it held is simply redone."""
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         return []
     out = []
@@ -60,42 +70,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def append_jsonl(path: str | Path, records: Iterable[dict], *, sync: bool = False) -> None:
+def append_jsonl(path: paths.PathLike, records: Iterable[dict], *, sync: bool = False) -> None:
     """Append one line per record (values made JSON-able: numpy scalars, NaN -> null); ``sync``
-    forces them to disk before returning (outputs a resumed run relies on)."""
-    with open(path, "a") as f:
-        for rec in records:
-            f.write(json.dumps(_plain(rec), ensure_ascii=False) + "\n")
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+    forces them to disk before returning (outputs a resumed run relies on). On a URL the file is
+    rewritten with the lines added (:func:`sod_jax.paths.append_text`)."""
+    paths.append_text(path, "".join(json.dumps(_plain(rec), ensure_ascii=False) + "\n" for rec in records),
+                      sync=sync)
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+def write_jsonl(path: paths.PathLike, records: Iterable[dict]) -> None:
     """Replace the file with these records, atomically (a kill leaves the old file or the new one)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
+    paths.replace_text(path, "".join(json.dumps(_plain(r), ensure_ascii=False) + "\n" for r in records))
 
 
 class RunDir:
     """Writers of one run directory. See the module docstring."""
 
-    def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+    def __init__(self, out_dir: paths.PathLike, *, enabled: bool = True, tensorboard: bool = False,
                  wandb: bool = False, project: str = "sod_jax", run_name: Optional[str] = None,
                  config: Optional[dict] = None):
-        self.path = Path(out_dir)
+        self.path = as_path(out_dir)
         self.enabled = enabled
         self._tb = self._wandb = None
         if not enabled:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "plots").mkdir(exist_ok=True)
-        if tensorboard:
+        paths.makedirs(self.path / "plots")
+        local = paths.local_path(self.path)
+        if tensorboard and local is None:
+            log.warning("logging.tensorboard: no TensorBoard events for the run directory %s (events are written "
+                        "only to a local directory); metrics.jsonl holds every scalar", self.path)
+        elif tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path / "tensorboard"))
+            self._tb = SummaryWriter(str(local / "tensorboard"))
         if wandb:
             try:
                 import wandb as wb
@@ -103,7 +110,7 @@ class RunDir:
                 raise SystemExit("error: logging.wandb=true needs the wandb package: pip install wandb "
                                  "(or set logging.wandb=false)") from None
             self._wandb = wb.init(project=project, name=run_name or self.path.name, config=config,
-                                  dir=str(self.path), resume="allow")
+                                  dir=None if local is None else str(local), resume="allow")
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -154,7 +161,7 @@ class RunDir:
             if p.is_file():
                 write_jsonl(p, [r for r in read_jsonl(p) if r.get("step", 0) <= step])
 
-    def plot(self) -> list[Path]:
+    def plot(self) -> list[AnyPath]:
         return plot_run(self.path) if self.enabled else []
 
     def close(self) -> None:
@@ -193,19 +200,26 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _save(fig, path: Path, ax) -> Path:
+def _write_png(fig, path: AnyPath) -> AnyPath:
+    """Render the figure to PNG bytes and write them in one go (works for local paths and URLs alike)."""
     import matplotlib.pyplot as plt
 
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    path.write_bytes(buf.getvalue())
     return path
 
 
-def _curves(out: Path, records: list[dict], keys: Iterable[tuple[str, str]], title: str, ylabel: str,
-            xlabel: str = "RL step") -> Optional[Path]:
+def _save(fig, path: AnyPath, ax) -> AnyPath:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _write_png(fig, path)
+
+
+def _curves(out: AnyPath, records: list[dict], keys: Iterable[tuple[str, str]], title: str, ylabel: str,
+            xlabel: str = "RL step") -> Optional[AnyPath]:
     lines = [(label, *_series(records, key)) for key, label in keys]
     lines = [ln for ln in lines if ln[1]]
     if not lines:
@@ -216,13 +230,12 @@ def _curves(out: Path, records: list[dict], keys: Iterable[tuple[str, str]], tit
     return _save(fig, out, ax)
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: paths.PathLike) -> list[AnyPath]:
     """Write ``plots/*.png`` from ``metrics.jsonl`` and ``eval.jsonl``; returns the files written."""
-    run = Path(run_dir)
+    run = as_path(run_dir)
     metrics = read_jsonl(run / "metrics.jsonl")
     evals = read_jsonl(run / "eval.jsonl")
-    out = run / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    out = paths.makedirs(run / "plots")
     written = [
         _curves(out / "reward.png", metrics, [("reward_mean", "reward (incl. overlong penalty)"),
                                              ("acc", "accuracy (training rollouts)")],
@@ -276,9 +289,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             if a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "step_weights.png")
-        plt.close(fig)
-        written.append(out / "step_weights.png")
+        written.append(_write_png(fig, out / "step_weights.png"))
     return [p for p in written if p is not None]
 
 
@@ -290,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = sub.add_parser("plot", help="regenerate the PNG plots of a run directory")
     p.add_argument("run_dir")
     args = parser.parse_args(argv)
-    run = Path(args.run_dir)
+    run = as_path(args.run_dir)
     if not (run / "metrics.jsonl").is_file() and not (run / "eval.jsonl").is_file():
         raise SystemExit(f"error: {run} holds no metrics.jsonl or eval.jsonl; pass a run directory (train.out_dir)")
     for path in plot_run(run):
