@@ -18,6 +18,10 @@ as a checkpoint directory with state ``{"params": ...}`` (restore it with
 ``Checkpointer.restore({"params": abstract_params})``) and ``extra`` naming the source. It loads
 the model with ``load_pretrained`` (each device's shard cut from the memory-mapped file), so the
 full model is in device memory, which on a CPU-only host is host memory.
+
+Checkpoint directories (``--ckpt``, hf-to-orbax's ``--out``) may be ``gs://`` URLs, and so may
+orbax-to-hf's ``--out`` (written to a local staging directory, then copied there); HF inputs
+(``--hf``, ``--base-model``) are local directories.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -36,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sod_jax import paths
 from sod_jax.checkpoint import Checkpointer, quiet_orbax_logs
 from sod_jax.config import Config
 from sod_jax.models.hf import (
@@ -148,8 +154,10 @@ class SafetensorsStreamWriter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_dir(ckpt: Path, step: Optional[int]) -> tuple[int, Path]:
+def _step_dir(ckpt: paths.AnyPath, step: Optional[int]) -> tuple[int, paths.AnyPath]:
     steps = sorted(int(p.name) for p in ckpt.iterdir() if p.is_dir() and p.name.isdigit()) if ckpt.is_dir() else []
+    if paths.is_url(ckpt):  # an unfinished save on gs:// has its final name but no commit marker yet
+        steps = [s for s in steps if ocp.path.step.is_path_finalized(ckpt / str(s))]
     if (ckpt / "state").is_dir() and not steps:  # a step directory was given
         return int(ckpt.name) if ckpt.name.isdigit() else 0, ckpt
     if not steps:
@@ -164,7 +172,7 @@ def _step_dir(ckpt: Path, step: Optional[int]) -> tuple[int, Path]:
 class _StateReader:
     """The ``params`` arrays of a checkpoint's state item, read one at a time as host numpy arrays."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: paths.AnyPath):
         quiet_orbax_logs()
         self.dir = state_dir
         self._ocp = ocp
@@ -243,7 +251,7 @@ def _to_hf_tensor(path: tuple[str, ...], arr: np.ndarray, layer: Optional[int], 
     return np.ascontiguousarray(t.astype(np_dtype, copy=False))
 
 
-def _load_extra(step_dir: Path) -> dict:
+def _load_extra(step_dir: paths.AnyPath) -> dict:
     f = step_dir / "extra" / "metadata"
     if not f.is_file():
         return {}
@@ -255,10 +263,10 @@ def _load_extra(step_dir: Path) -> dict:
 
 def orbax_to_hf(ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike], *, step: Optional[int] = None,
                 dtype: Optional[str] = None, base_model: Optional[str] = None,
-                max_shard_bytes: int = 4 * 1024**3, progress: bool = False) -> Path:
+                max_shard_bytes: int = 4 * 1024**3, progress: bool = False) -> paths.AnyPath:
     """Export the params of checkpoint ``step`` (default: newest) in ``ckpt`` to an HF directory ``out``."""
 
-    step, step_dir = _step_dir(Path(ckpt), step)
+    step, step_dir = _step_dir(paths.as_path(ckpt), step)
     extra = _load_extra(step_dir)
     run_cfg = extra.get("config") or {}
     model_path = base_model or (run_cfg.get("model") or {}).get("path")
@@ -282,10 +290,23 @@ def orbax_to_hf(ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike], *, 
             raise ConvertError(f"{reader.dir}: parameter '{'.'.join(path)}' has shape {s}, which does not fit HF "
                                f"tensor {name} {hf_shape} of the architecture; wrong hf_config / --base-model?")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+    dest = paths.as_path(out)
+    if paths.local_path(dest) is None:  # safetensors are written locally, then copied to the URL
+        with tempfile.TemporaryDirectory(prefix="sod_jax_convert_") as tmp:
+            _write_hf(reader, plan, cfg, np_dtype, dtype_name, Path(tmp), run_cfg, model_path, base_model,
+                      max_shard_bytes, progress)
+            return paths.upload_dir(Path(tmp), dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for stale in list(dest.glob("model*.safetensors")) + list(dest.glob("model.safetensors.index.json")):
         stale.unlink()
+    return _write_hf(reader, plan, cfg, np_dtype, dtype_name, dest, run_cfg, model_path, base_model, max_shard_bytes,
+                     progress)
+
+
+def _write_hf(reader: "_StateReader", plan: list, cfg: Any, np_dtype: np.dtype, dtype_name: str, out: Path,
+              run_cfg: dict, model_path: Optional[str], base_model: Optional[str], max_shard_bytes: int,
+              progress: bool) -> Path:
+    """The HF directory ``out`` (local) from the checkpoint arrays: safetensors, config, tokenizer."""
     writer = SafetensorsStreamWriter(out, [(n, shp, np_dtype) for n, _, _, shp in plan], max_shard_bytes)
     bar = None
     if progress:
@@ -342,7 +363,7 @@ def _tokenizer_source(run_cfg: dict, base_model: Optional[str]) -> Optional[str]
 
 
 def hf_to_orbax(hf: Union[str, os.PathLike], out: Union[str, os.PathLike], *, step: int = 0,
-                dtype: str = "float32") -> Path:
+                dtype: str = "float32") -> paths.AnyPath:
     """Write the HF checkpoint ``hf`` as checkpoint ``step`` of ``out`` (state ``{"params": ...}``)."""
 
     model = load_pretrained(hf, dtype=dtype, param_dtype=dtype)
@@ -355,7 +376,7 @@ def hf_to_orbax(hf: Union[str, os.PathLike], out: Union[str, os.PathLike], *, st
         raise ConvertError(f"--out {out}: step {step} already exists; pick another --step or directory")
     ckpt.save(step, {"params": params}, extra=extra, force=True)
     ckpt.close()
-    return Path(out) / str(step)
+    return paths.as_path(out) / str(step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                               max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
         else:
             out = hf_to_orbax(args.hf, args.out, step=args.step, dtype=args.dtype)
-    except (ConvertError, CheckpointError, FileNotFoundError) as e:
+    except (ConvertError, CheckpointError, FileNotFoundError, paths.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}", file=sys.stderr)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from sod_jax import paths
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.config import ConfigError, add_config_args, load_config
 from sod_jax.data import DataError
@@ -81,7 +82,7 @@ def check_eval_config(cfg: Any) -> None:
     if not cfg.eval.files:
         problems.append("eval.files is empty: give the eval parquet/jsonl files (--files F ...)")
     for f in cfg.eval.files:
-        if not Path(f).is_file():
+        if not paths.is_file(f):
             problems.append(f"eval file '{f}' (eval.files) does not exist: download it (Open-AgentRL-Eval) or fix the path")
     e = cfg.eval
     if e.n < 1:
@@ -97,15 +98,14 @@ def check_eval_config(cfg: Any) -> None:
         raise ConfigError("invalid eval config:\n  - " + "\n  - ".join(problems))
 
 
-def run(cfg: Any, *, progress: bool = True) -> tuple[dict, Path]:
+def run(cfg: Any, *, progress: bool = True) -> tuple[dict, paths.AnyPath]:
     """Evaluate as the config says; returns (per-source figures, output directory)."""
 
     check_eval_config(cfg)
     tok = ChatTokenizer.from_dir(cfg.model.path)
     with runtime.build_eval_runtime(cfg, tok, files=cfg.eval.files, seed=cfg.eval.seed) as rt:
         stats = rt.stats
-        out = Path(cfg.eval.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = paths.makedirs(cfg.eval.out_dir)  # a local path or a URL
         (out / "config.yaml").write_text(cfg.to_yaml())
         (out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
         print(f"eval: {len(rt.rows)} prompts ({stats.get('too_long', 0)} longer than {cfg.data.max_prompt_length} "

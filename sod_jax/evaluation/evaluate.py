@@ -20,7 +20,9 @@ what the records were made with; a rerun with other settings stops with an error
 them.
 
 Output files: ``generations.jsonl`` (one line per sample), ``summary.json`` (per source, all
-prompts together, and verl's flat names) and ``summary.md`` (a table).
+prompts together, and verl's flat names) and ``summary.md`` (a table). ``out_dir`` may be a URL
+(:mod:`sod_jax.paths`); there each chunk's append rewrites ``generations.jsonl`` whole (object
+stores have no append), so a large evaluation is cheaper with a local ``out_dir``.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import math
 import sys
 import zlib
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from sod_jax import paths
 from sod_jax.algo.advantages import overlong_penalty  # the one DAPO overlong penalty (also re-exported here)
 from sod_jax.evaluation import metrics as M
 from sod_jax.rewards import response_text
@@ -167,7 +169,7 @@ def summary_markdown(summary: dict, ks: Sequence[int], step: Optional[int] = Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
+def _check_settings(out_dir: paths.AnyPath, settings: dict) -> None:
     path = out_dir / "eval_settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -246,10 +248,9 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
     if len(set(ids)) != len(ids):  # rows of several loads: their positions identify them
         ids = list(range(len(rows)))
     fingerprints = [prompt_fingerprint(r) for r in rows]
-    out = Path(out_dir) if out_dir is not None else None
+    out = paths.makedirs(out_dir) if out_dir is not None else None  # a local path or a URL
     records: list[dict] = []
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         settings = {"n": n, "temperature": float(eval_cfg.temperature), "top_p": float(eval_cfg.top_p),
                     "max_response_length": int(eval_cfg.max_response_length),
                     "max_assistant_turns": int(agent_cfg.max_assistant_turns), "seed": int(seed)}

@@ -9,6 +9,7 @@ Writes to ``sft.out_dir``: ``config.yaml`` (the resolved config), ``metrics.json
 loss, grad_norm, lr, tokens_per_s, ...; held-out ``val_loss`` every ``sft.eval_every`` steps),
 ``data_stats.json``, ``plots/sft_loss.png``, HF checkpoints ``hf/step_N`` every ``sft.save_every``
 steps and the final one in ``model/`` (``transformers`` loads them; tokenizer files included).
+``sft.out_dir`` and ``checkpoint.dir`` may be ``gs://`` URLs (docs/checkpoints.md, shared storage).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from sod_jax import parallel
+from sod_jax import parallel, paths
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.checkpoint import Checkpointer
 from sod_jax.config import ConfigError, add_config_args, config_from_args
@@ -54,7 +55,7 @@ def check_sft_config(cfg: Any) -> None:
     if not s.train_files:
         problems.append("sft.train_files is empty: give the SFT parquet/jsonl files (rows with `messages`, `tools`)")
     for f in list(s.train_files) + list(s.val_files):
-        if not Path(f).is_file():
+        if not paths.is_file(f):
             problems.append(f"data file '{f}' (sft.train_files / sft.val_files) does not exist: download or "
                             "generate it, or fix the path")
     if s.init is None and not cfg.model.path:
@@ -127,9 +128,9 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     check_sft_config(cfg)
     tok_dir = s.tokenizer or cfg.model.path
     tokenizer = ChatTokenizer.from_dir(tok_dir)
-    out = Path(s.out_dir)
+    out = paths.as_path(s.out_dir)
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out)
         (out / "config.yaml").write_text(cfg.to_yaml())
     train_rows, train_stats = load_rows(s.train_files, "sft", on_bad_row=cfg.data.on_bad_row)
     if s.val_files:

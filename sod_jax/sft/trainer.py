@@ -14,12 +14,17 @@ checkpoint's ``extra``. A save at a step with a held-out evaluation follows the 
 resumed run's early stopping continues exactly; the seconds a save blocked the loop are added to
 that step's record (or the next one's when the step's record is already written) as
 ``checkpoint_blocking_s``.
+
+``sft.out_dir`` may be a URL (``gs://bucket/run``, :mod:`sod_jax.paths`): the run files go there
+directly, and an HF export is written to a local staging directory first (safetensors files are
+written locally) and then copied file by file.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +36,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sod_jax import optim, parallel
+from sod_jax import optim, parallel, paths
 from sod_jax.checkpoint import config_differences
 from sod_jax.loop import Hook, Loop
 from sod_jax.models import save_pretrained
 from sod_jax.models.hf import config_to_hf
+from sod_jax.paths import AnyPath
 from sod_jax.sft.packing import Example, SFTBatch, build_batch
 from sod_jax.sft.step import SFTState, build_eval_step, build_train_step, eval_batches, plan_steps
 from sod_jax.tracking import RunDir
@@ -61,7 +67,7 @@ class SFTResult:
     stop_reason: str  # finished | max_steps | early_stop | hook | <reason given to request_stop>
     final_loss: Optional[float]
     best_val_loss: Optional[float]
-    model_dir: Optional[Path]
+    model_dir: Optional[AnyPath]
     history: list[dict] = field(default_factory=list)
 
 
@@ -81,7 +87,7 @@ class SFTTrainer(Loop):
         self.desc = "sft"
         self.cfg, self.sft, self.mesh = cfg, s, mesh
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
-        self.out_dir = Path(s.out_dir)
+        self.out_dir = paths.as_path(s.out_dir)
         self.is_writer = self.is_main
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.pack_length = s.pack_length or s.max_length
@@ -148,16 +154,30 @@ class SFTTrainer(Loop):
         nll, n = (float(x) for x in jax.device_get((nll, n)))
         return {"val_loss": nll / max(n, 1.0), "val_tokens": int(n)}
 
-    def export(self, path: Path) -> Path:
-        """Write the current weights as an HF checkpoint (``save_pretrained``) plus the tokenizer files."""
+    def export(self, path: paths.PathLike) -> AnyPath:
+        """Write the current weights as an HF checkpoint (``save_pretrained``) plus the tokenizer files.
+        Every process calls it (the weights are gathered); process 0 writes. A URL ``path``: written to
+        a local staging directory, then copied there (see the module docstring)."""
 
-        save_pretrained(self.model(), path)
+        dest = paths.as_path(path)
+        local = paths.local_path(dest)
+        if local is not None:
+            save_pretrained(self.model(), local)
+            self._copy_tokenizer(local)
+            return local
+        with tempfile.TemporaryDirectory(prefix="sod_jax_export_") as tmp:
+            save_pretrained(self.model(), tmp)
+            if self.is_writer:
+                self._copy_tokenizer(Path(tmp))
+                paths.upload_dir(Path(tmp), dest)
+        return dest
+
+    def _copy_tokenizer(self, local_dir: Path) -> None:
         if self.is_writer and self.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = self.tokenizer_dir / name
                 if src.is_file():
-                    shutil.copy2(src, Path(path) / name)
-        return Path(path)
+                    shutil.copy2(src, local_dir / name)
 
     # -- checkpoint contents (sod_jax.loop.CheckpointHook) -------------------------------------------
 
