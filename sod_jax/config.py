@@ -108,7 +108,7 @@ class RolloutConfig:
     num_slots: int = _f(256, "Concurrent decode slots (each holds one trajectory's KV cache).")
     decode_steps: int = _f(32, "Tokens generated per slot per device call.")
     prefill_buckets: list[int] = _f([256, 512, 1024, 2048, 4096], "Prompt lengths are padded up to one of these to bound recompiles.")
-    extend_buckets: list[int] = _f([16, 32, 64, 128, 256, 512], "Tool-response lengths are padded up to one of these when appended to a slot's cache (one device call per bucket per agent advance).")
+    extend_buckets: list[int] = _f([32, 128, 512], "Tool-response lengths are padded up to one of these when appended to a slot's cache (one device call per bucket per agent advance).")
     compact_decode: bool = _f(True, "When at most a quarter of the slots can still generate (a batch's stragglers), decode only those (gathered into a smaller batch) instead of every slot.")
     tail_slots: int = _f(-1, "Ragged decode: only this many of the longest slots read the whole KV cache in a decode call; the others read up to the capacity that holds them, so a straggler does not make every slot read its length (-1: num_slots/8, at least 1; 0: off).")
     kv_cache_budget_gb: float = _f(0.0, "Refuse to start if the KV cache needs more than this, checked from the student's config.json before any weights load; the error names the largest rollout.num_slots that fits (0: 90% of the device memory less the sampling weights; no check on CPU).")
@@ -329,6 +329,7 @@ class SFTConfig:
 class CompileConfig:
     """XLA compilation: the persistent cache that lets a restarted run skip recompiling."""
 
+    warmup: bool = _f(False, "RL: compile every program of the run before step 1 (the engine's programs for the rollouts, eval and held-out KL, the update and the held-out KL forward per length bucket; from abstract inputs, with a progress bar), so no step stalls on a compilation; with cache_dir a restart loads them instead.")
     cache_dir: str = _f("", "Persistent compilation cache (every program, however small or quick to compile): empty = <train.out_dir>/xla_cache for python -m sod_jax.train, <sft.out_dir>/xla_cache for sod_jax.sft, <eval.out_dir>/xla_cache for sod_jax.eval; a directory or gs:// URL; none = off. JAX_COMPILATION_CACHE_DIR in the environment takes precedence.")
 
 

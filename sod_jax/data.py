@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 import grain
 import jinja2
 
+from sod_jax import paths
 from sod_jax.chat import CODE_INTERPRETER_TOOL
 from sod_jax.rewards.registry import BUILTIN_SOURCES, check_sources, source_map
 
@@ -52,15 +53,19 @@ class _BadRow(Exception):
 
 
 def read_records(path: Union[str, Path]) -> list[dict]:
-    """All records of one parquet or jsonl file as plain Python dicts (columns -> values)."""
-    path = Path(path)
-    if not path.is_file():
+    """All records of one parquet or jsonl file as plain Python dicts (columns -> values). ``path``
+    may be a ``gs://`` URL (read through :mod:`sod_jax.paths`)."""
+    path = paths.as_path(path)
+    if not paths.is_file(path):
         raise DataError(f"data file '{path}' does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
+            if paths.is_url(path):
+                with path.open("rb") as f:
+                    return pq.read_table(f).to_pylist()
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sod_jax import compile_cache, parallel
+from sod_jax import compile_cache, parallel, paths, programs
 from sod_jax.algo import modes
 from sod_jax.algo.advantages import overlong_penalty
 from sod_jax.chat import ChatError, ChatTokenizer
@@ -58,6 +58,8 @@ from sod_jax.models.hf import (
     resolve_checkpoint_dir,
 )
 from sod_jax.rewards import RewardPool, response_text
+from sod_jax.programs import Program
+from sod_jax.rl import programs as rl_programs
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
 from sod_jax.rl.rollouts import StepRollouts, eval_line, rollout_metrics, step_line, step_weight_samples
 from sod_jax.rl.update import (
@@ -122,7 +124,7 @@ class Trainer(Loop):
         super().__init__(progress=progress)
         self.cfg = cfg
         self.desc = f"{cfg.algo.name} RL"
-        self.out = Path(cfg.train.out_dir)
+        self.out = paths.as_path(cfg.train.out_dir)
         self.loader_iter = None
         self.first_eval = self.last_eval = None
         # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
@@ -179,7 +181,7 @@ class Trainer(Loop):
         if not cfg.data.train_files:
             raise SetupError("data.train_files is empty: list the RL parquet/jsonl files")
         for f in list(cfg.data.train_files) + list(cfg.data.val_files):
-            if not Path(f).is_file():
+            if not paths.is_file(f):
                 raise SetupError(f"data file '{f}' does not exist (data.train_files / data.val_files)")
         self.tools = eval_runtime.tool_schemas(cfg)
         kw = dict(reward_cfg=cfg.reward, tools=self.tools, enable_thinking=cfg.rollout.enable_thinking)
@@ -265,8 +267,9 @@ class Trainer(Loop):
         self.opt_steps = num_optimizer_steps(cfg.train, self.total_steps)
         self.tx, self.state, shardings = make_train_state(cfg, params, self.opt_steps, self.mesh)
         self.spec = UpdateSpec.from_config(cfg)
-        self.update = build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh,
-                                   state_shardings=shardings)
+        self.update = Program("update", build_update(self.spec, self.tx, self.s_graph, self.t_graph, mesh=self.mesh,
+                                                     state_shardings=shardings))
+        self.kl_forward = Program("heldout_kl", self._kl_program()) if self.needs_teacher else None
         self.max_len = cfg.data.max_prompt_length + cfg.rollout.max_response_length
         self.buckets = list(getattr(cfg.train, "length_buckets", None) or length_buckets(self.max_len))
         budget = cfg.rollout.kv_cache_budget_gb
@@ -287,6 +290,42 @@ class Trainer(Loop):
                                                        timing_key="time/checkpoint")]
         self.compiled_shapes: set = set()
         self.run_dir.write_text("config.yaml", cfg.to_yaml())
+        if cfg.compile.warmup:
+            self.warm_up()
+
+    def program_calls(self) -> list:
+        """Every program this run compiles (see :mod:`sod_jax.rl.programs`), with abstract inputs."""
+        cfg = self.cfg
+        calls = self.engine.program_calls(rl_programs.engine_phases(cfg, self.needs_teacher, bool(self.val_rows)))
+        rows = cfg.train.prompts_per_step * cfg.rollout.n  # the global batch
+        calls += rl_programs.update_calls(self.update, self.state, self.t_params, rows, self.buckets,
+                                          modes.get(cfg.algo.name).self_teacher, self.mesh)
+        kl_rows = min(int(getattr(cfg.eval, "kl_prompts", 0) or 0), len(self.val_rows or []))
+        if self.kl_forward is not None and kl_rows:
+            calls += rl_programs.kl_calls(self.kl_forward, self.state.params, self.t_params, kl_rows, self.buckets,
+                                          self.mesh)
+        return calls
+
+    def warm_up(self) -> None:
+        """Compile the whole program set before step 1 (``compile.warmup``)."""
+        calls = programs.unique(self.program_calls())
+        self.say(f"warm-up: compiling {len(calls)} programs before step 1")
+        programs.warm_up(calls, progress=self.progress and self.is_main, say=self.say if self.is_main else None)
+        warm_checkpoint_slices(self.state)
+
+    def _kl_program(self):
+        """The held-out KL: student-teacher k1 over response tokens of a packed batch."""
+        chunk = self.cfg.model.logprob_chunk
+        s_graph, t_graph = self.s_graph, self.t_graph
+
+        @jax.jit
+        def kl(s_params, t_params, ids, pos, att, mask):
+            s, _ = sequence_logprobs(s_graph, s_params, ids, pos, att, chunk)
+            q, _ = sequence_logprobs(t_graph, t_params, ids, pos, att, chunk)
+            m = mask.astype(s.dtype)
+            return (m * (s - q.astype(s.dtype))).sum() / jax.numpy.maximum(m.sum(), 1.0)
+
+        return kl
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -380,6 +419,7 @@ class Trainer(Loop):
         if t_prompts is not None:
             Lt = self._agreed_length(max(len(p) + len(t.response_ids) for p, t in zip(t_prompts, ro.trajectories)))
         batch = pack(ro.trajectories, ro.rewards, ro.group_ids, rows, L, self.tok.pad_id, t_prompts, Lt)
+        self._batch_tokens = int(batch.attention_mask.sum())  # on the host: no device reduction to compile
         return parallel.put_batch(batch, self.mesh), (L, Lt)
 
     def train_step(self, step: int) -> dict:
@@ -403,7 +443,7 @@ class Trainer(Loop):
         out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in metrics.items()
                if not k.startswith("sample_step_")}
         out.update(rollout_metrics(ro))
-        tokens = int(np.sum(batch.attention_mask)) if jax.process_count() == 1 else None
+        tokens = self._batch_tokens if jax.process_count() == 1 else None
         out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
                     "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
                     "optimizer_step": int(self.state.step)})
@@ -455,21 +495,9 @@ class Trainer(Loop):
         trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
         L = self._agreed_length(max(len(t.prompt_ids) + len(t.response_ids) for t in trajs))
         p = pack(trajs, [0.0] * len(trajs), list(range(len(trajs))), len(trajs), L, self.tok.pad_id)
-        if not hasattr(self, "_kl_fn"):
-            chunk = cfg.model.logprob_chunk
-            s_graph, t_graph = self.s_graph, self.t_graph
-
-            @jax.jit
-            def kl(s_params, t_params, ids, pos, att, mask):
-                s, _ = sequence_logprobs(s_graph, s_params, ids, pos, att, chunk)
-                q, _ = sequence_logprobs(t_graph, t_params, ids, pos, att, chunk)
-                m = mask.astype(s.dtype)
-                return (m * (s - q.astype(s.dtype))).sum() / jax.numpy.maximum(m.sum(), 1.0)
-
-            self._kl_fn = kl
         arrays = parallel.put_batch((p.input_ids, p.positions, p.attention_mask, p.response_mask), self.mesh) \
             if len(trajs) % self.mesh.size == 0 else (p.input_ids, p.positions, p.attention_mask, p.response_mask)
-        return float(self._kl_fn(self.state.params, self.t_params, *arrays))
+        return float(self.kl_forward(self.state.params, self.t_params, *arrays))
 
     # -----------------------------------------------------------------------------------------
     # The loop
@@ -512,6 +540,25 @@ class Trainer(Loop):
         rd = getattr(self, "run_dir", None)
         if rd is not None:
             rd.close()
+
+
+def warm_checkpoint_slices(state: Any) -> None:
+    """Compile the small per-device slice programs orbax's checkpoint writer runs on replicated arrays
+    (replica-parallel saving: each replica writes a slice), so the first save compiles nothing. They
+    are computed and dropped (a fraction of each replicated array, transiently). Skipped, with a
+    debug line, if orbax's internal module is not where this version has it."""
+    try:
+        from orbax.checkpoint._src.serialization import replica_slices
+    except ImportError as e:  # pragma: no cover - another orbax layout
+        log.debug("checkpoint slice warm-up skipped: %s", e)
+        return
+    try:
+        for arr in jax.tree.leaves(state):
+            if isinstance(arr, jax.Array):
+                for rs in replica_slices.get_replica_slices(arr, 0, True).replica_slices:
+                    rs.data()
+    except Exception as e:  # noqa: BLE001 - a warm-up only: the save itself still works
+        log.debug("checkpoint slice warm-up skipped: %s", e)
 
 
 def _special_ids(tok) -> dict:

@@ -328,7 +328,7 @@ class Engine:
         max_len: int = 2048,
         decode_steps: int = 32,
         prefill_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
-        extend_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512),
+        extend_buckets: Sequence[int] = (32, 128, 512),
         stop_ids: Sequence[int] = (),
         tokenizer: Any = None,
         kv_budget_bytes: Optional[int] = None,
@@ -337,8 +337,9 @@ class Engine:
         compact_decode: bool = True,
     ):
         cfg = model.config
-        self._configure(cfg, num_slots, max_len, decode_steps, prefill_buckets, extend_buckets, stop_ids,
-                        cache_dtype, tail_slots, compact_decode)
+        self._configure(cfg, num_slots=num_slots, max_len=max_len, decode_steps=decode_steps,
+                        prefill_buckets=prefill_buckets, extend_buckets=extend_buckets, stop_ids=stop_ids,
+                        cache_dtype=cache_dtype, tail_slots=tail_slots, compact_decode=compact_decode)
         self.tokenizer = tokenizer
         log.info("KV cache: %d slots x %d tokens x %d layers x %d kv heads x %d x 2 x %s = %.3f GiB", num_slots,
                  max_len, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
@@ -353,8 +354,26 @@ class Engine:
         self.params: dict = {}
         self.update_params(model)
 
-    def _configure(self, cfg: Qwen3Config, num_slots, max_len, decode_steps, prefill_buckets, extend_buckets,
-                   stop_ids, cache_dtype, tail_slots, compact_decode) -> None:
+    @classmethod
+    def abstract(cls, cfg: Qwen3Config, params: Any, source: Any = None, **options: Any) -> "Engine":
+        """An engine over abstract weights, for :meth:`program_calls` and lowering (the planner):
+        ``params`` are ``jax.ShapeDtypeStruct`` s of the sampling copy (the output of
+        :func:`sampling_weights`, with the shardings it will have), ``source`` those of the trainer's
+        ``Qwen3.weights()`` (for the copy program; None: leave it out). ``options``: the keyword
+        arguments of :class:`Engine` (no budget check, nothing allocated)."""
+        self = cls.__new__(cls)
+        options.pop("kv_budget_bytes", None)
+        self.tokenizer = options.pop("tokenizer", None)
+        self._configure(cfg, **options)
+        self.params = params
+        self._source_shapes = source
+        self._set_state_sharding()
+        return self
+
+    def _configure(self, cfg: Qwen3Config, *, num_slots: int = 8, max_len: int = 2048, decode_steps: int = 32,
+                   prefill_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048, 4096),
+                   extend_buckets: Sequence[int] = (32, 128, 512), stop_ids: Sequence[int] = (),
+                   cache_dtype: Any = None, tail_slots: Optional[int] = None, compact_decode: bool = True) -> None:
         """Sizes, ladders, host bookkeeping and the device programs (no weights, nothing allocated)."""
         self.cfg = cfg
         self.num_slots, self.max_len, self.decode_steps = num_slots, max_len, decode_steps
@@ -617,7 +636,7 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
             n_valid[i] = len(p)
-        k, v, logits = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(n_valid))
+        k, v, logits = self._prefill(self.params, tokens, n_valid)
         return Prefix(k, v, logits, lens)
 
     def insert(self, prefix: Prefix, slots: Sequence[int], sampling: Sequence[SamplingParams],
@@ -638,15 +657,15 @@ class Engine:
         N = pad_to(n, self.rows)
         pad = N - n
 
-        def arr(xs, dt, fill):
-            return jnp.asarray(np.asarray(list(xs) + [fill] * pad, dt))
+        def arr(xs, dt, fill):  # host arrays: the executable places them itself
+            return np.asarray(list(xs) + [fill] * pad, dt)
 
         G = prefix.logits.shape[0]
         state = self._live_state()
         self.state = None  # donated
         self.state, out = self._insert(
             self.params, state, prefix.k, prefix.v, prefix.logits,
-            jnp.asarray(np.asarray(prefix.lengths + [1] * (G - len(prefix.lengths)), np.int32)), arr(src, np.int32, 0),
+            np.asarray(prefix.lengths + [1] * (G - len(prefix.lengths)), np.int32), arr(src, np.int32, 0),
             arr(slots, np.int32, self.num_slots), arr(seeds, np.uint32, 0), arr(sample_indices, np.int32, 0),
             arr([p.temperature for p in sampling], np.float32, 1.0), arr([p.top_k for p in sampling], np.int32, -1),
             arr([p.top_p for p in sampling], np.float32, 1.0), arr([p.greedy for p in sampling], bool, True),
@@ -675,12 +694,12 @@ class Engine:
         self.state = None  # donated
         if rows is None:
             tail, window, tail_window = self._read_plan(self._bound)
-            self.state, out = self._step(self.params, state, tail, jnp.int32(window), jnp.int32(tail_window),
+            self.state, out = self._step(self.params, state, tail, np.int32(window), np.int32(tail_window),
                                          steps=steps, mode=mode)
         else:
             tail, window, tail_window = self._read_plan(self._bound[rows])
-            self.state, out = self._step_rows(self.params, state, jnp.asarray(rows), tail, jnp.int32(window),
-                                              jnp.int32(tail_window), steps=steps, mode=mode)
+            self.state, out = self._step_rows(self.params, state, rows, tail, np.int32(window), np.int32(tail_window),
+                                              steps=steps, mode=mode)
             self.compact_calls += 1
         self._window = max(window, tail_window)
         self.ragged_calls += tail_window >= 0
@@ -714,7 +733,7 @@ class Engine:
         """Tail rows of a decode call over ``rows`` rows (0: no ragged read in that program)."""
         return self.tail_slots if 0 < self.tail_slots < rows else 0
 
-    def _read_plan(self, bounds: np.ndarray) -> tuple[Optional[jax.Array], int, int]:
+    def _read_plan(self, bounds: np.ndarray) -> tuple[Optional[np.ndarray], int, int]:
         """(tail rows ``[R]`` or None, common window index, tail window index or -1) of a decode call
         over rows with length bounds ``bounds``: the ``tail_slots`` rows with the largest bounds read
         the window that holds them, every other row the window that holds the longest of the rest.
@@ -725,7 +744,7 @@ class Engine:
             return None, full, -1
         order = np.argsort(-bounds, kind="stable")
         common = self.window_index(max(int(bounds[order[R]]), 1))
-        tail = jnp.asarray(np.sort(order[:R]).astype(np.int32))
+        tail = np.sort(order[:R]).astype(np.int32)
         return (tail, full, -1) if common >= full else (tail, common, full)
 
     def may_generate(self, slots: Optional[Sequence[int]] = None) -> bool:
@@ -773,8 +792,7 @@ class Engine:
             window = self._window = self.window_index(max(lengths[j] + len(token_ids[j]) + 1 for j in idx))
             state = self._live_state()
             self.state = None  # donated
-            self.state, out = self._extend(self.params, state, jnp.asarray(rows), jnp.asarray(tokens),
-                                           jnp.asarray(n_valid), jnp.asarray(budget), jnp.int32(window),
+            self.state, out = self._extend(self.params, state, rows, tokens, n_valid, budget, np.int32(window),
                                            mode=widest_mode(self._modes[slots[j]] for j in idx),
                                            with_logits=return_logits)
             results.append((idx, out))
@@ -829,7 +847,7 @@ class Engine:
         L, K, H, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size
         calls = [Call(self._init_state, (), {}, "init_state"),
                  Call(self._set_slot, (st, np.int32(0), np.int32(0), np.bool_(False)), {}, "set_slot")]
-        if with_copy:
+        if with_copy and self._source_shapes is not None:
             calls.append(Call(self._copy, (self._source_shapes,), {}, "sampling_copy"))
         for ph in phases:
             prompt_buckets = sorted({self.bucket(n, self.max_len) for n in self._prompt_lengths(ph.max_prompt)})

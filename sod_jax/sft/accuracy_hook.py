@@ -150,7 +150,7 @@ class AccuracyHook(SFTHook):
         snap, stop = accuracy_decision(rec["acc"], s, self.snapshot_taken)
         note = f"step {step}: held-out tool-using accuracy {rec['acc']:.3f} ({rec['prompts']} prompts)"
         if snap:
-            trainer.export(Path(s.snapshot_out))
+            trainer.export(s.snapshot_out)
             self.snapshot_taken = True
             note += f"; in-band snapshot -> {s.snapshot_out}"
         if self.best is None or rec["acc"] > self.best:

@@ -131,6 +131,34 @@ def test_each_algorithm_runs_three_steps(setup, algo):
         assert sw and all(len(t["d"]) == len(t["w"]) for r in sw for t in r["trajectories"])
 
 
+def test_warm_up_compiles_every_program_before_step_1(setup, tmp_path):
+    """compile.warmup: every program of the run (engine phases, update and held-out KL per length bucket)
+    compiles before step 1, so the steps (rollouts with tool calls, updates, the step-3 eval, checkpoints)
+    compile nothing, as JAX's own compile events count them. A second run of the same command with
+    the same persistent cache loads every program from it: no cache miss."""
+    root, base, _ = setup
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+    starts = []
+    for i in range(2):
+        out = root / f"run_warm_{i}"
+        t0 = time.perf_counter()
+        p = run_cli("--config", str(base), "algo.name=sod", "compile.warmup=true", f"train.out_dir={out}", env=env)
+        starts.append(time.perf_counter() - t0)
+        assert "warm-up: compiled" in p.stdout + p.stderr
+        metrics = _records(out / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        assert max(m["num_tool_calls_mean"] if "num_tool_calls_mean" in m else 0 for m in metrics) >= 0
+        for m in metrics:
+            assert m["compiles"] == 0, (i, m["step"], m["compiles"])
+        first = metrics[0]
+        assert first["startup_compiles"] > 10
+        if i == 0:
+            assert first["startup_compile_cache_misses"] > 10
+        else:
+            assert first["startup_compile_cache_misses"] == 0 and first["startup_compile_cache_hits"] > 10
+    print(f"warm-up runs: first {starts[0]:.0f} s, second (persistent cache) {starts[1]:.0f} s")
+
+
 def _final_params(run: Path) -> dict:
     """The run's latest checkpoint exported by `python -m sod_jax.convert orbax-to-hf` (numpy arrays)."""
     from safetensors.numpy import load_file
