@@ -1,6 +1,8 @@
 """A reduced demo end to end through the train CLI (slow): real tool calls in the local sandbox,
 rewards, updates, eval with the held-out KL, a checkpoint and a resume; the run files exist and the
-held-out student-teacher KL falls."""
+held-out student-teacher KL falls. Both runs warm up (compile.warmup): the steps, with their tool
+calls, evals and checkpoints, compile nothing, and the resumed run loads every program from the
+persistent compilation cache."""
 
 import json
 import subprocess
@@ -17,7 +19,8 @@ pytest.importorskip("sod_jax.checkpoint", reason="the RL loop's checkpoint modul
 def _train(out: Path, steps: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "sod_jax.train", "--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
            f"train.out_dir={out}", f"train.total_steps={steps}", "train.eval_every=3", "checkpoint.save_every=3",
-           "checkpoint.async_save=false", "eval.kl_prompts=16", "rollout.n=4", "train.prompts_per_step=4", "eval.n=1", "eval.ks=[1]"]
+           "checkpoint.async_save=false", "eval.kl_prompts=16", "rollout.n=4", "train.prompts_per_step=4", "eval.n=1", "eval.ks=[1]",
+           "compile.warmup=true"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
 
 
@@ -36,6 +39,10 @@ def test_reduced_demo_runs_and_resumes(tmp_path):
     assert [e["step"] for e in evals] == [0, 3, 6]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["tool_calls_mean"] > 0 for m in metrics)  # real tool calls were made
+    # After the warm-up no step compiles (JAX's compile events), and the resumed run's start-up
+    # loaded every program from the persistent cache (no miss).
+    assert [m["compiles"] for m in metrics] == [0] * 6, [m["compiles"] for m in metrics]
+    assert metrics[3]["startup_compile_cache_misses"] == 0 and metrics[3]["startup_compile_cache_hits"] > 0
     # the held-out student-teacher KL (k1 on student rollouts of the first 16 held-out prompts) is
     # measured at every evaluation, and distillation lowers it
     kls = [e["heldout_kl"] for e in evals]
