@@ -24,9 +24,10 @@ from sod_jax.chat import code_interpreter_tool
 from sod_jax.data import load_prompt_rows, prompt_lengths
 from sod_jax.evaluation.evaluate import EvalError, evaluate
 from sod_jax.models import load_pretrained
+from sod_jax.models.hf import read_config
 from sod_jax.rewards import RewardPool
 from sod_jax.rollout.agent import AgentConfig
-from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.rollout.engine import Engine, engine_options, kv_budget_problem
 from sod_jax.sandbox.factory import make_sandbox
 
 
@@ -61,17 +62,37 @@ def load_eval_model(cfg: Any) -> Any:
                            remat="none", attention_block=m.attention_block)
 
 
-def eval_engine(cfg: Any, model: Any, tok: Any, rows: Sequence[dict], tools: list[dict], eval_cfg: Any) -> Engine:
-    """An engine for evaluating ``rows``: ``eval.n`` samples of a prompt decode together, and up to
-    ``rollout.num_slots`` samples in all (never more than there are); each sequence holds the
-    longest prompt plus ``max_response_length`` tokens."""
-    r = cfg.rollout
+def eval_engine_sizes(cfg: Any, tok: Any, rows: Sequence[dict], tools: list[dict], eval_cfg: Any) -> tuple[int, int]:
+    """(slots, slot length) of the engine for evaluating ``rows``: ``eval.n`` samples of a prompt decode
+    together, and up to ``rollout.num_slots`` samples in all (never more than there are); each
+    sequence holds the longest prompt plus ``max_response_length`` tokens."""
     n = int(eval_cfg.n)
-    longest = max(prompt_lengths(rows, tok, tools, r.enable_thinking))
-    slots = max(n, min(r.num_slots, n * len(rows)))
-    return Engine(model, num_slots=slots, max_len=longest + int(eval_cfg.max_response_length) + 1,
-                  decode_steps=r.decode_steps, prefill_buckets=r.prefill_buckets, **engine_options(r),
-                  stop_ids=tok.stop_ids, tokenizer=tok)
+    longest = max(prompt_lengths(rows, tok, tools, cfg.rollout.enable_thinking))
+    return max(n, min(cfg.rollout.num_slots, n * len(rows))), longest + int(eval_cfg.max_response_length) + 1
+
+
+def check_eval_kv_cache(cfg: Any, slots: int, max_len: int) -> None:
+    """The engine's KV-cache check from the model's config.json alone (before any weight loads):
+    :class:`EvalError` with the one-line message when ``rollout.kv_cache_budget_gb`` is set and the
+    cache does not fit it."""
+    budget = float(cfg.rollout.kv_cache_budget_gb or 0)
+    if not budget:
+        return  # the engine checks the device's own memory once the model is loaded
+    model_cfg = read_config(cfg.model.path)
+    problem = kv_budget_problem(model_cfg, slots, max_len, cfg.model.dtype, int(budget * 2**30),
+                                min_slots=int(cfg.eval.n))
+    if problem:
+        raise EvalError(problem)
+
+
+def eval_engine(cfg: Any, model: Any, tok: Any, rows: Sequence[dict], tools: list[dict], eval_cfg: Any) -> Engine:
+    """An engine for evaluating ``rows`` (sizes: :func:`eval_engine_sizes`)."""
+    r = cfg.rollout
+    slots, max_len = eval_engine_sizes(cfg, tok, rows, tools, eval_cfg)
+    budget = float(r.kv_cache_budget_gb or 0)
+    return Engine(model, num_slots=slots, max_len=max_len, decode_steps=r.decode_steps,
+                  prefill_buckets=r.prefill_buckets, **engine_options(r), stop_ids=tok.stop_ids, tokenizer=tok,
+                  kv_budget_bytes=int(budget * 2**30) if budget else None)
 
 
 @dataclass
@@ -159,6 +180,8 @@ def build_eval_runtime(cfg: Any, tok: Any, *, files: Optional[Sequence[str]] = N
         raise EvalError(f"{files_key} {named}: no prompt left after the length filter "
                         f"({limit_key}={max_len}): {json.dumps(stats or {}, default=str)}")
     if engine is None:
+        if model is None:  # a cache that cannot fit fails before the weights load
+            check_eval_kv_cache(cfg, *eval_engine_sizes(cfg, tok, rows, tools, eval_cfg))
         engine = eval_engine(cfg, load_eval_model(cfg) if model is None else model, tok, rows, tools, eval_cfg)
     owned: set[str] = set()
     try:

@@ -17,16 +17,20 @@ planner uses.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from sod_jax import parallel
+from sod_jax.algo import modes
+from sod_jax.models.qwen3 import Qwen3, Qwen3Config, as_dtype
 from sod_jax.programs import Call, Program, abstract
 from sod_jax.rl.batch import RLBatch
-from sod_jax.rollout.engine import Phase
+from sod_jax.rollout.engine import Engine, Phase, engine_options, sampling_weights
 from sod_jax.rollout.sampling import SamplingParams, mode_of
 
 # A tool turn appends the tool texts plus the chat template around them (the end of the assistant
@@ -113,3 +117,18 @@ def kl_calls(kl: Program, params: Any, teacher_params: Any, rows: int, buckets: 
         calls.append(Call(kl, (sp, tp, b.input_ids, b.positions, b.attention_mask, b.response_mask), {},
                           f"heldout_kl {rows}x{L}"))
     return calls
+
+
+def engine_calls_for(cfg: Any, model_cfg: Qwen3Config) -> list[Call]:
+    """The engine's program set of an RL run of ``cfg`` from the student's architecture alone
+    (abstract weights: nothing is loaded, allocated or compiled). Used to count a config's programs
+    (the docs' table, a test) and by the planner."""
+    mc = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    source = jax.eval_shape(lambda: Qwen3(mc, rngs=nnx.Rngs(0)).weights())
+    params = jax.eval_shape(partial(sampling_weights, mc, dtype=as_dtype(mc.dtype)), source)
+    r = cfg.rollout
+    engine = Engine.abstract(mc, params, source, num_slots=r.num_slots,
+                             max_len=cfg.data.max_prompt_length + r.max_response_length, decode_steps=r.decode_steps,
+                             prefill_buckets=r.prefill_buckets, **engine_options(r))
+    needs_teacher = modes.needs_teacher_model(cfg.algo.name)
+    return engine.program_calls(engine_phases(cfg, needs_teacher, with_eval=bool(cfg.data.val_files)))

@@ -77,6 +77,7 @@ from sod_jax.rollout.engine import (
     default_kv_budget_bytes,
     engine_options,
     kv_budget_problem,
+    slot_devices,
 )
 from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.sandbox.factory import make_sandbox
@@ -230,8 +231,10 @@ class Trainer(Loop):
         else:
             weight_bytes = self.student_cfg.num_params() * np_dtype(cfg.model.dtype).itemsize
             budget, src = default_kv_budget_bytes(weight_bytes), DEFAULT_BUDGET_SOURCE
+        m = cfg.mesh
+        data, fsdp, _ = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
         problem = kv_budget_problem(self.student_cfg, r.num_slots, max_len, cfg.model.dtype, budget, src,
-                                    min_slots=r.n)
+                                    min_slots=r.n, devices=slot_devices(r.num_slots, {"data": data, "fsdp": fsdp}))
         if problem:
             raise SetupError(problem)
 

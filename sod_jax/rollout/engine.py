@@ -117,6 +117,13 @@ def _decode_one(cfg: Qwen3Config, w: dict, st: SlotState, stop_ids: jax.Array, m
     return st, (tok, lp, act)
 
 
+def _mesh_of(model: Qwen3) -> Any:
+    """The mesh the model's weights live on (None: not on a mesh)."""
+    leaf = jax.tree.leaves(nnx.state(model))[0]
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
 def window_ladder(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     """The cache windows a call may read: powers of two from ``smallest`` below ``max_len``, then
     ``max_len`` (a few ``lax.switch`` branches; a read never exceeds twice what it needs)."""
@@ -257,23 +264,35 @@ def engine_options(rollout_cfg: Any) -> dict:
             "compact_decode": bool(rollout_cfg.compact_decode)}
 
 
-def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any) -> int:
-    """slots x max_len x layers x kv_heads x head_dim x 2 (k and v) x bytes per element."""
-    return (num_slots * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any, devices: int = 1) -> int:
+    """Per device: slots / devices (the slots are split over ``devices``) x max_len x layers x
+    kv_heads x head_dim x 2 (k and v) x bytes per element."""
+    return (-(-num_slots // devices) * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
             * jnp.dtype(dtype).itemsize)
 
 
+def slot_devices(num_slots: int, mesh_shape: dict) -> int:
+    """The devices a cache of ``num_slots`` slots is split over on a mesh of ``mesh_shape`` (axis ->
+    size): the ``data`` x ``fsdp`` devices (the sampling copy does not use them) when they divide the
+    slots, else 1 (every device holds every slot)."""
+    d = int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))
+    return d if d > 1 and num_slots % d == 0 else 1
+
+
 def kv_budget_problem(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any, budget_bytes: Optional[int],
-                      budget_source: str = "rollout.kv_cache_budget_gb", min_slots: int = 1) -> Optional[str]:
-    """None when ``num_slots`` slots of ``max_len`` tokens fit ``budget_bytes`` (None: no budget), else
-    the one-line message: what the cache needs, the budget, and the largest ``rollout.num_slots``
-    (at least ``min_slots``, e.g. ``rollout.n``) that fits, or that none does."""
-    need = kv_cache_bytes(cfg, num_slots, max_len, dtype)
+                      budget_source: str = "rollout.kv_cache_budget_gb", min_slots: int = 1,
+                      devices: int = 1) -> Optional[str]:
+    """None when ``num_slots`` slots of ``max_len`` tokens, split over ``devices``, fit ``budget_bytes``
+    per device (None: no budget), else the one-line message: what the cache needs per device, the
+    budget, and the largest ``rollout.num_slots`` (a multiple of ``devices``, at least ``min_slots``,
+    e.g. ``rollout.n``) that fits, or that none does."""
+    need = kv_cache_bytes(cfg, num_slots, max_len, dtype, devices)
     if not budget_bytes or need <= budget_bytes:
         return None
     item = jnp.dtype(dtype).itemsize
-    fit = budget_bytes // kv_cache_bytes(cfg, 1, max_len, dtype)
-    head = (f"KV cache needs {need / 2**30:.2f} GiB (rollout.num_slots={num_slots} slots x {max_len} tokens x "
+    fit = budget_bytes // kv_cache_bytes(cfg, 1, max_len, dtype) * devices
+    split = f" per device ({devices} devices: {-(-num_slots // devices)} slots each)" if devices > 1 else ""
+    head = (f"KV cache needs {need / 2**30:.2f} GiB{split} (rollout.num_slots={num_slots} slots x {max_len} tokens x "
             f"{cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x 2 x {item} B) "
             f"but {budget_source} is {budget_bytes / 2**30:.2f} GiB")
     if fit >= max(min_slots, 1):
@@ -337,16 +356,18 @@ class Engine:
         compact_decode: bool = True,
     ):
         cfg = model.config
+        self.slot_devices = slot_devices(num_slots, dict(_mesh_of(model).shape) if _mesh_of(model) else {})
         self._configure(cfg, num_slots=num_slots, max_len=max_len, decode_steps=decode_steps,
                         prefill_buckets=prefill_buckets, extend_buckets=extend_buckets, stop_ids=stop_ids,
                         cache_dtype=cache_dtype, tail_slots=tail_slots, compact_decode=compact_decode)
         self.tokenizer = tokenizer
-        log.info("KV cache: %d slots x %d tokens x %d layers x %d kv heads x %d x 2 x %s = %.3f GiB", num_slots,
-                 max_len, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                 jnp.dtype(self.cache_dtype).name, self.kv_bytes / 2**30)
+        log.info("KV cache: %d slots (%d per device) x %d tokens x %d layers x %d kv heads x %d x 2 x %s = %.3f GiB "
+                 "per device", num_slots, num_slots // self.slot_devices, max_len, cfg.num_hidden_layers,
+                 cfg.num_key_value_heads, cfg.head_dim, jnp.dtype(self.cache_dtype).name, self.kv_bytes / 2**30)
         budget = kv_budget_bytes if kv_budget_bytes else default_kv_budget_bytes(self.weight_bytes)
         problem = kv_budget_problem(cfg, num_slots, max_len, self.cache_dtype, budget,
-                                    "the budget" if kv_budget_bytes else DEFAULT_BUDGET_SOURCE)
+                                    "the budget" if kv_budget_bytes else DEFAULT_BUDGET_SOURCE,
+                                    devices=self.slot_devices)
         if problem:
             raise EngineError(problem)
         self.graphdef = nnx.graphdef(model)
@@ -363,6 +384,9 @@ class Engine:
         arguments of :class:`Engine` (no budget check, nothing allocated)."""
         self = cls.__new__(cls)
         options.pop("kv_budget_bytes", None)
+        leaf = jax.tree.leaves(params)[0]
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        self.slot_devices = slot_devices(options.get("num_slots", 8), dict(mesh.shape) if mesh is not None else {})
         self.tokenizer = options.pop("tokenizer", None)
         self._configure(cfg, **options)
         self.params = params
@@ -393,7 +417,7 @@ class Engine:
         self.stop_set = frozenset(int(i) for i in stop_ids)
         self.dtype = as_dtype(cfg.dtype)
         self.cache_dtype = as_dtype(cache_dtype or cfg.dtype)
-        self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype)
+        self.kv_bytes = kv_cache_bytes(cfg, num_slots, max_len, self.cache_dtype, self.slot_devices)
         self.weight_bytes = cfg.num_params() * jnp.dtype(self.dtype).itemsize
         self.state: Optional[SlotState] = None  # allocated by the first insert, freed when all slots are free
         self._copy = Program("sampling_copy", jax.jit(partial(sampling_weights, cfg, dtype=self.dtype)))
@@ -412,12 +436,29 @@ class Engine:
         return jax.eval_shape(self._init_state.fn)
 
     def _state_sharding(self) -> Any:
-        """Where the slot state lives: replicated over the sampling copy's mesh (None: one device)."""
+        """Where the slot state lives (a :class:`SlotState` of shardings; None: one device): on the
+        sampling copy's mesh, the slots split over its ``data`` x ``fsdp`` devices (each device decodes
+        its own slots against its own part of the cache; see :func:`slot_devices`) and the kv heads
+        over ``tensor`` like the sampling copy's k/v projections."""
         leaf = jax.tree.leaves(self.params)[0] if self.params else None
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        return None
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return None
+        mesh = sharding.mesh
+        shape = dict(mesh.shape)
+        slots = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1) if self.slot_devices > 1 else ()
+        slot_axis = (slots if len(slots) > 1 else slots[0]) if slots else None
+        t = shape.get("tensor", 1)
+        heads = "tensor" if t > 1 and self.cfg.num_key_value_heads % t == 0 else None
+        P, N = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+        vec, cache = N(mesh, P(slot_axis)), N(mesh, P(slot_axis, heads, None, None))
+        L = self.cfg.num_hidden_layers
+        return SlotState((cache,) * L, (cache,) * L, vec, vec, vec, vec, vec, N(mesh, P(slot_axis, None)), vec, vec,
+                         vec, vec)
+
+    def slot_device(self, slot: int) -> int:
+        """The device group (0 .. slot_devices - 1) that holds ``slot``'s cache row."""
+        return slot // (self.num_slots // self.slot_devices)
 
     def _live_state(self) -> SlotState:
         if self.state is None:
@@ -465,10 +506,9 @@ class Engine:
 
     def _set_state_sharding(self) -> None:
         sharding = self._state_sharding()
-        if sharding != getattr(self, "_sharding", None) or not hasattr(self, "_sharding"):
+        if sharding != self._sharding:
             self._sharding = sharding
-            self._init_state = Program("init_state", jax.jit(self._empty_state_fn(),
-                                                             out_shardings=sharding))
+            self._init_state = Program("init_state", jax.jit(self._empty_state_fn(), out_shardings=sharding))
             if self.state is not None and sharding is not None:
                 self.state = jax.device_put(self.state, sharding)
 
@@ -841,7 +881,9 @@ class Engine:
         i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
         sds = jax.ShapeDtypeStruct
         w = abstract(self.params)
-        st = jax.tree.map(lambda a: sds(a.shape, a.dtype, sharding=self._sharding), self.state_shapes())
+        shapes = self.state_shapes()
+        st = (jax.tree.map(lambda a: sds(a.shape, a.dtype), shapes) if self._sharding is None else
+              jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh), shapes, self._sharding))
         scalar = sds((), i32)
         cfg, S = self.cfg, self.num_slots
         L, K, H, V = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size

@@ -66,9 +66,24 @@ class SlotScheduler:
         return len(self.free)
 
     def acquire(self, n: int) -> list[int]:
+        """``n`` free slots; with the cache split over devices, each from the device with the fewest
+        slots in use (so every device decodes its share)."""
         if n > len(self.free):
             raise EngineError(f"{n} slots asked but {len(self.free)} of {self.engine.num_slots} are free")
-        return [self.free.popleft() for _ in range(n)]
+        D = getattr(self.engine, "slot_devices", 1)
+        if D <= 1:
+            return [self.free.popleft() for _ in range(n)]
+        per = self.engine.num_slots // D
+        free_on = [[s for s in self.free if s // per == d] for d in range(D)]
+        busy = [per - len(f) for f in free_on]
+        out = []
+        for _ in range(n):
+            d = min((d for d in range(D) if free_on[d]), key=lambda d: busy[d])
+            out.append(free_on[d].pop(0))
+            busy[d] += 1
+        taken = set(out)
+        self.free = deque(s for s in self.free if s not in taken)
+        return out
 
     def release(self, slot: int) -> None:
         self.turn[slot] += 1

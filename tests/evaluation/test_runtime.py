@@ -262,3 +262,26 @@ def test_rows_from_files_and_the_error_when_none_is_left(monkeypatch, tok, eval_
     cfg = load_config(overrides=["data.max_prompt_length=5"], job="eval")
     with pytest.raises(EvalError, match=r"sft\.accuracy_files .*no prompt left.*data\.max_prompt_length=5"):
         runtime.build_eval_runtime(cfg, tok, files=[str(eval_file)], files_key="sft.accuracy_files")
+
+
+def test_eval_cli_kv_cache_that_cannot_fit_fails_before_weights_load(tmp_path, tokenizer_dir, eval_file, capsys):
+    """The Qwen3-0.6B architecture (the real config.json) with no weight file at all: a KV budget too
+    small for the engine is refused from the arithmetic, with exit code 2 and one line naming
+    rollout.num_slots and the largest value that fits; no weight load is attempted."""
+    import shutil
+    from pathlib import Path
+
+    reference = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3"
+    model = tmp_path / "qwen3_0.6b_no_weights"
+    model.mkdir()
+    shutil.copy(reference / "config.Qwen3-0.6B.json", model / "config.json")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, model / f.name)
+    code = eval_cli.main(["--model", str(model), "--files", str(eval_file), "--no-progress",
+                          "eval.n=4", "eval.ks=[1,4]", "eval.max_response_length=20000", "rollout.num_slots=64",
+                          "rollout.kv_cache_budget_gb=10", f"eval.out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    line = [x for x in err if x.startswith("error:")]
+    assert len(line) == 1 and "rollout.num_slots" in line[0] and "the largest rollout.num_slots that fits is" in line[0]
+    assert "safetensors" not in "\n".join(err)

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 
+import jax
 import pytest
 from conftest import QWEN3_FACTS, REPO, build_tokenizer
 
@@ -68,22 +69,24 @@ def _last_line(err: str) -> str:
 def test_kv_cache_over_budget_fails_before_any_weights_load(paths, capsys, monkeypatch):
     loads = []
     monkeypatch.setattr("sod_jax.rl.trainer.load_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
-    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=85"))
+    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=20"))
     err = capsys.readouterr().err
     assert rc == 2, err
     assert not loads
     assert "Traceback" not in err
     line = _last_line(err)
-    # The paper's slots: 256 x (2560 + 20480) tokens; the largest count that fits 85 GiB, from the formula.
-    fit = 85 * 2**30 // _kv_bytes_per_slot(2560 + 20480)
-    assert fit == 34
+    # The paper's slots: 256 x (2560 + 20480) tokens, split over the 8 devices (fsdp=-1): 32 per device.
+    # The largest count that fits 20 GiB per device, from the formula: 8 slots per device, 64 in all.
+    assert jax.device_count() == 8
+    fit = 20 * 2**30 // _kv_bytes_per_slot(2560 + 20480) * 8
+    assert fit == 64
     assert line.startswith("error:") and "rollout.num_slots" in line and f"rollout.num_slots={fit}" in line, line
-    assert "630.00 GiB" in line and "85.00 GiB" in line, line
+    assert "78.75 GiB per device (8 devices: 32 slots each)" in line and "20.00 GiB" in line, line
 
 
 def test_no_slot_count_fits(paths, capsys):
-    # 10 GiB holds 4 slots of 23040 tokens, fewer than rollout.n=16 (a GRPO group is decoded at once).
-    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=10"))
+    # 2 GiB per device holds no slot of 23040 tokens (rollout.n=16: a GRPO group is decoded at once).
+    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=2"))
     line = _last_line(capsys.readouterr().err)
     assert rc == 2 and line.startswith("error:") and "no rollout.num_slots >= 16 fits" in line, line
 
@@ -92,10 +95,10 @@ def test_fitting_slot_count_passes_the_check(paths):
     from sod_jax.config import load_config
     from sod_jax.models.hf import read_config
 
-    fit = 85 * 2**30 // _kv_bytes_per_slot(2560 + 20480)
+    fit = 20 * 2**30 // _kv_bytes_per_slot(2560 + 20480) * 8  # per device x 8 devices
     base = _args(paths)[3:]
-    for slots, ok in ((fit, True), (fit + 1, False)):
-        cfg = load_config([PAPER], base + ["rollout.kv_cache_budget_gb=85", f"rollout.num_slots={slots}"])
+    for slots, ok in ((fit, True), (fit + 8, False)):
+        cfg = load_config([PAPER], base + ["rollout.kv_cache_budget_gb=20", f"rollout.num_slots={slots}"])
         t = Trainer(cfg, progress=False)
         t.student_cfg = read_config(paths["student"])
         try:

@@ -339,3 +339,46 @@ def test_compact_decode_of_the_stragglers(ckpt):
             np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
             if sp.greedy:
                 assert o.token_ids == hf_greedy(hf, p, r.max_new_tokens)
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)])
+def test_slots_split_over_the_devices(ckpt, mesh_shape):
+    """On 8 devices the KV cache is split by slots over data x fsdp (and by kv heads over tensor): each
+    device holds its share of the slots and decodes them. Greedy tokens equal transformers' and the
+    1-device engine's; sampled tokens equal, and log-probs match, the 1-device engine's for the same keys."""
+    path, hf = ckpt
+    mesh = parallel.make_mesh(**mesh_shape)
+    kw = dict(num_slots=16, max_len=96, decode_steps=8, prefill_buckets=(8, 16, 32))
+    split, single = Engine(load_pretrained(path, mesh=mesh), **kw), Engine(load_pretrained(path), **kw)
+    D = mesh_shape["data"] * mesh_shape["fsdp"]
+    assert split.slot_devices == D
+    ps = prompts(7)
+    for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, top_p=0.9)):
+        reqs = [Request(p, max_new_tokens=20, sampling=sp, seed=i, n=2, id=i) for i, p in enumerate(ps)]
+        seen = []
+        real = split._insert
+        split._insert = lambda *a, **k: (seen.append(a[1].k[0]), real(*a, **k))[1]
+        outs, ref = generate(split, reqs), generate(single, reqs)
+        split._insert = real
+        k0 = seen[0]  # [S, K, H, M], as the decode programs read it
+        assert k0.sharding.shard_shape(k0.shape)[0] == 16 // D
+        assert k0.sharding.shard_shape(k0.shape)[1] == 2 // mesh_shape["tensor"]
+        for r, o, b in zip([r for r in reqs for _ in range(2)], outs, ref):
+            assert o.token_ids == b.token_ids
+            np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+            if sp.greedy:
+                assert o.token_ids == hf_greedy(hf, r.prompt_ids, 20)
+
+
+def test_new_requests_go_to_the_least_loaded_device(ckpt):
+    from sod_jax.rollout.scheduler import SlotScheduler
+
+    path, _ = ckpt
+    engine = Engine(load_pretrained(path, mesh=parallel.make_mesh(data=1, fsdp=4, tensor=2)), num_slots=8,
+                    max_len=64, decode_steps=8, prefill_buckets=(8,))
+    sched = SlotScheduler(engine)
+    first = sched.acquire(4)
+    assert sorted(engine.slot_device(s) for s in first) == [0, 1, 2, 3]
+    sched.release(first[0])
+    again = sched.acquire(1)
+    assert engine.slot_device(again[0]) == engine.slot_device(first[0])
