@@ -389,14 +389,18 @@ def load_prompt_rows(files: Union[str, Path, Sequence[Union[str, Path]]], data_c
 
 
 class _ShardedEpochs(grain.MapDataset):
-    """Element k of this process's stream: epoch ``e = k // per``, position ``p + P * (k % per)`` of
-    that epoch's order (``per`` = rows per process per epoch, the epoch's ragged tail dropped so every
-    process yields the same number of rows)."""
+    """Element k of this process's stream: epoch ``e = k // per`` and, with ``b`` = rows per process
+    per step, step ``s = (k % per) // b`` of it; the element is position ``s * b * P + p * b + k % b``
+    of the epoch's order. A step's global batch is therefore the next ``b * P`` positions of the order
+    and process p takes the p-th block of it: the global batch, its row order and each prompt's global
+    position do not depend on the number of processes. ``per`` = rows per process per epoch (the
+    epoch's ragged tail dropped so every process yields the same number of rows)."""
 
-    def __init__(self, parent: grain.MapDataset, num_rows: int, per: int, process_index: int,
+    def __init__(self, parent: grain.MapDataset, num_rows: int, per: int, batch: int, process_index: int,
                  process_count: int, num_epochs: Optional[int]):
         super().__init__(parent)
-        self._n, self._per, self._p, self._pc, self._epochs = num_rows, per, process_index, process_count, num_epochs
+        self._n, self._per, self._b = num_rows, per, batch
+        self._p, self._pc, self._epochs = process_index, process_count, num_epochs
 
     def __len__(self) -> int:
         return sys.maxsize if self._epochs is None else self._epochs * self._per
@@ -405,7 +409,8 @@ class _ShardedEpochs(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         e, k = divmod(index, self._per)
-        return self._parent[e * self._n + self._p + self._pc * k]
+        step, j = divmod(k, self._b)
+        return self._parent[e * self._n + step * self._b * self._pc + self._p * self._b + j]
 
 
 class PromptLoader:
@@ -413,12 +418,17 @@ class PromptLoader:
     process, checkpointable.
 
     ``batch_size`` is the number of rows THIS process gets per step. Each epoch's order is the same on
-    every process; process p takes positions p, p+P, p+2P, ... of it, so within an epoch the shards are
-    disjoint and together cover the first ``steps_per_epoch * batch_size * P`` rows of the order (the
-    ragged tail, fewer than ``batch_size * P`` rows, is dropped that epoch so every process runs the
-    same number of steps). ``num_epochs=None`` repeats forever. Iterating yields lists of rows.
-    ``get_state()`` is a JSON-able dict; ``set_state()`` on a loader built the same way (same rows,
-    seed, batch size, processes) continues with exactly the batches that would have followed.
+    every process; a step's global batch is the next ``batch_size * P`` positions of it and process p
+    takes the p-th contiguous block, so within an epoch the shards are disjoint and together cover the
+    first ``steps_per_epoch * batch_size * P`` rows of the order (the ragged tail is dropped that epoch
+    so every process runs the same number of steps), and the global batches are the same for any
+    process count. :meth:`global_index` gives a row's position in the global batch (prompt seeds
+    use it). ``num_epochs=None`` repeats forever. Iterating yields lists of rows.
+
+    ``get_state()`` is a JSON-able dict, the same on every process (the number of steps taken and the
+    global batch size); ``set_state()`` on a loader over the same rows with the same seed and global
+    batch size continues with exactly the batches that would have followed, whatever the process
+    count of the run that saved it.
     """
 
     def __init__(self, rows: Sequence[dict], batch_size: int, *, seed: int, shuffle: bool = True,
@@ -447,7 +457,8 @@ class PromptLoader:
         if shuffle:
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(num_epochs, reseed_each_epoch=True)
-        ds = _ShardedEpochs(ds, n, self.steps_per_epoch * batch_size, process_index, process_count, num_epochs)
+        ds = _ShardedEpochs(ds, n, self.steps_per_epoch * batch_size, batch_size, process_index, process_count,
+                            num_epochs)
         self._dataset = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
         # rows are in memory: no reader threads needed
         self._iter = iter(self._dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
@@ -465,24 +476,34 @@ class PromptLoader:
         idx = next(self._iter)
         return [self.rows[int(i)] for i in idx]
 
+    def global_index(self, i: int) -> int:
+        """Position in the step's global batch of this process's row ``i``."""
+        return self.process_index * self.batch_size + i
+
     def _fingerprint(self) -> dict:
-        return {"num_rows": len(self.rows), "batch_size": self.batch_size, "seed": self.seed,
-                "shuffle": self.shuffle, "num_epochs": self.num_epochs, "process_index": self.process_index,
-                "process_count": self.process_count}
+        return {"num_rows": len(self.rows), "global_batch_size": self.batch_size * self.process_count,
+                "seed": self.seed, "shuffle": self.shuffle, "num_epochs": self.num_epochs}
 
     def get_state(self) -> dict:
-        """JSON-able position of this loader (grain iterator state plus how the loader was built)."""
-        return {"iterator": json.loads(json.dumps(self._iter.get_state())), **self._fingerprint()}
+        """JSON-able position of this loader: steps taken and how the loader was built (the same on
+        every process)."""
+        steps = int(self._iter.get_state().get("next_index", 0))
+        return {"steps": steps, **self._fingerprint()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`get_state` of a loader built the same way)."""
+        """Continue from ``state`` (from :meth:`get_state` of a loader over the same rows, seed and
+        global batch size, with any process count)."""
+        state = dict(state)
+        if "steps" not in state:  # a state written before the layout-independent order
+            state["steps"] = int(state["iterator"]["next_index"])
+            state["global_batch_size"] = state["batch_size"] * state["process_count"]
         mine = self._fingerprint()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise DataError(f"data-loader state does not match this loader ({what}); resume with the same data, "
-                            "seed, batch size and process count")
-        self._iter.set_state(dict(state["iterator"]))
+                            "seed and global batch size (train.prompts_per_step)")
+        self._iter.set_state({"next_index": int(state["steps"])})
 
     @property
     def epoch(self) -> int:

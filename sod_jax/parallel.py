@@ -90,6 +90,47 @@ def mesh_from_config(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> 
     return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices)
 
 
+class LocalMeshError(ValueError):
+    """This process's devices do not form a sub-mesh the sampling layout can use."""
+
+
+def local_mesh(mesh: Mesh, process_index: Optional[int] = None) -> Mesh:
+    """The part of ``mesh`` on this process's devices, with the same axis names: the host-local mesh
+    the rollout engine samples on (no collective crosses hosts, so hosts may issue different
+    numbers of engine calls). This process's devices must form a box of the mesh that spans the
+    whole ``tensor`` axis (a tensor-parallel group split across hosts would need cross-host
+    collectives in every decode step): :class:`LocalMeshError` otherwise, naming the axis."""
+    p = jax.process_index() if process_index is None else process_index
+    devs = mesh.devices
+    mine = np.vectorize(lambda d: d.process_index == p)(devs)
+    if mine.all():
+        return mesh
+    idx = [sorted(set(np.nonzero(mine)[i].tolist())) for i in range(devs.ndim)]
+    box = devs[np.ix_(*idx)]
+    if box.size != int(mine.sum()) or not all(d.process_index == p for d in box.flat):
+        raise LocalMeshError(f"process {p}'s devices are not a contiguous block of the mesh "
+                             f"{dict(mesh.shape)}; order the devices host by host")
+    for name, ix in zip(mesh.axis_names, idx):
+        if name == "tensor" and len(ix) != mesh.shape[name]:
+            raise LocalMeshError(f"mesh.tensor={mesh.shape[name]} spans processes ({len(ix)} of its devices are on "
+                                 f"process {p}): the rollout engine samples on each host's own devices, so set "
+                                 f"mesh.tensor to at most the devices per host ({jax.local_device_count()})")
+    return Mesh(box, mesh.axis_names)
+
+
+def to_local(array: jax.Array, mesh: Mesh) -> jax.Array:
+    """``array`` (laid out on a global mesh so that each of this process's devices holds the shard a
+    device at the same place of the host-local ``mesh`` needs, e.g. replicated over the axes that
+    cross hosts) as an array on ``mesh``: the same device buffers, no copy."""
+    sharding = array.sharding
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.devices.shape == mesh.devices.shape and \
+            (sharding.mesh.devices == mesh.devices).all():
+        return array
+    local = NamedSharding(mesh, sharding.spec)
+    by_device = {s.device: s.data for s in array.addressable_shards}
+    return jax.make_array_from_single_device_arrays(array.shape, local, [by_device[d] for d in mesh.devices.flat])
+
+
 def logical_to_spec(
     axes: Sequence[Optional[str]],
     shape: Optional[Sequence[int]] = None,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,27 +38,43 @@ def turn_tool_outputs(tokenizer: Any, traj: Any, max_chars: int = 80) -> list[Op
     return out
 
 
-def rollout_metrics(ro: StepRollouts) -> dict:
-    """This process's rollout figures of one step: accuracy, score, lengths, turns, tool use, finish reasons."""
-    trajs = ro.trajectories
-    n = len(trajs)
-    calls = sum(t.num_tool_calls for t in trajs)
-    errors = sum(t.num_tool_errors for t in trajs)
-    gen = sum(sum(t.response_mask) for t in trajs)
+FINISH_REASONS = ("stop", "length", "max_turns", "parse_error", "engine_error", "context", "stop_string")
+
+
+def trajectory_table(ro: StepRollouts) -> np.ndarray:
+    """One row of figures per trajectory (``[n, 8]`` float64): acc, score, response length, turns,
+    tool calls, tool errors, generated tokens, finish-reason code (index in :data:`FINISH_REASONS`,
+    -1 for another reason)."""
+    code = {r: i for i, r in enumerate(FINISH_REASONS)}
+    return np.asarray([[bool(s.get("acc")), s["score"], len(t.response_ids), t.num_turns, t.num_tool_calls,
+                        t.num_tool_errors, sum(t.response_mask), code.get(t.finish_reason, -1)]
+                       for t, s in zip(ro.trajectories, ro.scores)], np.float64).reshape(-1, 8)
+
+
+def rollout_metrics(ro: StepRollouts, table: Optional[np.ndarray] = None) -> dict:
+    """Rollout figures of one step: accuracy, score, lengths, turns, tool use, finish reasons. ``table``:
+    the :func:`trajectory_table` rows of every process (the whole global batch; default: this
+    process's); the throughput is the table's tokens over this process's rollout time (the processes
+    sample at the same time)."""
+    t = trajectory_table(ro) if table is None else table
+    n = len(t)
+    calls, errors, gen = t[:, 4].sum(), t[:, 5].sum(), t[:, 6].sum()
     m = {
-        "acc": float(np.mean([bool(s.get("acc")) for s in ro.scores])),
-        "score_mean": float(np.mean([s["score"] for s in ro.scores])),
-        "response_length_mean": float(np.mean([len(t.response_ids) for t in trajs])),
-        "response_length_max": int(max(len(t.response_ids) for t in trajs)),
-        "turns_mean": float(np.mean([t.num_turns for t in trajs])),
-        "tool_calls_mean": calls / n,
-        "tool_error_rate": errors / max(calls + errors, 1),
-        "rollout_tokens_per_s": gen / max(ro.seconds, 1e-9),
+        "acc": float(t[:, 0].mean()),
+        "score_mean": float(t[:, 1].mean()),
+        "response_length_mean": float(t[:, 2].mean()),
+        "response_length_max": int(t[:, 2].max()),
+        "turns_mean": float(t[:, 3].mean()),
+        "tool_calls_mean": float(calls / n),
+        "tool_error_rate": float(errors / max(calls + errors, 1)),
+        "rollout_tokens_per_s": float(gen / max(ro.seconds, 1e-9)),
         "generated_tokens": int(gen),
     }
-    for reason, c in Counter(t.finish_reason for t in trajs).items():
-        m[f"finish/{reason}"] = c / n
+    codes, counts = np.unique(t[:, 7].astype(int), return_counts=True)
+    for c, k in zip(codes, counts):
+        m[f"finish/{FINISH_REASONS[c] if c >= 0 else 'other'}"] = float(k / n)
     return m
+
 
 def step_weight_samples(tokenizer: Any, metrics: dict, ro: StepRollouts, limit: int = 8) -> list[dict]:
     """The first ``limit`` trajectories' per-turn divergences ``d`` and weights ``w`` (SOD) with what a

@@ -61,7 +61,14 @@ from sod_jax.rewards import RewardPool, response_text
 from sod_jax.programs import Program
 from sod_jax.rl import programs as rl_programs
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
-from sod_jax.rl.rollouts import StepRollouts, eval_line, rollout_metrics, step_line, step_weight_samples
+from sod_jax.rl.rollouts import (
+    StepRollouts,
+    eval_line,
+    rollout_metrics,
+    step_line,
+    step_weight_samples,
+    trajectory_table,
+)
 from sod_jax.rl.update import (
     UpdateSpec,
     build_update,
@@ -232,9 +239,11 @@ class Trainer(Loop):
             weight_bytes = self.student_cfg.num_params() * np_dtype(cfg.model.dtype).itemsize
             budget, src = default_kv_budget_bytes(weight_bytes), DEFAULT_BUDGET_SOURCE
         m = cfg.mesh
-        data, fsdp, _ = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
+        _, _, tensor = parallel.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
+        # the engine splits its slots over this host's devices outside the tensor axis
+        host = {"fsdp": max(jax.local_device_count() // tensor, 1)}
         problem = kv_budget_problem(self.student_cfg, r.num_slots, max_len, cfg.model.dtype, budget, src,
-                                    min_slots=r.n, devices=slot_devices(r.num_slots, {"data": data, "fsdp": fsdp}))
+                                    min_slots=r.n, devices=slot_devices(r.num_slots, host))
         if problem:
             raise SetupError(problem)
 
@@ -368,7 +377,7 @@ class Trainer(Loop):
     def _rollout(self, rows: list[dict], step: int) -> StepRollouts:
         r = self.cfg.rollout
         t0 = time.perf_counter()
-        offset = jax.process_index() * len(rows)
+        offset = self.loader.global_index(0)  # this process's rows are a block of the global batch
         reqs = self._requests(rows, step, r.n, offset)
         policy = EnginePolicy(self.engine, SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k))
         trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
@@ -402,6 +411,15 @@ class Trainer(Loop):
                 cache[key] = self.agent.prompt_ids(msgs)
             out.append(cache[key])
         return out
+
+    def _gathered(self, table: np.ndarray) -> np.ndarray:
+        """Every process's rows of ``table`` (``[n, k]``, the same n on every process), in process
+        order: the figures of the global batch."""
+        if jax.process_count() == 1:
+            return table
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(table)).reshape(-1, table.shape[1])
 
     def _agreed_length(self, need: int) -> int:
         """The bucket for the longest sequence of any process (every process compiles the same shape)."""
@@ -445,7 +463,7 @@ class Trainer(Loop):
         self.engine.update_params(self.state.params)
         out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in metrics.items()
                if not k.startswith("sample_step_")}
-        out.update(rollout_metrics(ro))
+        out.update(rollout_metrics(ro, self._gathered(trajectory_table(ro))))
         tokens = self._batch_tokens if jax.process_count() == 1 else None
         out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
                     "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
@@ -498,8 +516,10 @@ class Trainer(Loop):
         trajs = self.loop.run_until_complete(self.agent.run(policy, reqs))
         L = self._agreed_length(max(len(t.prompt_ids) + len(t.response_ids) for t in trajs))
         p = pack(trajs, [0.0] * len(trajs), list(range(len(trajs))), len(trajs), L, self.tok.pad_id)
-        arrays = parallel.put_batch((p.input_ids, p.positions, p.attention_mask, p.response_mask), self.mesh) \
-            if len(trajs) % self.mesh.size == 0 else (p.input_ids, p.positions, p.attention_mask, p.response_mask)
+        # Every process holds the same rows (the whole batch): placed as one global batch, not P copies.
+        arrays = (p.input_ids, p.positions, p.attention_mask, p.response_mask)
+        if len(trajs) % self.mesh.size == 0:
+            arrays = parallel.put_batch(arrays, self.mesh, process_local=False)
         return float(self.kl_forward(self.state.params, self.t_params, *arrays))
 
     # -----------------------------------------------------------------------------------------

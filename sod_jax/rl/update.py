@@ -412,7 +412,9 @@ def build_update(spec: UpdateSpec, tx: optax.GradientTransformation, student_gra
             metrics.update(ris.metrics)
         return TrainState(step, params, opt_state, state.rng), metrics
 
-    out_shardings = None if state_shardings is None else (state_shardings, None)
+    # Metrics replicated: every process reads them whole (a multi-process run cannot fetch a sharded one).
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out_shardings = None if state_shardings is None else (state_shardings, replicated)
     jitted = jax.jit(_update, donate_argnums=(0,), out_shardings=out_shardings)
 
     def under_mesh(fn):

@@ -356,7 +356,12 @@ class Engine:
         compact_decode: bool = True,
     ):
         cfg = model.config
-        self.slot_devices = slot_devices(num_slots, dict(_mesh_of(model).shape) if _mesh_of(model) else {})
+        mesh = _mesh_of(model)
+        try:  # the engine samples on this host's devices only (a no-op in a single-process run)
+            self.local_mesh = parallel.local_mesh(mesh) if mesh is not None else None
+        except parallel.LocalMeshError as e:
+            raise EngineError(str(e)) from None
+        self.slot_devices = slot_devices(num_slots, dict(self.local_mesh.shape) if mesh is not None else {})
         self._configure(cfg, num_slots=num_slots, max_len=max_len, decode_steps=decode_steps,
                         prefill_buckets=prefill_buckets, extend_buckets=extend_buckets, stop_ids=stop_ids,
                         cache_dtype=cache_dtype, tail_slots=tail_slots, compact_decode=compact_decode)
@@ -383,6 +388,7 @@ class Engine:
         ``Qwen3.weights()`` (for the copy program; None: leave it out). ``options``: the keyword
         arguments of :class:`Engine` (no budget check, nothing allocated)."""
         self = cls.__new__(cls)
+        self.local_mesh = None
         options.pop("kv_budget_bytes", None)
         leaf = jax.tree.leaves(params)[0]
         mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
@@ -485,7 +491,13 @@ class Engine:
             self._copy = Program("sampling_copy", jax.jit(partial(sampling_weights, self.cfg, dtype=self.dtype),
                                                           out_shardings=self._copy_shardings(w)))
         self.params = {}  # drop the old copy first: the peak is one sampling copy, not two
-        self.params = self._copy(w)
+        params = self._copy(w)
+        local = getattr(self, "local_mesh", None)
+        if local is not None and jax.process_count() > 1:
+            # The copy is laid out on the global mesh replicated over the axes that cross hosts: each
+            # host takes its own devices' buffers as arrays on its host-local mesh (no copy).
+            params = jax.tree.map(lambda a: parallel.to_local(a, local), params)
+        self.params = params
         self._set_state_sharding()
 
     def source_weights(self, model_or_params: Any) -> dict:

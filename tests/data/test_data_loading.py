@@ -337,3 +337,33 @@ def test_prompt_pipeline_from_config_and_parquet_through_the_loader(tmp_path, to
     g = write_parquet(tmp_path / "unknown.parquet", recs[:1])
     with pytest.raises(ValueError, match="'unknown_set'"):
         load_prompt_rows(g, cfg.data, tok, reward_cfg=cfg.reward)
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    """1 process x 4 rows, 2 x 2 and 4 x 1 see the same global batches in the same row order, and a
+    state saved by a 2-process run continues in a 1-process run with the batches that would follow."""
+    rows = [{"i": i} for i in range(40)]
+
+    def global_batches(procs, steps=12, state=None):
+        loaders = [PromptLoader(rows, 4 // procs, seed=9, process_index=p, process_count=procs) for p in range(procs)]
+        if state is not None:
+            for lo in loaders:
+                lo.set_state(state)
+        out = []
+        for _ in range(steps):  # crosses into the second epoch (10 steps per epoch)
+            batch = []
+            for lo in loaders:
+                batch += ids(next(lo))
+            out.append(batch)
+        return out, loaders
+
+    one, _ = global_batches(1)
+    assert global_batches(2)[0] == one and global_batches(4)[0] == one
+    assert PromptLoader(rows, 2, seed=9, process_index=1, process_count=2).global_index(1) == 3
+    _, two = global_batches(2, steps=5)
+    states = [lo.get_state() for lo in two]
+    assert states[0] == states[1] and states[0]["steps"] == 5 and states[0]["global_batch_size"] == 4
+    rest, _ = global_batches(1, steps=7, state=json.loads(json.dumps(states[0])))
+    assert rest == one[5:]
+    with pytest.raises(DataError, match="global_batch_size: saved 4, now 6"):
+        PromptLoader(rows, 6, seed=9, process_index=0, process_count=1).set_state(states[0])

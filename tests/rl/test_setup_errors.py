@@ -69,7 +69,7 @@ def _last_line(err: str) -> str:
 def test_kv_cache_over_budget_fails_before_any_weights_load(paths, capsys, monkeypatch):
     loads = []
     monkeypatch.setattr("sod_jax.rl.trainer.load_pretrained", lambda *a, **k: loads.append(a) or 1 / 0)
-    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=20"))
+    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=20", "rollout.num_slots=256"))
     err = capsys.readouterr().err
     assert rc == 2, err
     assert not loads
@@ -86,7 +86,7 @@ def test_kv_cache_over_budget_fails_before_any_weights_load(paths, capsys, monke
 
 def test_no_slot_count_fits(paths, capsys):
     # 2 GiB per device holds no slot of 23040 tokens (rollout.n=16: a GRPO group is decoded at once).
-    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=2"))
+    rc = train_cli.main(_args(paths, "rollout.kv_cache_budget_gb=2", "rollout.num_slots=256"))
     line = _last_line(capsys.readouterr().err)
     assert rc == 2 and line.startswith("error:") and "no rollout.num_slots >= 16 fits" in line, line
 

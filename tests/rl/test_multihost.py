@@ -1,0 +1,88 @@
+"""Multi-host RL, proven with local processes (slow): 2 processes x 2 fake CPU devices, started by
+`launch/local_cpu.sh` (jax.distributed over loopback), run 3 SOD steps with the local sandbox and
+match a 1-process x 4-device run of the same global batch and seeds: every step's metrics and the
+final params. Each process samples on its own devices (host-local engine); the rows meet in the
+one global update."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from support.rl_run import build_rl_run
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ["algo.name=sod", "train.prompts_per_step=4", "train.total_steps=3", "train.eval_every=3",
+             "checkpoint.save_every=3", "checkpoint.async_save=false", "mesh.data=1", "mesh.fsdp=-1",
+             "mesh.tensor=1", "sandbox.workers=1", "reward.workers=1"]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _comparable(m: dict) -> dict:
+    """A step's figures without wall-clock ones and compile counts (they differ between layouts)."""
+    return {k: v for k, v in m.items() if not (k.startswith(("time/", "compile", "startup_compile")) or "per_s" in k
+                                               or k in ("checkpoint_blocking_s", "update_tokens_per_s"))}
+
+
+def _final_params(run: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    out = run.parent / (run.name + "_hf")
+    subprocess.run([sys.executable, "-m", "sod_jax.convert", "orbax-to-hf", "--ckpt", str(run / "checkpoints"),
+                    "--out", str(out)], check=True, cwd=REPO, capture_output=True, timeout=600)
+    params = {}
+    for f in sorted(out.glob("*.safetensors")):
+        params.update(load_file(f))
+    return params
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root, base, _ = build_rl_run(tmp_path_factory.mktemp("multihost"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    one = root / "one"
+    p = subprocess.run([sys.executable, "-m", "sod_jax.train", "--config", str(base), *OVERRIDES,
+                        f"train.out_dir={one}", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                       timeout=900, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert p.returncode == 0, p.stderr[-4000:]
+    two = root / "two"
+    q = subprocess.run(["bash", str(REPO / "launch" / "local_cpu.sh"), "2", str(base), *OVERRIDES,
+                        f"train.out_dir={two}", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                       timeout=1200, env=dict(env, DEVICES_PER_PROCESS="2", LOG_DIR=str(root / "logs"),
+                                              KILL_GRACE_S="5"))
+    logs = "".join(f.read_text()[-3000:] for f in sorted((root / "logs").glob("proc_*.log")))
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-2000:] + logs
+    return one, two
+
+
+def test_two_processes_equal_one(runs):
+    one, two = runs
+    a, b = _records(one / "metrics.jsonl"), _records(two / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for ma, mb in zip(a, b):
+        ca, cb = _comparable(ma), _comparable(mb)
+        assert set(ca) == set(cb), set(ca) ^ set(cb)
+        for k in ca:
+            x, y = ca[k], cb[k]
+            if isinstance(x, (int, float, list)):  # float rounding of another device layout only
+                np.testing.assert_allclose(np.asarray(y, float), np.asarray(x, float), rtol=1e-5, atol=1e-5,
+                                           err_msg=f"step {ma['step']} {k}")
+            else:
+                assert x == y, (ma["step"], k, x, y)
+    ea, eb = _records(one / "eval.jsonl"), _records(two / "eval.jsonl")
+    assert [e["step"] for e in ea] == [e["step"] for e in eb] == [0, 3]
+    for x, y in zip(ea, eb):
+        assert x["math"]["acc"] == y["math"]["acc"]
+        assert abs(x["heldout_kl"] - y["heldout_kl"]) <= 1e-5
+    pa, pb = _final_params(one), _final_params(two)
+    assert set(pa) == set(pb)
+    for k in pa:
+        np.testing.assert_allclose(pb[k], pa[k], atol=1e-5, err_msg=k)
