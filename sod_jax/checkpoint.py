@@ -347,6 +347,8 @@ class PreemptionGuard:
         sys.stderr.flush()
 
     def __enter__(self) -> "PreemptionGuard":
+        if self._previous:  # already entered (a run enters it at start-up, its loop again)
+            return self
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)

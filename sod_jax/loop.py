@@ -142,7 +142,7 @@ class Loop:
             self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step",
                             dynamic_ncols=True)
         try:
-            if self.step == 0 and self.eval_due(0):
+            if self.step == 0 and self.eval_due(0) and self.stop_reason is None:
                 self.run_eval(0)
             while self.step < self.total_steps and self.stop_reason is None:
                 step = self.step + 1
@@ -178,6 +178,9 @@ class PreemptionHook(Hook):
 
     def on_start(self, loop: Loop) -> None:
         self.guard.__enter__()
+        # A signal during set-up or compilation (a run enters the guard at start-up): stop before step 1.
+        if self.guard.stop_now():
+            loop.request_stop("preempted", export=False)
 
     def on_step(self, loop: Loop, step: int) -> None:
         if self.guard.stop_now():  # agreed across processes: every host stops at the same step

@@ -79,10 +79,41 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> tup
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all). ``tensor`` is innermost so
-    tensor-parallel collectives stay within the fastest links."""
+    tensor-parallel collectives stay within the fastest links.
+
+    The device grid follows the hardware: JAX's ``mesh_utils.create_device_mesh`` (the TPU torus
+    order within a slice) and, across several TPU slices, ``create_hybrid_device_mesh`` with the
+    slices along ``data`` (only data-parallel traffic crosses the slower DCN links). Each host's
+    devices stay a contiguous block (the host-local sampling mesh, :func:`local_mesh`, needs that);
+    where the helpers cannot place the shape, the devices are used in order (process by process)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    return Mesh(_device_grid(shape, devices), MESH_AXES)
+
+
+def _device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    if len({d.process_index for d in devices}) > 1:  # each host's devices a contiguous block
+        devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    plain = np.asarray(devices, dtype=object).reshape(shape)
+    if devices[0].platform != "tpu":
+        return plain
+    from jax.experimental import mesh_utils
+
+    try:
+        slices = len({getattr(d, "slice_index", 0) for d in devices})
+        if slices > 1 and shape[0] % slices == 0:
+            grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1], shape[2]), (slices, 1, 1),
+                                                        devices)
+        else:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        return plain
+    try:  # the host-local sampling mesh must exist on every process
+        for p in {d.process_index for d in devices}:
+            local_mesh(Mesh(grid, MESH_AXES), p)
+    except LocalMeshError:
+        return plain
+    return grid
 
 
 def mesh_from_config(mesh_cfg: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:

@@ -43,7 +43,7 @@ from sod_jax import compile_cache, parallel, paths, programs
 from sod_jax.algo import modes
 from sod_jax.algo.advantages import overlong_penalty
 from sod_jax.chat import ChatError, ChatTokenizer
-from sod_jax.checkpoint import Checkpointer
+from sod_jax.checkpoint import Checkpointer, PreemptionGuard
 from sod_jax.compile_cache import CompileCounter, CompileStats
 from sod_jax.config import Config
 from sod_jax.data import PromptLoader, load_prompt_rows
@@ -138,6 +138,9 @@ class Trainer(Loop):
         # One event loop for every rollout of the run: the sandbox's queues belong to the loop that
         # first used them.
         self.loop = asyncio.new_event_loop()
+        # SIGTERM / SIGINT from here on (set-up, compilation, the first eval) stop the run at the next
+        # step boundary, agreed across processes (the loop's PreemptionHook reads it).
+        self.guard = PreemptionGuard().__enter__()
         # Compilations (JAX's own events): the start-up set before the first step, then per step.
         self.compile_counter = CompileCounter()
         self.startup_compiles: Optional[CompileStats] = None
@@ -298,7 +301,7 @@ class Trainer(Loop):
         ck = cfg.checkpoint
         self.ckpt = Checkpointer.from_config(ck, self.out)
         # Preemption first: a signal seen at a step boundary makes the checkpoint hook save that step.
-        self.hooks = [PreemptionHook(), CheckpointHook(self.ckpt, save_every=ck.save_every, resume=ck.resume,
+        self.hooks = [PreemptionHook(self.guard), CheckpointHook(self.ckpt, save_every=ck.save_every, resume=ck.resume,
                                                        timing_key="time/checkpoint")]
         self.compiled_shapes: set = set()
         self.run_dir.write_text("config.yaml", cfg.to_yaml())
@@ -460,12 +463,15 @@ class Trainer(Loop):
         metrics = jax.device_get(metrics)
         t_update = time.perf_counter() - t0
         self.compiled_shapes.add(shape)
+        t_sync = time.perf_counter()
         self.engine.update_params(self.state.params)
+        jax.block_until_ready(self.engine.params)
+        t_sync = time.perf_counter() - t_sync
         out = {k: (v.tolist() if np.ndim(v) else float(v)) for k, v in metrics.items()
                if not k.startswith("sample_step_")}
         out.update(rollout_metrics(ro, self._gathered(trajectory_table(ro))))
         tokens = self._batch_tokens if jax.process_count() == 1 else None
-        out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update,
+        out.update({"time/rollout": ro.seconds, "time/reward": ro.reward_seconds, "time/update": t_update, "time/weight_sync": t_sync,
                     "update_compiles": len(self.compiled_shapes), "batch_length": shape[0],
                     "optimizer_step": int(self.state.step)})
         if tokens:
@@ -551,6 +557,7 @@ class Trainer(Loop):
         return {"first_eval": self.first_eval, "last_eval": self.last_eval, "steps": self.step}
 
     def close(self) -> None:
+        self.guard.__exit__(None, None, None)
         for name in ("ckpt", "rewards"):
             obj = getattr(self, name, None)
             if obj is not None:

@@ -86,3 +86,36 @@ def test_two_processes_equal_one(runs):
     assert set(pa) == set(pb)
     for k in pa:
         np.testing.assert_allclose(pb[k], pa[k], atol=1e-5, err_msg=k)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(runs, tmp_path):
+    """SIGTERM to process 1 alone: both processes agree to stop at the same step boundary, save that
+    step and exit 0; the same command resumes both, and the final params equal the straight 2-process
+    run's bitwise."""
+    import signal
+    import time
+
+    one, two = runs
+    base = two.parent / "base.yaml"
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    env.update(DEVICES_PER_PROCESS="2", LOG_DIR=str(logs), KILL_GRACE_S="5")
+    cmd = ["bash", str(REPO / "launch" / "local_cpu.sh"), "2", str(base), *OVERRIDES, f"train.out_dir={out}",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.5)
+    os.kill(int((logs / "proc_1.pid").read_text()), signal.SIGTERM)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 3, saved  # stopped early, at one agreed step
+    assert "SIGTERM received" in (logs / "proc_1.log").read_text()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert [m["step"] for m in _records(metrics)] == [1, 2, 3]
+    pa, pb = _final_params(two), _final_params(out)
+    for k in pa:
+        np.testing.assert_array_equal(pb[k], pa[k], err_msg=k)
