@@ -415,3 +415,21 @@ def start_distributed(dist_cfg: Any = None, env: Any = None) -> dict:
             "to run one process on purpose, or unset the cluster variables)")
     return {"initialized": True, "kind": kind, "vars": seen}
 
+
+
+def lost_peers(timeout_s: float = 5.0) -> str:
+    """Which processes of a multi-process job are gone, for an error message after a failed
+    collective: the processes the coordination service no longer sees (asked with a short timeout),
+    or that the coordination service itself (on process 0) is unreachable."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    n = jax.process_count()
+    if client is None or n == 1:
+        return "no peer (single process)"
+    try:
+        live = set(client.get_live_nodes(list(range(n))))
+    except Exception:  # noqa: BLE001 - the coordinator itself is gone
+        return "process 0 (it runs the coordination service, which no longer answers)"
+    gone = [i for i in range(n) if i not in live]
+    return ("process " + ", ".join(map(str, gone))) if gone else "no process is reported dead (a network error?)"

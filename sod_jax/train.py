@@ -12,8 +12,12 @@ again.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import jax
+
+from sod_jax import parallel
 from sod_jax.config import add_config_args, config_from_args
 from sod_jax.models.hf import CheckpointError
 from sod_jax.rl.trainer import SetupError, Trainer
@@ -52,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         except SetupError as e:
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            # A collective failed: a peer died or stopped answering. Say which, then leave at once (the
+            # shutdown barrier would wait for the dead peer); finalized checkpoints stay valid.
+            print(f"error: process {jax.process_index()} lost {parallel.lost_peers()} during a collective "
+                  f"({one_line(e)[:200]}); restart every process with the same command to resume from the last "
+                  "checkpoint", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
     finally:
         trainer.close()
     if trainer.is_main:

@@ -119,3 +119,61 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(
     pa, pb = _final_params(two), _final_params(out)
     for k in pa:
         np.testing.assert_array_equal(pb[k], pa[k], err_msg=k)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_dead_process_makes_the_other_exit_non_zero_within_60_s(runs, tmp_path, victim):
+    """kill -9 of one process (1, then separately the coordinator, 0) while the other trains: the
+    survivor exits non-zero within 60 s with a message naming what it lost, and the checkpoints written
+    before stay readable."""
+    import signal
+    import time
+
+    _, two = runs
+    base = two.parent / "base.yaml"
+    out = tmp_path / "run"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    procs, logs = [], []
+    for i in range(2):
+        log = open(tmp_path / f"p{i}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "sod_jax.train", "--config", str(base), *OVERRIDES, "train.total_steps=30",
+             "checkpoint.save_every=1", "distributed.heartbeat_timeout=20", f"train.out_dir={out}", "--no-progress"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))))
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert all(p.poll() is None for p in procs), (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        procs[victim].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        survivor = procs[1 - victim]
+        rc = survivor.wait(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    text = (tmp_path / f"p{1 - victim}.log").read_text()
+    assert rc != 0 and waited < 60, (rc, waited, text[-3000:])
+    if victim == 1:
+        assert "error: process 0 lost process 1 during a collective" in text, text[-3000:]
+    else:  # JAX ends the process itself once the coordination service (process 0) is gone
+        assert "coordination_service" in text and "another task died" in text, text[-3000:]
+    finalized = _final_params(out)  # the newest finalized checkpoint restores
+    assert finalized and all(np.isfinite(v).all() for v in finalized.values())
