@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
+
 from sod_jax import paths
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.config import ConfigError, add_config_args, load_config
@@ -106,8 +108,10 @@ def run(cfg: Any, *, progress: bool = True) -> tuple[dict, paths.AnyPath]:
     with runtime.build_eval_runtime(cfg, tok, files=cfg.eval.files, seed=cfg.eval.seed) as rt:
         stats = rt.stats
         out = paths.makedirs(cfg.eval.out_dir)  # a local path or a URL
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        (out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
+        main_process = jax.process_index() == 0  # several processes share the prompts; one writes
+        if main_process:
+            (out / "config.yaml").write_text(cfg.to_yaml())
+            (out / "data_stats.json").write_text(json.dumps(stats, indent=2, default=str))
         print(f"eval: {len(rt.rows)} prompts ({stats.get('too_long', 0)} longer than {cfg.data.max_prompt_length} "
               f"tokens dropped) x {cfg.eval.n} samples; {json.dumps(stats.get('by_source', {}))}", file=sys.stderr)
         figures = rt.run(out_dir=str(out), progress=progress)
@@ -126,8 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError, EvalError, ChatError, CheckpointError, SandboxUnavailable, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((out / "summary.md").read_text(), end="")
-    print(f"[generations, summary.json and summary.md in {out}]", file=sys.stderr)
+    if jax.process_index() == 0:
+        print((out / "summary.md").read_text(), end="")
+        print(f"[generations, summary.json and summary.md in {out}]", file=sys.stderr)
     return 0
 
 

@@ -433,3 +433,28 @@ def lost_peers(timeout_s: float = 5.0) -> str:
         return "process 0 (it runs the coordination service, which no longer answers)"
     gone = [i for i in range(n) if i not in live]
     return ("process " + ", ".join(map(str, gone))) if gone else "no process is reported dead (a network error?)"
+
+
+_gather_calls = 0
+
+
+def all_gather_json(obj: Any, timeout_s: int = 600) -> list:
+    """``obj`` (JSON-able) of every process, in process order, on every process: through the
+    coordination service's key-value store (no device program, nothing to compile). Every process
+    must call it the same number of times in the same order. A single process gets ``[obj]``."""
+    global _gather_calls
+    n = jax.process_count()
+    if n == 1:
+        return [obj]
+    import json
+
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    _gather_calls += 1
+    tag = f"sod_jax/gather/{_gather_calls}"
+    client.key_value_set(f"{tag}/{jax.process_index()}", json.dumps(obj))
+    out = [json.loads(client.blocking_key_value_get(f"{tag}/{p}", timeout_s * 1000)) for p in range(n)]
+    client.wait_at_barrier(f"{tag}/read", timeout_s * 1000)  # everyone has read: the keys can go
+    client.key_value_delete(f"{tag}/{jax.process_index()}")
+    return out

@@ -36,7 +36,9 @@ import zlib
 from collections import Counter, defaultdict
 from typing import Any, Optional, Sequence
 
-from sod_jax import paths
+import jax
+
+from sod_jax import parallel, paths
 from sod_jax.algo.advantages import overlong_penalty  # the one DAPO overlong penalty (also re-exported here)
 from sod_jax.evaluation import metrics as M
 from sod_jax.rewards import response_text
@@ -267,20 +269,25 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
         done = {pid for pid, recs in by_prompt.items() if len(recs) >= n and all(j in recs for j in range(n))}
         records = [by_prompt[pid][j] for pid in ids if pid in done for j in range(n)]
         # rewrite the file without partial prompts, so it holds exactly the finished ones
-        write_jsonl(out / "generations.jsonl", records)
+        if jax.process_index() == 0:
+            write_jsonl(out / "generations.jsonl", records)
         if done:
             print(f"eval: resuming in {out}: {len(done)} of {len(rows)} prompts already generated, "
                   f"{len(rows) - len(done)} to go", file=sys.stderr)
     else:
         done = set()
     todo = [i for i, pid in enumerate(ids) if pid not in done]
-
+    # Several processes: each samples every P-th prompt still to do; each chunk's records are
+    # gathered to every process (the same figures as one process) and written once, by process 0.
+    P, me = jax.process_count(), jax.process_index()
     chunk = int(getattr(eval_cfg, "chunk_prompts", 0) or 0) or max(1, 4 * (policy.capacity // n))
+    mine = todo[me::P]
+    chunks = -(-max(len(todo[p::P]) for p in range(P)) // chunk) if todo else 0  # the same on every process
     bar = None
-    if progress and todo:
+    if progress and mine and me == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo) * n, initial=0, unit="sample", desc="eval", dynamic_ncols=True)
+        bar = tqdm(total=len(mine) * n, initial=0, unit="sample", desc="eval", dynamic_ncols=True)
     counted = _CountingPolicy(policy, (lambda: bar.update(1)) if bar is not None else (lambda: None))
     own_loop = loop is None
     if own_loop:
@@ -304,14 +311,18 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
                 "tool_errors": t.num_tool_errors, "finish_reason": t.finish_reason, "response_tokens": ntok,
                 "model_tokens": int(sum(t.response_mask)),
             })
-        if out is not None:
+        if P > 1:
+            order = {pid: k for k, pid in enumerate(ids)}
+            recs = sorted((r for part in parallel.all_gather_json(recs) for r in part),
+                          key=lambda r: (order[r["prompt_id"]], r["sample"]))
+        if out is not None and me == 0:
             append_jsonl(out / "generations.jsonl", recs, sync=True)
         return recs
 
     pending = None  # (indices, trajectories, future of their scores): scored while the next chunk generates
     try:
-        for c0 in range(0, len(todo), chunk):
-            idx = todo[c0:c0 + chunk]
+        for c in range(chunks):
+            idx = mine[c * chunk:(c + 1) * chunk]  # may be empty on some process in the last chunks
             reqs = [AgentRequest(rows[i]["prompt"], n=n, seed=request_seed(seed, ids[i]), id=j)
                     for j, i in enumerate(idx)]
             trajs = loop.run_until_complete(agent.run(counted, reqs))
@@ -333,7 +344,7 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
 
     ks = list(eval_cfg.ks)
     summary = summarize(records, ks)
-    if out is not None:
+    if out is not None and me == 0:
         doc = {"step": step, "n": n, "ks": ks, "seed": seed, **summary}
         (out / "summary.json").write_text(json.dumps(doc, indent=2, default=_nan_safe))
         (out / "summary.md").write_text(summary_markdown(summary, ks, step))

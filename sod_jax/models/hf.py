@@ -352,7 +352,7 @@ def load_pretrained(
     graphdef, state = nnx.split(abstract)
     target_dtype = as_dtype(param_dtype)
     if mesh is None:
-        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: single, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     else:
         shardings = parallel.param_shardings(state, mesh, rules)

@@ -177,3 +177,33 @@ def test_a_dead_process_makes_the_other_exit_non_zero_within_60_s(runs, tmp_path
         assert "coordination_service" in text and "another task died" in text, text[-3000:]
     finalized = _final_params(out)  # the newest finalized checkpoint restores
     assert finalized and all(np.isfinite(v).all() for v in finalized.values())
+
+
+def test_eval_cli_on_two_processes_equals_one(runs, tmp_path):
+    """`python -m sod_jax.eval` on 2 processes: each samples every other prompt, the records are
+    gathered, and the summary (avg@k, pass@k, ...) and the generations equal a 1-process eval's."""
+    import yaml
+
+    _, two = runs
+    root = two.parent
+    cfg = {"model": {"path": str(root / "student"), "dtype": "float32", "param_dtype": "float32"},
+           "eval": {"files": [str(root / "val.parquet")], "n": 2, "ks": [1, 2], "max_response_length": 40},
+           "rollout": {"num_slots": 4, "decode_steps": 8, "prefill_buckets": [512], "max_assistant_turns": 2},
+           "data": {"max_prompt_length": 512}, "sandbox": {"workers": 1}, "reward": {"workers": 1}}
+    conf = tmp_path / "eval.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    a = subprocess.run([sys.executable, "-m", "sod_jax.eval", "--config", str(conf), f"eval.out_dir={tmp_path / 'one'}",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = subprocess.run(["bash", str(REPO / "launch" / "local_cpu.sh"), "2", str(conf),
+                        f"eval.out_dir={tmp_path / 'two'}", "--no-progress"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=dict(env, MODULE="sod_jax.eval", DEVICES_PER_PROCESS="1",
+                                             LOG_DIR=str(tmp_path / "logs")))
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert sa["per_source"] == sb["per_source"]
+    ga, gb = (_records(tmp_path / d / "generations.jsonl") for d in ("one", "two"))
+    assert [(g["prompt_id"], g["sample"], g["response"]) for g in ga] == \
+        [(g["prompt_id"], g["sample"], g["response"]) for g in gb]
