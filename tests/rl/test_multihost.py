@@ -207,3 +207,40 @@ def test_eval_cli_on_two_processes_equals_one(runs, tmp_path):
     ga, gb = (_records(tmp_path / d / "generations.jsonl") for d in ("one", "two"))
     assert [(g["prompt_id"], g["sample"], g["response"]) for g in ga] == \
         [(g["prompt_id"], g["sample"], g["response"]) for g in gb]
+
+
+def test_sft_on_two_processes_equals_one(tmp_path):
+    """2 SFT steps on 2 processes x 2 devices (launch/local_cpu.sh) equal 1 process x 4 devices: the
+    per-step metrics and the exported weights."""
+    import yaml
+    from conftest import build_tokenizer
+    from safetensors.numpy import load_file
+    from support.sft_conversations import make_rows, write_jsonl
+
+    tok = build_tokenizer(tmp_path / "tok", vocab_size=600)
+    write_jsonl(tmp_path / "train.jsonl", make_rows(24))
+    cfg = {"sft": dict(train_files=[str(tmp_path / "train.jsonl")], tokenizer=str(tok), init="cpu-tiny",
+                       init_overrides=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, vocab_size=640),
+                       max_length=512, batch_size=4, max_steps=2, epochs=1, lr=1e-3, val_fraction=0.1, eval_every=2),
+           "model": dict(dtype="float32", remat="none", logprob_chunk=128),
+           "mesh": dict(data=1, fsdp=-1, tensor=1), "checkpoint": dict(save_every=2), "logging": dict(plots=False)}
+    conf = tmp_path / "sft.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    a = subprocess.run([sys.executable, "-m", "sod_jax.sft", "--config", str(conf), f"sft.out_dir={tmp_path / 'one'}",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = subprocess.run(["bash", str(REPO / "launch" / "local_cpu.sh"), "2", str(conf), f"sft.out_dir={tmp_path / 'two'}",
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(env, MODULE="sod_jax.sft", DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path / "logs")))
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    ma, mb = (_records(tmp_path / d / "metrics.jsonl") for d in ("one", "two"))
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        for k, v in _comparable(x).items():
+            if isinstance(v, (int, float)):
+                np.testing.assert_allclose(y[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    ta, tb = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
+    for k in ta:
+        np.testing.assert_allclose(tb[k], ta[k], atol=1e-5, err_msg=k)
