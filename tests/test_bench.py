@@ -15,7 +15,7 @@ from sod_jax.bench.sod_weights import loop_step_weights
 CLI_RUNS = {
     "sod-weights": ["sod-weights", "--batch", "4", "--seq", "256", "--steps", "3", "--repeats", "2"],
     "train-step": ["train-step", "--batch", "4", "--seq", "64", "--mini-batches", "2", "--repeats", "1"],
-    "rollout": ["rollout", "--prompts", "3", "--slots", "2", "--new-tokens", "8", "--min-prompt", "4",
+    "rollout": ["rollout", "--prompts", "3", "--slots", "2", "--devices", "2", "--new-tokens", "8", "--min-prompt", "4",
                 "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student", "--straggler", "80"],
     "rl-step": ["rl-step", "--steps", "1", "--max-response", "48"],
     "memory": ["memory"],
@@ -105,6 +105,8 @@ def test_bench_rollout_small(cli_rows):
     assert straggler["greedy_equal_fraction"] == 1.0  # ragged reads change no token
     for r in rows:
         assert r["bench"] == "rollout" and r["ours"] > 0 and r["baseline"] > 0 and r["new_tokens"] == 8
+        if r["mode"] != "straggler":  # the slots split over the 2 (fake) devices: one each
+            assert r["slot_devices"] == 2 and r["slots_per_device"] == 1
         assert r["tokens_per_request"] == [8]  # both sides generated exactly 8 tokens per request
     assert rows[0]["greedy_equal_fraction"] == 1.0  # the same greedy tokens as transformers
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sod_jax import parallel
 from sod_jax.bench.timing import best_time, best_time_pair
 from sod_jax.models import init_model, load_pretrained, preset, save_pretrained
 from sod_jax.rollout import Engine, Request, SamplingParams, generate
@@ -45,7 +46,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     N = args.new_tokens
     with tempfile.TemporaryDirectory() as d:  # one set of weights for both sides
         save_pretrained(init_model(cfg, seed=0), d)
-        model = load_pretrained(d)
+        # --devices N: the model on N devices (fsdp), so the engine splits its slots over them
+        mesh = None
+        if args.devices > 1:
+            mesh = parallel.make_mesh(1, args.devices, 1, devices=jax.devices()[:args.devices])
+        model = load_pretrained(d, mesh=mesh)
         hf = Qwen3ForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
     hf.generation_config.eos_token_id = None  # both sides generate exactly N tokens
     max_len = max(map(len, prompts)) + N + 1
@@ -84,7 +89,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         mean_len = float(np.mean([len(p) for p in prompts])) + N / 2  # live length averaged over decoding
         bound = decode_flops_per_token(cfg, mean_len) * total / t_ours / peak
         rows.append({"bench": "rollout", "mode": mode, "prompts": len(prompts), "new_tokens": N,
-                     "slots": args.slots, "ours": round(total / t_ours, 1), "baseline": round(total / t_hf, 1),
+                     "slots": args.slots, "slot_devices": engine.slot_devices,
+                     "slots_per_device": args.slots // engine.slot_devices,
+                     "ours": round(total / t_ours, 1), "baseline": round(total / t_hf, 1),
                      "ratio": round(t_hf / t_ours, 2), "unit": "generated tokens/s",
                      "bound_fraction": round(bound, 3), "matmul_peak_gflops": round(peak / 1e9, 1),
                      "baseline_impl": f"transformers {__import__('transformers').__version__} generate (torch "
@@ -125,6 +132,9 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--devices", type=int, default=1,
+                   help="load the model on this many devices (e.g. fake CPU devices via XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=8): the engine splits its slots over them")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--trace", default="", metavar="DIR",
                    help="write a jax.profiler trace of one more run of ours per mode to DIR/<mode> (TensorBoard / "
