@@ -19,6 +19,7 @@ CLI_RUNS = {
                 "--max-prompt", "9", "--repeats", "1", "--preset", "bench-student", "--straggler", "80"],
     "rl-step": ["rl-step", "--steps", "1", "--max-response", "48"],
     "memory": ["memory"],
+    "weight-sync": ["weight-sync", "--preset", "cpu-tiny", "--devices", "2", "--repeats", "1"],
 }
 # One child process runs every bench command through the CLI's own entry point (imports paid once).
 RUNNER = """
@@ -119,3 +120,9 @@ def test_bench_rl_step_splits_one_step(cli_rows):
     # the ratio is of the unrounded times, the printed times are rounded to 4 decimals
     assert 0 < parts <= row["ours"] + 1e-3 and row["ratio"] == pytest.approx(row["baseline"] / row["ours"], abs=1e-3)
     assert row["generated_tokens"] > 0
+
+
+def test_bench_weight_sync(cli_rows):
+    (row,) = cli_rows["weight-sync"]
+    assert row["bench"] == "weight-sync" and row["devices"] == 2 and row["ours"] > 0 and row["baseline"] > 0
+    assert row["ratio"] > 0 and "seconds" in row["unit"]

@@ -18,6 +18,8 @@ Benches:
            approach) on B=64, T=8192 with ~8 steps per row.
   rl-step  one whole RL step of the CPU demo's shape (rollouts with tool calls in the local sandbox,
            rewards, the update) through the trainer, split into its parts (random cpu-tiny models).
+  weight-sync  the refresh of the engine's sampling copy after an update (one jitted cast + reshard
+           on the devices) against a host round trip; Qwen3-0.6B on the available (fake) devices.
   memory   compiled temporary memory of chunked sampled-token log-probs (value and gradient)
            versus the naive [T, V] log-softmax gather, at Qwen3's vocabulary; and of one layer's
            blocked causal attention (forward and backward) versus dense [T, T] scores.
@@ -28,9 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from sod_jax.bench import memory, rl_step, rollout, sandbox, sod_weights, train_step
+from sod_jax.bench import memory, rl_step, rollout, sandbox, sod_weights, train_step, weight_sync
 
-BENCHES = (sandbox, rollout, train_step, rl_step, sod_weights, memory)
+BENCHES = (sandbox, rollout, train_step, rl_step, sod_weights, weight_sync, memory)
 
 
 def main(argv: list[str] | None = None) -> None:
