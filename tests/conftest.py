@@ -9,6 +9,7 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
     os.environ["SOD_JAX_SANDBOX_UID_BASE"] = str(61000 + 1000 * int(os.environ["PYTEST_XDIST_WORKER"][2:]))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # an installed libtpu (the planner's TPU client) would open a TPU
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

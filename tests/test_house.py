@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = [["train"], ["sft"], ["eval"], ["generate"], ["convert"], ["convert", "orbax-to-hf"],
             ["convert", "hf-to-orbax"], ["config"], ["tracking"], ["tracking", "plot"], ["sandbox"],
             ["sandbox", "serve"], ["demo"], ["bench"], ["bench", "rollout"], ["bench", "sandbox"],
-            ["bench", "train-step"], ["bench", "sod-weights"], ["bench", "memory"], ["bench", "rl-step"]]
+            ["bench", "train-step"], ["bench", "sod-weights"], ["bench", "memory"], ["bench", "rl-step"], ["plan"]]
 
 HELP_RUNNER = """
 import contextlib, io, json, runpy, sys
