@@ -127,10 +127,11 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
     copy_base = mem["params"] + mem["optimizer"] + mem["teacher"] + mem["sampling_copy"]
     if search or not update_ok:
         used = mem["update_extra"] if upd.compiled else upd.needs
-        knobs.append(search_micro_batch(cfg, progs, usable, search_seconds, update_ok, used))
+        knobs.append(search_micro_batch(cfg, progs, usable, search_seconds, update_ok, used, mem["resident_update"]))
     if search or not rollout_ok:
         used = _rollout_used(engine_reports, mem["kv_cache"], copy_base)
-        knob, at_best = search_slots(cfg, progs, usable, search_seconds, rollout_ok, stop_ids, all_programs, used)
+        knob, at_best = search_slots(cfg, progs, usable, search_seconds, rollout_ok, stop_ids, all_programs, used,
+                                     mem["resident_rollout"])
         knobs.append(knob)
     if not fits and not update_ok and knobs and knobs[0].value is None:
         problems.append("no micro-batch fits: raise mesh.fsdp, use model.remat=full, a bf16 teacher, shorter sequences "
@@ -154,8 +155,8 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
     if not all_programs:
         notes.append("engine: the largest call of each program is compiled (--all-programs compiles every one)")
     time_progs, time_reports = progs, reports
-    if not rollout_ok and at_best is not None:
-        # The rollouts' time at the slot count that fits (the config's own did not compile or fit).
+    if at_best is not None and (not rollout_ok or knobs[-1].value != r.num_slots):
+        # The rollouts' time at the largest slot count that fits (more slots, fewer waves).
         time_progs = at_best[0]
         time_reports = {k: v for k, v in reports.items() if v[0].program.name in ("update", "sampling_copy")}
         time_reports.update(at_best[1])

@@ -99,7 +99,7 @@ def plan_estimate(cfg: Any, target: Target, *, job: str = "train", student_prese
     cands = arith.micro_batch_candidates(rows_per_mini, batch_devices)
     mb_fit = [c for c in cands if update_resident(c) <= usable]
     step = split if split > 1 else 1
-    slot_c = arith.slot_candidates(cfg.rollout.n, max(slots, 4096), step)
+    slot_c = arith.slot_candidates(cfg.rollout.n, max(slots, -(-progs.rows // step) * step), step)
     best_s, tried_s, _ = arith.largest_fitting(slot_c, lambda x: rollout_resident(x) <= usable, 1e9)
     knobs = [Knob("train.micro_batch_size", max(mb_fit) if mb_fit else None, micro,
                   "rows per micro-batch bound the update's activations", {c: c in mb_fit for c in cands}, True,

@@ -205,6 +205,9 @@ def target_devices(t: Target) -> list:
     from jax.experimental import topologies
 
     kw = {"chip_config_name": "megacore"} if t.family in ("v4", "v5p") else {}
+    # A compile-only client opens no TPU, so it needs none of libtpu's one-process-per-host lock; without
+    # this, any other process that loaded libtpu (or a stale /tmp/libtpu_lockfile) makes it fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     with quiet_stderr() as err:
         try:
             topo = topologies.get_topology_desc(topology_name=t.topology, platform="tpu",

@@ -174,7 +174,8 @@ def _secant(points: list[tuple[int, int]], room: Optional[int]) -> Optional[floa
 
 
 def search_micro_batch(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: float,
-                       current_fits: bool, used: Optional[int] = None) -> Knob:
+                       current_fits: bool, used: Optional[int] = None,
+                       current_resident: Optional[int] = None) -> Knob:
     """The largest ``train.micro_batch_size`` whose update fits beside the resident trees, by compiling."""
     mesh = progs.mesh
     rows_per_mini = progs.rows // progs.spec.mini_batches
@@ -192,19 +193,24 @@ def search_micro_batch(cfg: Any, progs: RLPrograms, usable: Optional[int], secon
         extra = max(0, rep.peak - arith.chip_bytes(call.args[:2])) if rep.compiled else rep.needs
         if extra:
             points.append((mb, extra))
+        if rep.compiled:
+            resident[mb] = other + extra
         return rep.compiled and phase_fits(other + extra, usable)
+
+    resident = {} if current_resident is None else {current: current_resident}
 
     room = None if usable is None else usable - other
     best, tried, done = arith.largest_fitting(cands, fits, seconds, known={current: current_fits},
                                               predict=lambda: _secant(points, room))
     why = ("rows per micro-batch bound the update's activations (and the old-policy and teacher passes); "
            "gradients are accumulated over micro-batches, the result is unchanged")
-    return Knob("train.micro_batch_size", best, current, why, tried, done)
+    return Knob("train.micro_batch_size", best, current, why, tried, done, resident=resident)
 
 
 def search_slots(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: float, current_fits: bool,
                  stop_ids: Optional[tuple], all_programs: bool,
-                 used: Optional[int] = None) -> tuple[Knob, Optional[tuple[RLPrograms, dict]]]:
+                 used: Optional[int] = None,
+                 current_resident: Optional[int] = None) -> tuple[Knob, Optional[tuple[RLPrograms, dict]]]:
     """The largest ``rollout.num_slots`` whose rollout programs fit beside the resident trees, by
     compiling; candidates are multiples of the devices the slots are split over, from rollout.n.
     Also returns the programs and reports measured at that value (None when it was not probed)."""
@@ -217,6 +223,9 @@ def search_slots(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: fl
     per_slot = max(1, slot_state_bytes(progs) // max(current, 1)) * step
     room = (usable - base - copy) if usable else 0
     high = max(current, (room // per_slot) * step) if current_fits and usable else current
+    # More slots than a host's share of the step's trajectories would never be used.
+    need = -(-(progs.rows // hosts_of(progs.mesh)) // step) * step
+    high = min(high, max(current, need))
     cands = arith.slot_candidates(n, high, step)
     # Bytes that grow with the slot count (KV cache + the largest program's extra), measured per probe;
     # the next probe is where the line through the last two measurements meets the room.
@@ -242,13 +251,16 @@ def search_slots(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: fl
                 return False
         points.append((slots, worst))
         measured[slots] = (trial, reports)
+        resident[slots] = base + copy + worst
         return True
 
     measured: dict[int, tuple[RLPrograms, dict]] = {}
+    resident = {} if current_resident is None else {current: current_resident}
     best, tried, done = arith.largest_fitting(cands, fits, seconds, known={current: current_fits}, predict=predict)
     why = (f"each slot holds one trajectory's KV cache ({gib(per_slot // step)} per slot per chip here; the slots "
            f"are split over {step} device(s)); fewer slots mean more rollout waves per step")
-    return Knob("rollout.num_slots", best, current, why, tried, done), measured.get(best)
+    knob = Knob("rollout.num_slots", best, current, why, tried, done, resident=resident)
+    return knob, measured.get(best)
 
 
 # ---------------------------------------------------------------------------------------------

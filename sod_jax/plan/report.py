@@ -50,6 +50,7 @@ class Knob:
     tried: dict = field(default_factory=dict)  # value -> fits, as measured
     complete: bool = True  # False: the time bound stopped the search first
     method: str = "compiled"  # compiled | formula
+    resident: dict = field(default_factory=dict)  # value -> bytes per chip of its phase, where measured
 
 
 @dataclass
@@ -155,6 +156,9 @@ def format_text(r: PlanReport) -> str:
     lines.append(f"verdict: {r.verdict}")
     for k in r.knobs:
         val = "none fits" if k["value"] is None else f"{k['key']}={k['value']}"
+        at = k.get("resident", {}).get(k["value"])
+        if at is not None:
+            val += f" ({gib(at)} resident)"
         bound = "" if k["complete"] else " (search stopped by its time bound; larger values untried)"
         tried = ", ".join(f"{v}:{'fits' if ok else 'no'}" for v, ok in sorted(k["tried"].items()))
         lines.append(f"  knob: {k['key']} (now {k['current']}): largest that fits: {val}{bound} "
