@@ -99,7 +99,7 @@ def markdown(rows: dict) -> str:
             r = rows.get(row_key(student, target))
             if not r or r.get("status") != "done":
                 why = "not computed" if not r else f"not computed ({r.get('error', 'failed')[:80]})"
-                lines.append(f"| {student} | {target} | {why} |" + " |" * 8)
+                lines.append(f"| {student} | {target} | {why} |" + " |" * 7)
                 continue
             g = lambda x: "-" if x is None else f"{x:.1f} GiB"  # noqa: E731
             t = lambda x: "-" if x is None else (f"{x / 60:.1f} min" if x >= 120 else f"{x:.0f} s")  # noqa: E731
