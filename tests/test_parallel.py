@@ -151,3 +151,26 @@ def test_put_batch_process_local_rows_make_the_global_batch():
     whole = parallel.put_batch(x, mesh)
     assert local.shape == (16, 3) and local.sharding.spec == whole.sharding.spec == P(("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(local), x)
+
+
+def test_host_local_sampling_mesh_and_its_refusal():
+    """Each process samples on its own block of the mesh; a tensor axis split across processes is
+    refused with a message naming mesh.tensor (checked on a stand-in mesh of 2 hosts x 2 devices)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sod_jax.parallel import LocalMeshError, local_mesh, make_mesh
+
+    mesh = make_mesh(1, 4, 2)
+    assert local_mesh(mesh) is mesh  # one process: the whole mesh
+
+    def stand_in(procs):  # devices of a (data=1, fsdp=2, tensor=2) mesh with the given process of each
+        devs = np.array([SimpleNamespace(process_index=p) for p in procs], dtype=object).reshape(1, 2, 2)
+        return SimpleNamespace(devices=devs, shape={"data": 1, "fsdp": 2, "tensor": 2},
+                               axis_names=("data", "fsdp", "tensor"))
+
+    with pytest.raises(LocalMeshError, match="mesh.tensor=2 spans processes"):
+        local_mesh(stand_in([0, 1, 0, 1]), process_index=0)  # each tensor pair split over the 2 hosts
+    with pytest.raises(LocalMeshError, match="not a contiguous block"):
+        local_mesh(stand_in([0, 1, 1, 0]), process_index=0)

@@ -88,6 +88,31 @@ def test_two_processes_equal_one(runs):
         np.testing.assert_allclose(pb[k], pa[k], atol=1e-5, err_msg=k)
 
 
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """The 2-process run's checkpoint (step 3) and data position continue in a 1-process x 4-device run:
+    its step 4 is the step a 1-process run would take after step 3 (same global batch and seeds)."""
+    import shutil
+
+    one, two = runs
+    base = two.parent / "base.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_PROCESS", "JAX_NUM"))}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    runs_ = {}
+    for name, src in (("from_two", two), ("from_one", one)):
+        out = tmp_path / name
+        shutil.copytree(src, out)
+        p = subprocess.run([sys.executable, "-m", "sod_jax.train", "--config", str(base), *OVERRIDES,
+                            "train.total_steps=4", f"train.out_dir={out}", "--no-progress"], cwd=REPO,
+                           capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "resumed from checkpoint step 3" in p.stderr
+        runs_[name] = _records(out / "metrics.jsonl")[-1]
+    a, b = _comparable(runs_["from_one"]), _comparable(runs_["from_two"])
+    assert a["step"] == b["step"] == 4
+    for k in ("acc", "reward_mean", "response_length_mean", "pg_loss"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_exactly(runs, tmp_path):
     """SIGTERM to process 1 alone: both processes agree to stop at the same step boundary, save that
     step and exit 0; the same command resumes both, and the final params equal the straight 2-process
