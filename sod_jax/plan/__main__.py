@@ -48,10 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no new compile of a search starts after this many seconds (per knob; default 900)")
     p.add_argument("--all-programs", action="store_true",
                    help="compile every engine program of the run, not only the largest of each kind")
+    p.add_argument("--skip", action="append", default=[], metavar="PROGRAM",
+                   choices=("sampling_copy", "prefill", "insert", "decode", "extend"),
+                   help="an engine program not to compile (repeatable; the report says it was left out)")
     p.add_argument("--response-tokens", type=int, default=None,
                    help="mean response tokens per trajectory for the step-time estimate (default: the maximum)")
     p.add_argument("--student-preset", default=None, help="student architecture preset (e.g. qwen3-0.6b)")
     p.add_argument("--teacher-preset", default=None, help="teacher architecture preset (e.g. qwen3-4b)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log each compile to stderr as it starts and ends")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 
@@ -93,6 +97,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", force=True)
+        logging.getLogger("sod_jax.plan").setLevel(logging.INFO)
     from sod_jax.plan.build import PlanError
     from sod_jax.plan.core import plan_config
     from sod_jax.plan.hardware import TargetError
@@ -101,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         report = plan_config(cfg, args.topology, job=job, student_preset=args.student_preset,
                              teacher_preset=args.teacher_preset, search=args.search,
-                             search_seconds=args.search_seconds, all_programs=args.all_programs,
+                             search_seconds=args.search_seconds, all_programs=args.all_programs, skip=tuple(args.skip),
                              response_tokens=args.response_tokens, source=" + ".join(args.config) or "defaults")
     except (PlanError, TargetError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -254,12 +254,14 @@ def build_engine(cfg: Any, student: AbstractModel, num_slots: Optional[int] = No
     return Engine.abstract(arch, copy, src, **engine_kwargs(cfg, num_slots, ids)), copy
 
 
-def engine_calls(cfg: Any, engine: Engine, needs_teacher: bool, all_programs: bool = False) -> list[Call]:
+def engine_calls(cfg: Any, engine: Engine, needs_teacher: bool, all_programs: bool = False,
+                 skip: tuple = ()) -> list[Call]:
     """The engine's programs for the run's phases: all of them (``all_programs``), or per program the
     largest call (by argument bytes): the sampling copy, prefill, insert, extension, and the decode
-    over all slots."""
+    over all slots; programs named in ``skip`` are left out."""
     with_eval = bool(cfg.data.val_files)
     calls = unique(engine.program_calls(rl_programs.engine_phases(cfg, needs_teacher, with_eval)))
+    calls = [c for c in calls if c.program.name not in skip]
     if all_programs:
         return calls
     best: dict[str, Call] = {}
@@ -281,7 +283,7 @@ def _arg_size(call: Call) -> int:
 def rl_programs_for(cfg: Any, student_arch: Arch, teacher_arch: Optional[Arch], mesh: Any, *,
                     micro_batch_size: Optional[int] = None, num_slots: Optional[int] = None,
                     all_programs: bool = False, with_engine: bool = True,
-                    stop_ids: Optional[tuple] = None) -> RLPrograms:
+                    stop_ids: Optional[tuple] = None, skip: tuple = ()) -> RLPrograms:
     """The RL run's update and engine programs on ``mesh`` (see the module docstring)."""
     student = abstract_model(student_arch, mesh)
     teacher = None if teacher_arch is None else abstract_model(teacher_arch, mesh)
@@ -289,7 +291,7 @@ def rl_programs_for(cfg: Any, student_arch: Arch, teacher_arch: Optional[Arch], 
     out = RLPrograms(mesh, spec, student, teacher, state, batch, call, rows, L)
     if with_engine:
         out.engine, out.sampling = build_engine(cfg, student, num_slots, stop_ids)
-        out.engine_calls = engine_calls(cfg, out.engine, spec.needs_teacher, all_programs)
+        out.engine_calls = engine_calls(cfg, out.engine, spec.needs_teacher, all_programs, skip)
     return out
 
 

@@ -36,14 +36,15 @@ def target_info(t: Target, usable: Optional[int]) -> dict:
 def plan_config(config: Any, topology: Union[str, Target], *, job: str = "train", student_preset: Optional[str] = None,
                 teacher_preset: Optional[str] = None, search: bool = False, search_seconds: float = 900.0,
                 all_programs: bool = False, response_tokens: Optional[int] = None,
-                stop_ids: Optional[tuple] = None, source: str = "config") -> PlanReport:
+                stop_ids: Optional[tuple] = None, skip: tuple = (), source: str = "config") -> PlanReport:
     """Plan ``config`` (a :class:`sod_jax.config.Config`) for ``topology`` (``"v5e-8"``, ``"v5e:2x4"``,
     ``"8xH100"``, ``"cpu:4"`` or a :class:`~sod_jax.plan.hardware.Target`).
 
     ``job``: ``train`` (the RL update and the engine) or ``sft`` (the SFT step). ``search``: look
     for the largest micro-batch and slot count that fit even when the config fits (by default only
     for a part that does not); each search compiles, and starts no probe after ``search_seconds``.
-    ``all_programs``: compile every engine program, not just the largest of each kind.
+    ``all_programs``: compile every engine program, not just the largest of each kind; ``skip``: engine
+    programs not to compile (by name, e.g. ``("extend",)``; the report says which were left out).
     ``response_tokens``: mean response length for the step-time estimate (default: the maximum).
     Raises :class:`~sod_jax.plan.build.PlanError` / :class:`~sod_jax.plan.hardware.TargetError`
     for a config or target it cannot plan."""
@@ -66,7 +67,8 @@ def plan_config(config: Any, topology: Union[str, Target], *, job: str = "train"
         report = _plan_sft(config, target, mesh, usable, student_preset=student_preset, **kw)
     else:
         report = _plan_rl(config, target, mesh, usable, student_preset=student_preset, teacher_preset=teacher_preset,
-                          all_programs=all_programs, response_tokens=response_tokens, stop_ids=stop_ids, **kw)
+                          all_programs=all_programs, response_tokens=response_tokens, stop_ids=stop_ids, skip=skip,
+                          **kw)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -100,9 +102,10 @@ def _rollout_used(reports: list, kv: int, resident: int) -> Optional[int]:
 
 
 def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, student_preset, teacher_preset, search,
-             search_seconds, all_programs, response_tokens, stop_ids, source) -> PlanReport:
+             search_seconds, all_programs, response_tokens, stop_ids, skip, source) -> PlanReport:
     student, teacher = rl_archs(cfg, student_preset, teacher_preset)
-    progs = rl_programs_for(cfg, student, teacher, mesh, all_programs=all_programs, stop_ids=stop_ids)
+    progs = rl_programs_for(cfg, student, teacher, mesh, all_programs=all_programs, stop_ids=stop_ids,
+                            skip=tuple(skip))
     reports = {"update": (progs.update, compile_program(progs.update))}
     for c in progs.engine_calls:
         reports[c.label or c.program.name] = (c, compile_program(c))
@@ -130,8 +133,8 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
         knobs.append(search_micro_batch(cfg, progs, usable, search_seconds, update_ok, used, mem["resident_update"]))
     if search or not rollout_ok:
         used = _rollout_used(engine_reports, mem["kv_cache"], copy_base)
-        knob, at_best = search_slots(cfg, progs, usable, search_seconds, rollout_ok, stop_ids, all_programs, used,
-                                     mem["resident_rollout"])
+        knob, at_best = search_slots(cfg, progs, usable, search_seconds, rollout_ok, stop_ids, all_programs, skip,
+                                     used, mem["resident_rollout"])
         knobs.append(knob)
     if not fits and not update_ok and knobs and knobs[0].value is None:
         problems.append("no micro-batch fits: raise mesh.fsdp, use model.remat=full, a bf16 teacher, shorter sequences "
@@ -154,6 +157,9 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
     ]
     if not all_programs:
         notes.append("engine: the largest call of each program is compiled (--all-programs compiles every one)")
+    if skip:
+        notes.append(f"NOT COMPILED (left out on request): the engine's {', '.join(skip)} program(s); the rollouts' "
+                     "memory and time leave them out")
     time_progs, time_reports = progs, reports
     if at_best is not None and (not rollout_ok or knobs[-1].value != r.num_slots):
         # The rollouts' time at the largest slot count that fits (more slots, fewer waves).
@@ -164,7 +170,9 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
                      "that fits")
     report = PlanReport(source, "train", target_info(target, usable), "compiled", mesh_info(mesh), models, settings,
                         mem, [rep.__dict__ | {"peak": rep.peak} for _, rep in reports.values()], fits,
-                        _verdict(fits, mem["peak"], usable, problems, knobs), [k.__dict__ for k in knobs],
+                        _verdict(fits, mem["peak"], usable, problems, knobs)
+                        + (f" (without the engine's {', '.join(skip)}: not compiled)" if skip else ""),
+                        [k.__dict__ for k in knobs],
                         rl_step_time(cfg, time_progs, time_reports, target, response_tokens), notes)
     return report
 

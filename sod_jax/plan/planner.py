@@ -17,6 +17,7 @@ chip memory the compiler reports as available.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -30,12 +31,15 @@ from sod_jax.plan.report import Knob, ProgramReport, gib
 from sod_jax.programs import Call
 from sod_jax.rollout.engine import SlotState
 
+log = logging.getLogger("sod_jax.plan")
+
 
 def compile_program(call: Call) -> ProgramReport:
     """Lower and compile ``call`` for its devices; an out-of-memory compile is a result (compiled =
     False with the compiler's message), any other failure raises."""
     t0 = time.perf_counter()
     name = call.program.name
+    log.info("compiling %s", call.label or name)
     try:
         with quiet_stderr():
             exe = call.lower().compile()
@@ -45,8 +49,10 @@ def compile_program(call: Call) -> ProgramReport:
             raise
         need, _ = parse_oom(msg)
         first = next((ln for ln in msg.splitlines() if "RESOURCE_EXHAUSTED" in ln or "memory" in ln), msg)
+        log.info("%s: does not fit (%.0f s)", call.label or name, time.perf_counter() - t0)
         return ProgramReport(call.label or name, name, False, time.perf_counter() - t0, error=first.strip()[:300],
                              needs=need)
+    log.info("%s: compiled (%.0f s)", call.label or name, time.perf_counter() - t0)
     m = exe.memory_analysis()
     cost = exe.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
@@ -208,7 +214,7 @@ def search_micro_batch(cfg: Any, progs: RLPrograms, usable: Optional[int], secon
 
 
 def search_slots(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: float, current_fits: bool,
-                 stop_ids: Optional[tuple], all_programs: bool,
+                 stop_ids: Optional[tuple], all_programs: bool, skip: tuple = (),
                  used: Optional[int] = None,
                  current_resident: Optional[int] = None) -> tuple[Knob, Optional[tuple[RLPrograms, dict]]]:
     """The largest ``rollout.num_slots`` whose rollout programs fit beside the resident trees, by
@@ -236,7 +242,7 @@ def search_slots(cfg: Any, progs: RLPrograms, usable: Optional[int], seconds: fl
 
     def fits(slots: int) -> bool:
         engine, _ = build_engine(cfg, progs.student, slots, stop_ids)
-        calls = [c for c in engine_calls(cfg, engine, progs.spec.needs_teacher, all_programs)
+        calls = [c for c in engine_calls(cfg, engine, progs.spec.needs_teacher, all_programs, skip)
                  if c.program.name != "sampling_copy"]
         trial = RLPrograms(progs.mesh, progs.spec, progs.student, progs.teacher, progs.state, progs.batch,
                            progs.update, progs.rows, progs.length, progs.sampling, engine, calls)
@@ -298,9 +304,15 @@ def rl_step_time(cfg: Any, progs: RLPrograms, reports: dict[str, tuple[Call, Pro
             if c.program.name == name and r.compiled:
                 t, b = arith.roofline_seconds(r.flops, r.bytes_accessed, peak, bw)
                 return t, b, r, c
+        if any(c.program.name == name for c, _ in reports.values()):
+            missing.append(name)  # compiled and ran out of memory: no time for it
+        else:
+            left_out.append(name)  # not compiled at all (--skip): counted as no time, and said so
         return 0.0, "", None, None
 
-    t_step, b_step, _, _ = per_call("decode")
+    left_out: list[str] = []
+    missing: list[str] = []
+    t_step, b_step, dec, _ = per_call("decode")
     t_ext, _, _, _ = per_call("extend")
     t_pre, _, _, pre_call = per_call("prefill")
     t_ins, _, _, _ = per_call("insert")
@@ -314,7 +326,8 @@ def rl_step_time(cfg: Any, progs: RLPrograms, reports: dict[str, tuple[Call, Pro
                                response_tokens=resp, decode_steps=int(r.decode_steps),
                                tool_turns=max(0, int(r.max_assistant_turns) - 1), t_decode_step=t_step, t_extend=t_ext,
                                t_prefill=t_pre, t_insert=t_ins, prompts_per_prefill=G)
-    floor = (arith.chip_bytes(progs.sampling) + slot_state_bytes(progs)) / bw
+    floor = max((arith.chip_bytes(progs.sampling) + slot_state_bytes(progs)) / bw,
+                (dec.flops / peak) if dec is not None else 0.0)
     ro_floor = arith.rollout_seconds(prompts=prompts, n=int(r.n), slots=progs.engine.num_slots,
                                      response_tokens=resp, decode_steps=int(r.decode_steps), tool_turns=0,
                                      t_decode_step=floor, t_extend=0.0, t_prefill=0.0, t_insert=0.0,
@@ -333,9 +346,14 @@ def rl_step_time(cfg: Any, progs: RLPrograms, reports: dict[str, tuple[Call, Pro
         dict(name="sampling copy refresh", seconds=t_copy, detail=""),
     ]
     total = sum(p["seconds"] for p in parts)
+    floor_total = total - ro["decode"] + ro_floor["decode"]
+    not_compiled = [f"no time for {', '.join(missing)}: not compiled at these settings"] if missing else []
+    not_compiled += [f"{', '.join(left_out)} left out (not compiled): counted as no time"] if left_out else []
+    if missing:
+        total = floor_total = None
     return dict(
         estimate=True, total=total, parts=parts,
-        decode_step_floor_s=floor, total_with_decode_floor=total - ro["decode"] + ro_floor["decode"],
+        decode_step_floor_s=floor, total_with_decode_floor=floor_total,
         formula=[
             "t(program) = max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip, with "
             f"peak {peak / 1e12:.0f} TFLOP/s and {bw / 1e9:.0f} GB/s ({chip.name}, {chip.source})",
@@ -354,7 +372,7 @@ def rl_step_time(cfg: Any, progs: RLPrograms, reports: dict[str, tuple[Call, Pro
                      "mean), all decoded; every extension at the widest compiled width",
                      f"a decode step moves at least the sampling copy and the KV cache once: "
                      f"{floor * 1e3:.2f} ms per step at the HBM bandwidth (XLA's model: {t_step * 1e3:.2f} ms)",
-                     "no overlap between rollouts and update; no host, sandbox or reward time"])
+                     "no overlap between rollouts and update; no host, sandbox or reward time"] + not_compiled)
 
 
 __all__ = ["compile_program", "phase_fits", "rl_memory", "rl_step_time", "search_micro_batch", "search_slots",
