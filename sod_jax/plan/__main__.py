@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no new compile of a search starts after this many seconds (per knob; default 900)")
     p.add_argument("--all-programs", action="store_true",
                    help="compile every engine program of the run, not only the largest of each kind")
+    p.add_argument("--only", choices=("update", "rollouts"), default=None,
+                   help="plan only the RL update or only the rollouts (e.g. one compile set per process)")
     p.add_argument("--skip", action="append", default=[], metavar="PROGRAM",
                    choices=("sampling_copy", "prefill", "insert", "decode", "extend"),
                    help="an engine program not to compile (repeatable; the report says it was left out)")
@@ -111,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report = plan_config(cfg, args.topology, job=job, student_preset=args.student_preset,
                              teacher_preset=args.teacher_preset, search=args.search,
                              search_seconds=args.search_seconds, all_programs=args.all_programs, skip=tuple(args.skip),
+                             phases=(args.only,) if args.only else ("update", "rollouts"),
                              response_tokens=args.response_tokens, source=" + ".join(args.config) or "defaults")
     except (PlanError, TargetError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

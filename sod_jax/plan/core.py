@@ -36,7 +36,8 @@ def target_info(t: Target, usable: Optional[int]) -> dict:
 def plan_config(config: Any, topology: Union[str, Target], *, job: str = "train", student_preset: Optional[str] = None,
                 teacher_preset: Optional[str] = None, search: bool = False, search_seconds: float = 900.0,
                 all_programs: bool = False, response_tokens: Optional[int] = None,
-                stop_ids: Optional[tuple] = None, skip: tuple = (), source: str = "config") -> PlanReport:
+                stop_ids: Optional[tuple] = None, skip: tuple = (), phases: tuple = ("update", "rollouts"),
+                source: str = "config") -> PlanReport:
     """Plan ``config`` (a :class:`sod_jax.config.Config`) for ``topology`` (``"v5e-8"``, ``"v5e:2x4"``,
     ``"8xH100"``, ``"cpu:4"`` or a :class:`~sod_jax.plan.hardware.Target`).
 
@@ -45,6 +46,7 @@ def plan_config(config: Any, topology: Union[str, Target], *, job: str = "train"
     for a part that does not); each search compiles, and starts no probe after ``search_seconds``.
     ``all_programs``: compile every engine program, not just the largest of each kind; ``skip``: engine
     programs not to compile (by name, e.g. ``("extend",)``; the report says which were left out).
+    ``phases``: of an RL config, plan the ``update``, the ``rollouts`` or both (the default).
     ``response_tokens``: mean response length for the step-time estimate (default: the maximum).
     Raises :class:`~sod_jax.plan.build.PlanError` / :class:`~sod_jax.plan.hardware.TargetError`
     for a config or target it cannot plan."""
@@ -68,7 +70,7 @@ def plan_config(config: Any, topology: Union[str, Target], *, job: str = "train"
     else:
         report = _plan_rl(config, target, mesh, usable, student_preset=student_preset, teacher_preset=teacher_preset,
                           all_programs=all_programs, response_tokens=response_tokens, stop_ids=stop_ids, skip=skip,
-                          **kw)
+                          phases=tuple(phases), **kw)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -102,23 +104,25 @@ def _rollout_used(reports: list, kv: int, resident: int) -> Optional[int]:
 
 
 def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, student_preset, teacher_preset, search,
-             search_seconds, all_programs, response_tokens, stop_ids, skip, source) -> PlanReport:
+             search_seconds, all_programs, response_tokens, stop_ids, skip, phases, source) -> PlanReport:
     student, teacher = rl_archs(cfg, student_preset, teacher_preset)
     progs = rl_programs_for(cfg, student, teacher, mesh, all_programs=all_programs, stop_ids=stop_ids,
                             skip=tuple(skip))
-    reports = {"update": (progs.update, compile_program(progs.update))}
-    for c in progs.engine_calls:
+    with_update, with_rollouts = "update" in phases, "rollouts" in phases
+    reports = {"update": (progs.update, compile_program(progs.update))} if with_update else {}
+    for c in progs.engine_calls if with_rollouts else []:
         reports[c.label or c.program.name] = (c, compile_program(c))
     mem = rl_memory(progs, reports)
     mem["chip"] = usable
-    upd = reports["update"][1]
-    update_ok = upd.compiled and phase_fits(mem["resident_update"], usable)
+    upd = reports["update"][1] if with_update else None
+    update_ok = not with_update or (upd.compiled and phase_fits(mem["resident_update"], usable))
     engine_reports = [r for label, (_, r) in reports.items() if label != "update"]
-    rollout_ok = all(r.compiled for r in engine_reports) and phase_fits(mem["resident_rollout"], usable)
+    rollout_ok = not with_rollouts or (all(r.compiled for r in engine_reports)
+                                       and phase_fits(mem["resident_rollout"], usable))
     refresh_ok = mem.get("resident_refresh") is None or phase_fits(mem["resident_refresh"], usable)
     fits = update_ok and rollout_ok and refresh_ok
     problems = []
-    if not upd.compiled:
+    if with_update and not upd.compiled:
         problems.append(f"the update does not compile ({upd.error})")
     elif not update_ok:
         problems.append(f"the update needs {gib(mem['resident_update'])} per chip with what stays resident")
@@ -128,15 +132,15 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
                         else f"engine programs do not compile: {', '.join(bad)}")
     knobs, at_best = [], None
     copy_base = mem["params"] + mem["optimizer"] + mem["teacher"] + mem["sampling_copy"]
-    if search or not update_ok:
+    if with_update and (search or not update_ok):
         used = mem["update_extra"] if upd.compiled else upd.needs
         knobs.append(search_micro_batch(cfg, progs, usable, search_seconds, update_ok, used, mem["resident_update"]))
-    if search or not rollout_ok:
+    if with_rollouts and (search or not rollout_ok):
         used = _rollout_used(engine_reports, mem["kv_cache"], copy_base)
         knob, at_best = search_slots(cfg, progs, usable, search_seconds, rollout_ok, stop_ids, all_programs, skip,
                                      used, mem["resident_rollout"])
         knobs.append(knob)
-    if not fits and not update_ok and knobs and knobs[0].value is None:
+    if not fits and not update_ok and knobs and knobs[0].value is None and knobs[0].key.startswith("train."):
         problems.append("no micro-batch fits: raise mesh.fsdp, use model.remat=full, a bf16 teacher, shorter sequences "
                         "or a larger slice")
     r, t = cfg.rollout, cfg.train
@@ -157,6 +161,9 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
     ]
     if not all_programs:
         notes.append("engine: the largest call of each program is compiled (--all-programs compiles every one)")
+    if not (with_update and with_rollouts):
+        notes.append(f"ONLY THE {'UPDATE' if with_update else 'ROLLOUTS'} planned (phases={'+'.join(phases)}): "
+                     "the other phase's memory is not in the totals")
     if skip:
         notes.append(f"NOT COMPILED (left out on request): the engine's {', '.join(skip)} program(s); the rollouts' "
                      "memory and time leave them out")
@@ -171,7 +178,8 @@ def _plan_rl(cfg: Any, target: Target, mesh: Any, usable: Optional[int], *, stud
     report = PlanReport(source, "train", target_info(target, usable), "compiled", mesh_info(mesh), models, settings,
                         mem, [rep.__dict__ | {"peak": rep.peak} for _, rep in reports.values()], fits,
                         _verdict(fits, mem["peak"], usable, problems, knobs)
-                        + (f" (without the engine's {', '.join(skip)}: not compiled)" if skip else ""),
+                        + (f" (without the engine's {', '.join(skip)}: not compiled)" if skip else "")
+                        + ("" if with_update and with_rollouts else f" ({'+'.join(phases)} only)"),
                         [k.__dict__ for k in knobs],
                         rl_step_time(cfg, time_progs, time_reports, target, response_tokens), notes)
     return report

@@ -131,11 +131,13 @@ def rl_memory(progs: RLPrograms, reports: dict[str, tuple[Call, ProgramReport]])
     base = params + opt + teacher
     mem: dict[str, Optional[int]] = dict(params=params, optimizer=opt, teacher=teacher, sampling_copy=copy,
                                          kv_cache=kv)
-    call, rep = reports["update"]
-    upd = _extra(rep, call, progs)
-    mem["update_extra"] = upd
-    mem["resident_update"] = None if upd is None else base + copy + upd
-    rep.resident = mem["resident_update"]
+    mem["update_extra"] = mem["resident_update"] = None
+    if "update" in reports:  # absent when only the rollouts are planned
+        call, rep = reports["update"]
+        upd = _extra(rep, call, progs)
+        mem["update_extra"] = upd
+        mem["resident_update"] = None if upd is None else base + copy + upd
+        rep.resident = mem["resident_update"]
     rollout, refresh, worst = [], None, None
     for label, (c, r) in reports.items():
         if label == "update":
