@@ -330,6 +330,7 @@ class CompileConfig:
     """XLA compilation: the persistent cache that lets a restarted run skip recompiling."""
 
     warmup: bool = _f(False, "RL: compile every program of the run before step 1 (the engine's programs for the rollouts, eval and held-out KL, the update and the held-out KL forward per length bucket; from abstract inputs, with a progress bar), so no step stalls on a compilation; with cache_dir a restart loads them instead.")
+    plan: str = _f("", "Pre-flight capacity plan for a target (v5e-8, v4-32, v5e:2x4, 8xH100, cpu:N; see python -m sod_jax.plan): before any weights load, train / sft compile the run's programs for it from abstract inputs, write <out_dir>/plan.json and refuse (exit 2, naming the knob to turn) a config that does not fit. Empty = no plan. --plan TARGET sets it.")
     cache_dir: str = _f("", "Persistent compilation cache (every program, however small or quick to compile): empty = <train.out_dir>/xla_cache for python -m sod_jax.train, <sft.out_dir>/xla_cache for sod_jax.sft, <eval.out_dir>/xla_cache for sod_jax.eval; a directory or gs:// URL; none = off. JAX_COMPILATION_CACHE_DIR in the environment takes precedence.")
 
 
@@ -690,10 +691,21 @@ def add_config_args(parser) -> None:
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
 
 
+def add_plan_arg(parser) -> None:
+    """``--plan TARGET``: shorthand for the ``compile.plan=TARGET`` override (train / sft)."""
+    parser.add_argument("--plan", metavar="TARGET", default=None,
+                        help="Before any weights load, compile the run's programs for TARGET (v5e-8, v4-32, "
+                             "v5e:2x4, 8xH100, cpu:N) and stop with the knob to turn if they do not fit "
+                             "(compile.plan; see python -m sod_jax.plan).")
+
+
 def config_from_args(args, job: str = "train") -> Config:
     """Resolve a Config from parsed :func:`add_config_args` arguments; exits with the message on error."""
+    overrides = list(args.overrides)
+    if getattr(args, "plan", None):
+        overrides.append(f"compile.plan={args.plan}")
     try:
-        cfg = load_config(args.config, args.overrides, job=job)
+        cfg = load_config(args.config, overrides, job=job)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,7 +18,7 @@ import sys
 import jax
 
 from sod_jax import parallel
-from sod_jax.config import add_config_args, config_from_args
+from sod_jax.config import add_config_args, add_plan_arg, config_from_args
 from sod_jax.models.hf import CheckpointError
 from sod_jax.rl.trainer import SetupError, Trainer
 from sod_jax.sandbox.protocol import SandboxUnavailable
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                     "plots/ and checkpoints/ under train.out_dir, and resumes from it.",
         epilog="Example: python -m sod_jax.train --config configs/demo.yaml algo.name=opd train.total_steps=20")
     add_config_args(parser)
+    add_plan_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="No progress bar (one line per step instead).")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)

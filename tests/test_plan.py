@@ -202,26 +202,52 @@ def test_tpu_plan_of_a_tiny_config_fits(tmp_path):
 
 @pytest.mark.slow
 @needs_tpu
-def test_tpu_plan_of_a_config_that_does_not_fit_names_the_micro_batch_that_does(tmp_path):
-    """Dense attention over 4,096 tokens with 16 heads, nothing rematerialised: two rows per chip per
-    micro-batch exceed a v5e chip, one fits."""
-    from sod_jax.plan import format_text, plan_config
+def test_a_config_that_does_not_fit_is_refused_by_the_train_preflight_with_the_micro_batch_that_does(tmp_path):
+    """`python -m sod_jax.train --plan v5e:2x2`: dense attention over 4,096 tokens with 16 heads and
+    nothing rematerialised, so two rows per chip per micro-batch exceed a v5e chip and one fits. The
+    run stops at its pre-flight (exit 2, one line naming the knob) with no weights anywhere (the
+    checkpoints are config.json files only), and plan.json holds the planner's report."""
+    from conftest import build_tokenizer
 
-    big = _arch(tmp_path, "big", num_attention_heads=16, num_key_value_heads=16, head_dim=64, num_hidden_layers=4)
+    from sod_jax import train as train_cli
+
+    vocab = dict(vocab_size=1024)
+    big = _arch(tmp_path, "big", num_attention_heads=16, num_key_value_heads=16, head_dim=64, num_hidden_layers=4,
+                **vocab)
+    teacher = _arch(tmp_path, "teacher_1k", hidden_size=96, num_hidden_layers=3, **vocab)
+    for d in (big, teacher):
+        build_tokenizer(Path(d))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"data_source": "math", "prompt": [{"role": "user", "content": f"{i} + {i}?"}],
+                                        "reward_model": {"ground_truth": str(2 * i), "style": "rule"}}) + "\n"
+                                for i in range(8)))
     # The update is compiled for the largest length bucket (4,096 tokens); the engine's slots stay short.
-    sections = _tiny_rl(tmp_path, **{"model.path": big, "model.remat": "none", "model.attention_block": 0,
-                                     "train.length_buckets": [4096], "rollout.num_slots": 8,
-                                     "rollout.max_assistant_turns": 2, "tool.max_output_chars": 16})
+    sections = _tiny_rl(tmp_path, **{"model.path": big, "teacher.path": teacher, "model.remat": "none",
+                                     "model.attention_block": 0, "train.length_buckets": [4096],
+                                     "rollout.num_slots": 8, "rollout.max_assistant_turns": 2,
+                                     "tool.max_output_chars": 16, "data.train_files": [str(data)],
+                                     "data.max_prompt_length": 1024, "rollout.prefill_buckets": [1024]})
     sections["algo"] = {"name": "grpo"}
-    cfg = load_config(_config_file(tmp_path, "big", sections))
-    r = plan_config(cfg, "v5e:2x2")
-    assert r.fits is False and r.verdict.startswith("does not fit")
-    assert "the update needs" in r.verdict and "train.micro_batch_size=4" in r.verdict
-    assert r.memory["resident_update"] > r.target["usable_bytes"]
-    (knob,) = r.knobs
+    sections["train"]["out_dir"] = str(tmp_path / "run")
+    cfg = _config_file(tmp_path, "big", sections)
+    err = tmp_path / "stderr"
+    import contextlib
+
+    with open(err, "w") as f, contextlib.redirect_stderr(f):
+        code = train_cli.main(["--config", str(cfg), "--plan", "v5e:2x2", "--no-progress", "compile.cache_dir=none"])
+    lines = [ln for ln in err.read_text().splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err.read_text()[-3000:]
+    assert lines[0].startswith("error: compile.plan=v5e:2x2: does not fit") and "train.micro_batch_size=4" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    r = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert r["fits"] is False and r["verdict"].startswith("does not fit") and "the update needs" in r["verdict"]
+    assert r["memory"]["resident_update"] > r["target"]["usable_bytes"]
+    (knob,) = r["knobs"]
     assert knob["key"] == "train.micro_batch_size" and knob["current"] == 8 and knob["value"] == 4
-    assert knob["tried"] == {8: False, 4: True} and knob["complete"]
-    text = format_text(r)
+    assert knob["tried"] == {"8": False, "4": True} and knob["complete"]
+    from sod_jax.plan import PlanReport, format_text
+
+    text = format_text(PlanReport(**r))
     assert "knob: train.micro_batch_size (now 8): largest that fits: train.micro_batch_size=4" in text
 
 

@@ -58,6 +58,7 @@ from sod_jax.models.hf import (
     resolve_checkpoint_dir,
 )
 from sod_jax.rewards import RewardPool, response_text
+from sod_jax.plan.preflight import PlanRefusal, preflight_plan
 from sod_jax.programs import Program
 from sod_jax.rl import programs as rl_programs
 from sod_jax.rl.batch import length_buckets, pack, pick_bucket
@@ -213,6 +214,12 @@ class Trainer(Loop):
             raise SetupError(f"data.train_files hold {len(self.train_rows)} usable prompts but train.prompts_per_step "
                              f"is {cfg.train.prompts_per_step}; lower it or add data")
         self._check_step_split()
+        # The capacity plan (compile.plan): the slowest check, so the last before the sandbox; no weights yet.
+        try:
+            self.plan_report = preflight_plan(cfg, job="train", out_dir=cfg.train.out_dir,
+                                              is_main=jax.process_index() == 0)
+        except PlanRefusal as e:
+            raise SetupError(str(e)) from None
         # Sandbox: built now so an executor that cannot isolate fails before compiling anything.
         self.sandbox = self._make_sandbox()
 

@@ -28,11 +28,12 @@ import numpy as np
 from sod_jax import parallel, paths
 from sod_jax.chat import ChatError, ChatTokenizer
 from sod_jax.checkpoint import Checkpointer
-from sod_jax.config import ConfigError, add_config_args, config_from_args
+from sod_jax.config import ConfigError, add_config_args, add_plan_arg, config_from_args
 from sod_jax.data import DataError, load_rows
 from sod_jax.loop import CheckpointHook, PreemptionHook
 from sod_jax.models import CheckpointError, init_model, load_pretrained, preset
 from sod_jax.models.hf import config_from_hf
+from sod_jax.plan.preflight import preflight_plan
 from sod_jax.sft.accuracy_hook import check_accuracy_config
 from sod_jax.sft.packing import SFTDataError
 from sod_jax.sft.step import prepare_examples
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sod_jax.sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    add_plan_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
@@ -145,6 +147,7 @@ def run(cfg: Any, *, hooks=(), progress: bool = True) -> Any:
     if not train_ex:
         raise ValueError(f"no training conversation is left after the length filter (sft.max_length={s.max_length}, "
                          f"sft.overlong={s.overlong}): {json.dumps(stats['train'])}")
+    preflight_plan(cfg, job="sft", out_dir=s.out_dir, is_main=jax.process_index() == 0)  # before any weights load
     mesh = parallel.mesh_from_config(cfg.mesh)
     if mesh.size == 1:
         mesh = None

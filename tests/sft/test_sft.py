@@ -344,9 +344,11 @@ def test_cli_loss_falls_and_export_matches_transformers(tmp_path, tokenizer_dir)
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(conf))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO))
     p = subprocess.run([sys.executable, "-m", "sod_jax.sft", "--config", str(tmp_path / "sft.yaml"), "--no-progress",
-                        "sft.save_every=20"], capture_output=True, text=True, env=env, timeout=900)
+                        "sft.save_every=20", "--plan", "cpu:1"], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "run"
+    plan = json.loads((run / "plan.json").read_text())  # the pre-flight plan (--plan) ran, and let the run go on
+    assert plan["job"] == "sft" and plan["programs"][0]["program"] == "sft_step" and plan["programs"][0]["compiled"]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == 50
