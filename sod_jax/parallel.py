@@ -340,6 +340,30 @@ def detect_cluster(env: Any = None) -> Optional[dict]:
     return None
 
 
+def joins_cluster(dist_cfg: Any = None, env: Any = None) -> bool:
+    """:func:`start_distributed` would start a multi-process job (the same decision, nothing started)."""
+    if jax.distributed.is_initialized():
+        return False
+    n = getattr(dist_cfg, "num_processes", None)
+    if n:
+        return n > 1
+    if detect_cluster(env) is not None:
+        return True
+    n_tpu = _jax_tpu_vm_process_count()
+    return n_tpu is not None and n_tpu > 1
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def coordinator_address() -> Optional[str]:
+    """host:port of the coordination service this process joined (None when it joined none)."""
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "coordinator_address", None)
+
+
 def _jax_tpu_vm_process_count() -> Optional[int]:
     """Process count of a Cloud TPU VM slice as JAX's own detection sees it (the GCE metadata
     server), or None when not on a TPU VM or it cannot tell. Uses private JAX APIs

@@ -140,3 +140,93 @@ def test_two_local_processes_join_one_run(tmp_path):
     assert len(results) == 2, outs
     assert {r[0] for r in results} == {"2"}
     assert {r[1] for r in results} == {"0", "1"}
+
+
+def test_joins_cluster_makes_start_distributeds_decision(fake_jax):
+    assert not parallel.joins_cluster(None, env={})
+    assert parallel.joins_cluster(None, env={**SLURM, "SLURM_NTASKS": "2"})
+    assert not parallel.joins_cluster(SimpleNamespace(num_processes=1), env={**SLURM, "SLURM_NTASKS": "2"})
+    assert parallel.joins_cluster(SimpleNamespace(num_processes=2), env={})
+    assert parallel.joins_cluster(None, env={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    assert fake_jax == []  # nothing started
+
+
+_SUPERVISED = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    from sod_jax import supervise
+    supervise.cli_module = lambda argv=None: "sod_jax.fake"  # as if run as python -m sod_jax.fake
+    out, mode = sys.argv[1], sys.argv[2]
+    code = supervise.supervised()
+    if code is not None:  # the parent
+        sys.exit(code)
+    supervise.child_started()
+    supervise.child_joined(1, sys.argv[3])
+    got = []
+    signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+    open(os.path.join(out, "child.pid"), "w").write(str(os.getpid()))
+    if mode == "abort":
+        os.abort()  # as JAX's runtime does when the coordination service is gone
+    deadline = time.time() + 30
+    while time.time() < deadline and not got:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a second, duplicated signal would arrive now
+    open(os.path.join(out, "signals"), "w").write(str(len(got)))
+    sys.exit(0 if got else 5)
+""")
+
+
+def test_supervisor_names_a_lost_coordinator_forwards_signals_once_and_takes_the_child_with_it(tmp_path):
+    """The parent of a multi-process job (sod_jax.supervise): a child ended by abort() while process 0's
+    address no longer answers gets one line naming process 0; an abort with the coordinator still up is
+    reported as such; SIGTERM to the parent reaches the child once; kill -9 of the parent kills the child."""
+    import signal
+    import time
+
+    script = tmp_path / "job.py"
+    script.write_text(_SUPERVISED.format(repo=REPO))
+    dead = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOD_JAX_SUPERVIS")}
+
+    def run(mode, address, out):
+        out.mkdir()
+        return subprocess.Popen([sys.executable, str(script), str(out), mode, address], env=env,
+                                stderr=subprocess.PIPE, text=True)
+
+    p = run("abort", dead, tmp_path / "a")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    assert f"error: process 1 lost process 0 (the coordinator at {dead}" in err and "SIGABRT" in err, err
+
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        p = run("abort", f"127.0.0.1:{live.getsockname()[1]}", tmp_path / "b")
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGABRT and "error: process 1 was ended by SIGABRT" in err, err
+
+    out = tmp_path / "c"
+    p = run("wait", dead, out)
+    while not (out / "child.pid").exists():
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 0
+    assert (out / "signals").read_text() == "1"
+
+    out = tmp_path / "d"
+    p = run("wait", dead, out)
+    while not (out / "child.pid").exists():
+        time.sleep(0.05)
+    child = int((out / "child.pid").read_text())
+    p.kill()
+    p.wait(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the child outlived its killed parent")

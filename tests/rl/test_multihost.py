@@ -198,8 +198,8 @@ def test_a_dead_process_makes_the_other_exit_non_zero_within_60_s(runs, tmp_path
     assert rc != 0 and waited < 60, (rc, waited, text[-3000:])
     if victim == 1:
         assert "error: process 0 lost process 1 during a collective" in text, text[-3000:]
-    else:  # JAX ends the process itself once the coordination service (process 0) is gone
-        assert "coordination_service" in text and "another task died" in text, text[-3000:]
+    else:  # JAX's runtime ends the child itself once the coordination service is gone; its parent says so
+        assert f"error: process 1 lost process 0 (the coordinator at 127.0.0.1:{port}" in text, text[-3000:]
     finalized = _final_params(out)  # the newest finalized checkpoint restores
     assert finalized and all(np.isfinite(v).all() for v in finalized.values())
 
