@@ -24,6 +24,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "livecodebench": "code", "codecontests": "code", "apps": "code", "codeforces": "code", "taco": "code",
     # the CPU demo's synthetic multi-step tool task (integer answers in \boxed{})
     "demo_chain": "math",
+    "demo_check": "math",  # the same, with a check per step (sod_jax/demo/check_task.py)
 }
 
 

@@ -1,0 +1,393 @@
+"""The demo's checked chain task (``data_source = "demo_check"``): errors have consequences and a way back.
+
+A problem names two constants and a chain of 2-3 steps, each with a check value (the step's value
+mod 97)::
+
+    a = 347
+    b = 28
+    x1 = a*b [check 16]
+    x2 = x1+915 [check 42]
+    x3 = x2-604 [check 17]
+    Find x3.
+
+Each step is one ``code_interpreter`` call whose code computes the step with its operands *looked
+up* (turn 1 reads ``a`` and ``b`` from the prompt; turn k >= 2 copies ``x_{k-1}`` from the previous
+``<tool_response>`` and the operand from the prompt), asserts the check and prints the value::
+
+    <think>
+    x2 = 9716+915, check 42
+    </think>
+    <tool_call>{"name": "code_interpreter", "arguments": {"code": "x2 = 9716+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
+
+Every turn does the same kind of work (look up and copy digits), so turn 1's divergence is not
+structurally small. A miscopied digit fails the check: the sandbox answers with a real traceback
+(``AssertionError``), and the right action is to *redo* the step (``check failed, redo`` in the
+think, then the step again with the right digits). Two kinds of expert trajectories are written:
+
+* ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
+  never seen a failed check.
+* ``recover`` (part of the student's SFT data): one step's first attempt has one miscopied digit,
+  its real traceback, then the redo.
+
+:func:`turn_outcomes` reads a trajectory's tool outputs back into what each turn did (a step done,
+a failed check, a wrong value, the answer), and :func:`error_recovery` says whether a trajectory
+that failed a check went on to produce that step's value. The answer is ``\\boxed{x_K}`` (the strict
+last-``\\boxed{}`` match of :func:`sod_jax.demo.task.score`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from tqdm import tqdm
+
+from sod_jax.chat import CODE_INTERPRETER_TOOL
+from sod_jax.demo.task import score, write_parquet  # noqa: F401 - score: the checker of this task too
+from sod_jax.rollout.tools import prepare_code, tool_text
+from sod_jax.sandbox.protocol import run_request
+
+DATA_SOURCE = "demo_check"
+MOD = 97
+MAX_VALUE = 999_999
+OPS = ("+", "-", "*")
+FAILED_CHECK = "AssertionError"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """``x1 = a op_1 b``, ``x_k = x_{k-1} op_k c_k``; checks are ``x_k mod 97``."""
+
+    a: int
+    b: int
+    ops: tuple[str, ...]  # one per step
+    operands: tuple[int, ...]  # right operand per step (operands[0] == b)
+    values: tuple[int, ...]  # x1..xK
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.ops)
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+    def check(self, k: int) -> int:
+        return self.values[k] % MOD
+
+    def left(self, k: int) -> int:
+        """The true left operand of step k (0-based): ``a``, else ``x_k``."""
+        return self.a if k == 0 else self.values[k - 1]
+
+    def text(self) -> str:
+        lines = [f"a = {self.a}", f"b = {self.b}"]
+        for k in range(self.num_steps):
+            left, right = ("a", "b") if k == 0 else (f"x{k}", str(self.operands[k]))
+            lines.append(f"x{k + 1} = {left}{self.ops[k]}{right} [check {self.check(k)}]")
+        lines.append(f"Find x{self.num_steps}.")
+        return "\n".join(lines)
+
+
+def _apply(x: int, op: str, y: int) -> int:
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
+def sample_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -> Problem:
+    """A random chain on 2-3 digit constants whose values all lie in ``[0, MAX_VALUE]``."""
+    k = rng.randint(min_steps, max_steps)
+    a = rng.randint(10, 999)
+    x, ops, operands, values = a, [], [], []
+    for _ in range(k):
+        while True:
+            op, y = rng.choice(OPS), rng.randint(10, 999)
+            v = _apply(x, op, y)
+            if 0 <= v <= MAX_VALUE:
+                break
+        ops.append(op)
+        operands.append(y)
+        values.append(v)
+        x = v
+    return Problem(a, operands[0], tuple(ops), tuple(operands), tuple(values))
+
+
+_STEP = re.compile(r"^x(\d+) = (a|x\d+)([+\-*])(b|\d+) \[check (\d+)\]$")
+
+
+def parse_problem(text: str) -> Optional[Problem]:
+    """The :class:`Problem` that :meth:`Problem.text` wrote, or None (another task's prompt)."""
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    if len(lines) < 4 or not re.fullmatch(r"Find x\d+\.", lines[-1]):
+        return None
+    ma, mb = re.fullmatch(r"a = (\d+)", lines[0]), re.fullmatch(r"b = (\d+)", lines[1])
+    if not (ma and mb):
+        return None
+    a, b = int(ma.group(1)), int(mb.group(1))
+    x, ops, operands, values = a, [], [], []
+    for k, line in enumerate(lines[2:-1]):
+        m = _STEP.match(line)
+        if m is None or int(m.group(1)) != k + 1 or m.group(2) != ("a" if k == 0 else f"x{k}"):
+            return None
+        if (k == 0) != (m.group(4) == "b"):
+            return None
+        y = b if k == 0 else int(m.group(4))
+        x = _apply(x, m.group(3), y)
+        if x % MOD != int(m.group(5)):
+            return None
+        ops.append(m.group(3))
+        operands.append(y)
+        values.append(x)
+    return Problem(a, b, tuple(ops), tuple(operands), tuple(values)) if ops else None
+
+
+def make_problems(n: int, seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
+    """``n`` distinct problems from ``seed`` (none equal to one in ``exclude``)."""
+    rng = random.Random(seed)
+    seen = {p.text() for p in exclude}
+    out = []
+    while len(out) < n:
+        p = sample_problem(rng)
+        if p.text() not in seen:
+            seen.add(p.text())
+            out.append(p)
+    return out
+
+
+def make_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Held-out from seed ``seed + 1``; train from ``seed`` excluding every held-out problem."""
+    heldout = make_problems(n_heldout, seed + 1)
+    return make_problems(n_train, seed, exclude=heldout), heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# Attempts: what one assistant turn writes for a step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One tool turn: step ``k`` (0-based) with the operands and check as written (strings, so a
+    miscopied digit is representable). ``redo``: the turn after a failed check of the same step."""
+
+    k: int
+    left: str
+    right: str
+    check: str
+    op: str
+    redo: bool = False
+
+    def think(self) -> str:
+        head = "check failed, redo\n" if self.redo else ""
+        return f"<think>\n{head}x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}\n</think>\n\n"
+
+    def code(self) -> str:
+        v = f"x{self.k + 1}"
+        return f"{v} = {self.left}{self.op}{self.right}\nassert {v} % {MOD} == {self.check}\nprint({v})"
+
+    def passes(self) -> bool:
+        """The assert holds (what the sandbox will say)."""
+        return _apply(int(self.left), self.op, int(self.right)) % MOD == int(self.check)
+
+
+def correct_attempt(p: Problem, k: int, redo: bool = False) -> Attempt:
+    return Attempt(k, str(p.left(k)), str(p.operands[k]), str(p.check(k)), p.ops[k], redo)
+
+
+def miscopy(s: str, rng: random.Random) -> str:
+    """``s`` with one digit replaced by another (no leading zero)."""
+    i = rng.randrange(len(s))
+    digits = [d for d in "0123456789" if d != s[i] and not (i == 0 and d == "0" and len(s) > 1)]
+    return s[:i] + rng.choice(digits) + s[i + 1:]
+
+
+def error_attempt(p: Problem, k: int, rng: random.Random) -> Attempt:
+    """Step k with one miscopied digit (in an operand, or now and then in the check) that fails the check."""
+    good = correct_attempt(p, k)
+    for _ in range(100):
+        field = rng.choices(("left", "right", "check"), weights=(3, 2, 1))[0]
+        bad = Attempt(**{**good.__dict__, field: miscopy(getattr(good, field), rng)})
+        if not bad.passes():
+            return bad
+    raise RuntimeError(f"no failing miscopy found for step {k + 1} of {p.text()!r}")
+
+
+def plan_attempts(p: Problem, rng: random.Random, recover: bool) -> list[Attempt]:
+    """The tool turns of an expert trajectory: each step once (``recover=False``), or with one
+    step's first attempt miscopied and then redone (``recover=True``)."""
+    bad_step = rng.randrange(p.num_steps) if recover else -1
+    out = []
+    for k in range(p.num_steps):
+        if k == bad_step:
+            out += [error_attempt(p, k, rng), correct_attempt(p, k, redo=True)]
+        else:
+            out.append(correct_attempt(p, k))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a trajectory back
+# ---------------------------------------------------------------------------------------------
+
+
+def turn_outcomes(p: Problem, tool_outputs: Sequence[Optional[str]]) -> list[tuple[Optional[int], str]]:
+    """Per assistant turn: ``(step, outcome)``. ``step`` is the 0-based step the turn was due to do
+    (None past the last step); outcome ``ok`` (its tool printed the step's value), ``failed_check``
+    (a traceback with ``AssertionError``), ``wrong`` (anything else from the tool: a wrong value, another
+    error, no output), ``answer`` (no tool call: the final turn) or ``extra`` (a tool call after the
+    last step was done)."""
+    pending, out = 0, []
+    for text in tool_outputs:
+        if text is None:
+            out.append((pending if pending < p.num_steps else None, "answer"))
+            continue
+        if pending >= p.num_steps:
+            out.append((None, "extra"))
+        elif text.strip() == str(p.values[pending]):
+            out.append((pending, "ok"))
+            pending += 1
+        elif FAILED_CHECK in text:
+            out.append((pending, "failed_check"))
+        else:
+            out.append((pending, "wrong"))
+    return out
+
+
+def failed_steps(p: Problem, tool_outputs: Sequence[Optional[str]]) -> list[bool]:
+    """Per assistant turn: did its tool step fail (a failed check, a wrong value, a call past the end)?"""
+    return [o in ("failed_check", "wrong", "extra") for _, o in turn_outcomes(p, tool_outputs)]
+
+
+def error_recovery(prompt_text: str, tool_outputs: Sequence[Optional[str]]) -> Optional[bool]:
+    """After the first failed check: did a later turn print that step's value? None when the prompt
+    is not this task's or no check failed."""
+    p = parse_problem(prompt_text or "")
+    if p is None:
+        return None
+    outcomes = turn_outcomes(p, tool_outputs)
+    first = next((i for i, (_, o) in enumerate(outcomes) if o == "failed_check"), None)
+    if first is None:
+        return None
+    step = outcomes[first][0]
+    return any(s == step and o == "ok" for s, o in outcomes[first + 1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def rl_row(p: Problem, index: int, split: str) -> dict:
+    """One Open-AgentRL RL/eval row."""
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": p.text()}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
+        "extra_info": {"split": split, "index": index, "num_steps": p.num_steps},
+    }
+
+
+def _tool_call(code: str) -> dict:
+    return {"type": "function", "function": {"name": CODE_INTERPRETER_TOOL["function"]["name"],
+                                             "arguments": json.dumps({"code": code})}}
+
+
+def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[str]) -> list[dict]:
+    """The conversation of ``attempts`` with the sandbox's tool texts ``outputs``, then the answer."""
+    msgs: list[dict] = [{"role": "user", "content": p.text()}]
+    for att, out in zip(attempts, outputs):
+        msgs.append({"role": "assistant", "content": att.think(), "tool_calls": [_tool_call(att.code())]})
+        msgs.append({"role": "tool", "content": out})
+    msgs.append({"role": "assistant", "content": f"<think>\ndone\n</think>\n\n\\boxed{{{p.answer}}}"})
+    return msgs
+
+
+async def run_attempts(plans: Sequence[tuple[Problem, Sequence[Attempt]]], sandbox: Any, max_output_chars: int = 256,
+                       concurrency: int = 16, bar: Any = None) -> list[list[str]]:
+    """Every attempt's code run in the sandbox (each distinct code once); the tool texts per plan.
+    Raises when the sandbox disagrees with the arithmetic (a value that is not the step's, or a
+    failing attempt without ``AssertionError``)."""
+    sem = asyncio.Semaphore(concurrency)
+    cache: dict[str, asyncio.Task] = {}
+
+    async def run_code(code: str) -> str:
+        async with sem:
+            resp = await sandbox.run(run_request(prepare_code(code)))
+        return tool_text(resp, max_output_chars)
+
+    def output(code: str) -> asyncio.Task:
+        if code not in cache:
+            cache[code] = asyncio.ensure_future(run_code(code))
+        return cache[code]
+
+    async def one(p: Problem, attempts: Sequence[Attempt]) -> list[str]:
+        outs = []
+        for att in attempts:
+            text = await output(att.code())
+            want_ok = att.passes()
+            if (want_ok and text.strip() != str(p.values[att.k])) or (not want_ok and FAILED_CHECK not in text):
+                raise RuntimeError(f"sandbox gave {text!r} for {att.code()!r} (step {att.k + 1} of {p.text()!r})")
+            outs.append(text)
+        if bar is not None:
+            bar.update(1)
+        return outs
+
+    return list(await asyncio.gather(*[one(p, a) for p, a in plans]))
+
+
+def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], seed: int, sandbox_factory: Any = None,
+             progress: bool = True) -> dict[str, list[dict]]:
+    """Expert SFT rows per named set (``messages`` with ``tool_calls``, ``tools``, ``extra_info.kind``):
+    in set ``name`` a ``recover_fractions[name]`` share of the problems (drawn by ``seed``) has one
+    miscopied step and its redo, the rest are clean. Every tool text is the local sandbox's real
+    output; a code shared by several sets runs once."""
+    if sandbox_factory is None:
+        from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
+
+        def sandbox_factory():
+            return LocalSandbox(LocalSandboxConfig(workers=4))
+
+    sets = {}
+    for i, (name, fraction) in enumerate(sorted(recover_fractions.items())):
+        rng = random.Random(f"{seed}/{name}")
+        kinds = ["recover" if rng.random() < fraction else "clean" for _ in problems]
+        sets[name] = [(p, plan_attempts(p, rng, kind == "recover"), kind) for p, kind in zip(problems, kinds)]
+    plans = [(p, a) for rows in sets.values() for p, a, _ in rows]
+
+    async def run() -> list[list[str]]:
+        sandbox = sandbox_factory()
+        try:
+            with tqdm(total=len(plans), desc="expert trajectories", unit="trajectory", disable=not progress) as bar:
+                return await run_attempts(plans, sandbox, bar=bar)
+        finally:
+            await sandbox.close()
+
+    outputs = iter(asyncio.run(run()))
+    return {name: [{"messages": expert_messages(p, a, next(outputs)), "tools": [CODE_INTERPRETER_TOOL],
+                    "extra_info": {"kind": kind}} for p, a, kind in rows] for name, rows in sets.items()}
+
+
+def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
+                  n_eval: int = 64, recover_fraction: float = 0.4, sandbox_factory: Any = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Under ``out_dir``: ``train.parquet``, ``heldout.parquet`` and ``heldout_eval.parquet`` (its first
+    ``n_eval`` rows; RL rows), ``sft_clean.parquet`` (the teacher's expert rows: every step right the
+    first time) and ``sft_recover.parquet`` (the student's: ``recover_fraction`` of them with one
+    miscopied step, its real traceback and the redo), both over the first ``n_sft`` train problems."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    train, heldout = make_splits(n_train, n_heldout, seed)
+    paths = {"train": write_parquet([rl_row(p, i, "train") for i, p in enumerate(train)], out_dir / "train.parquet"),
+             "heldout": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout)],
+                                      out_dir / "heldout.parquet"),
+             "heldout_eval": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout[:n_eval])],
+                                           out_dir / "heldout_eval.parquet")}
+    if n_sft:
+        rows = sft_rows(train[:n_sft], {"clean": 0.0, "recover": recover_fraction}, seed, sandbox_factory, progress)
+        for name, r in rows.items():
+            paths[f"sft_{name}"] = write_parquet(r, out_dir / f"sft_{name}.parquet")
+    return paths
