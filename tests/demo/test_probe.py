@@ -2,7 +2,6 @@
 against a direct re-computation (log-softmax of full logits, per-turn d_k and w_k by the formula),
 and the gradient effect against finite differences."""
 
-import random
 
 import jax
 import jax.numpy as jnp
