@@ -27,7 +27,9 @@ think, then the step again with the right digits). Two kinds of expert trajector
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
 * ``recover`` (part of the student's SFT data): one step's first attempt has one miscopied digit,
-  its real traceback, then the redo.
+  its real traceback, then the redo. The miscopied turn has ``"weight": 0`` (context, not a loss
+  target): the student learns to recover from errors, not to make them; its own errors are those of
+  an under-trained model.
 
 :func:`turn_outcomes` reads a trajectory's tool outputs back into what each turn did (a step done,
 a failed check, a wrong value, the answer), and :func:`error_recovery` says whether a trajectory
@@ -299,7 +301,10 @@ def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[s
     """The conversation of ``attempts`` with the sandbox's tool texts ``outputs``, then the answer."""
     msgs: list[dict] = [{"role": "user", "content": p.text()}]
     for att, out in zip(attempts, outputs):
-        msgs.append({"role": "assistant", "content": att.think(), "tool_calls": [_tool_call(att.code())]})
+        msg = {"role": "assistant", "content": att.think(), "tool_calls": [_tool_call(att.code())]}
+        if not att.passes():
+            msg["weight"] = 0  # a deliberate error: context to recover from, not a target to imitate
+        msgs.append(msg)
         msgs.append({"role": "tool", "content": out})
     msgs.append({"role": "assistant", "content": f"<think>\ndone\n</think>\n\n\\boxed{{{p.answer}}}"})
     return msgs

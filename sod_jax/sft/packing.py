@@ -91,10 +91,22 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict], tools: Optio
     if len(spans) != n_assistant:
         raise SFTDataError(f"{where}: {n_assistant} assistant messages but the rendering has {len(spans)} "
                            f"{ASSISTANT_HEADER!r} headers; the chat template is not Qwen3-style")
+    # OpenAI's fine-tuning layout: an assistant message with "weight": 0 is context, not a target
+    # (e.g. a deliberately wrong step the model should learn to recover from, not to make).
+    trained = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            weight = m.get("weight")
+            if weight not in (None, 0, 1):
+                raise SFTDataError(f"{where}: message {i} has weight {weight!r}; an assistant message's weight "
+                                   "is 0 (context only) or 1 (trained, the default)")
+            trained.append(weight != 0)
+    if not any(trained):
+        raise SFTDataError(f"{where}: every assistant message has weight 0, nothing to train on")
     pieces, flags, pos = [], [], 0
-    for start, end in spans:
+    for (start, end), train in zip(spans, trained):
         pieces += [text[pos:start], text[start:end]]
-        flags += [0, 1]
+        flags += [0, int(train)]
         pos = end
     pieces.append(text[pos:])
     flags.append(0)

@@ -98,6 +98,8 @@ def test_failed_checks_are_real_sandbox_tracebacks_and_read_back():
                 assert text.startswith("Traceback (most recent call last):") and "AssertionError" in text
         msgs = expert_messages(p, attempts, o)
         assert score(msgs[-1]["content"], p.answer)["acc"]
+        weights = [m.get("weight", 1) for m in msgs if m["role"] == "assistant" and m.get("tool_calls")]
+        assert weights == [int(a.passes()) for a in attempts]  # the miscopied turn is context only
         calls = [json.loads(m["tool_calls"][0]["function"]["arguments"])["code"] for m in msgs if m.get("tool_calls")]
         assert calls == [a.code() for a in attempts]
         outcomes = turn_outcomes(p, [*o, None])

@@ -101,6 +101,31 @@ def test_conversations_the_mask_cannot_handle_are_rejected(chat_tok):
         tokenize_conversation(chat_tok, bad)
 
 
+def test_weight_0_assistant_messages_are_context_not_targets(chat_tok):
+    """OpenAI's fine-tuning layout: an assistant message with "weight": 0 keeps its tokens in the
+    sequence (same ids) but out of the loss."""
+    msgs = [{"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "It is 5."},
+            {"role": "user", "content": "Check again."},
+            {"role": "assistant", "content": "It is 4."}]
+    full = tokenize_conversation(chat_tok, msgs)
+    ctx = tokenize_conversation(chat_tok, [*msgs[:1], {**msgs[1], "weight": 0}, *msgs[2:]])
+    assert (full.ids == ctx.ids).all()
+    wrong = chat_tok.encode("It is 5.")
+    right = chat_tok.encode("It is 4.")
+    ids = list(full.ids)
+    at = next(i for i in range(len(ids)) if ids[i:i + len(wrong)] == wrong)
+    assert full.loss_mask[at:at + len(wrong)].all() and not ctx.loss_mask[at:at + len(wrong)].any()
+    at = next(i for i in range(len(ids)) if ids[i:i + len(right)] == right)
+    assert ctx.loss_mask[at:at + len(right)].all()
+    assert int(full.loss_mask.sum()) - int(ctx.loss_mask.sum()) == int(full.loss_mask[:at].sum()) - \
+        int(ctx.loss_mask[:at].sum()) > len(wrong)  # the whole first turn, <|im_end|> included
+    with pytest.raises(SFTDataError, match="message 1 has weight 0.5"):
+        tokenize_conversation(chat_tok, [msgs[0], {**msgs[1], "weight": 0.5}])
+    with pytest.raises(SFTDataError, match="every assistant message has weight 0"):
+        tokenize_conversation(chat_tok, [msgs[0], {**msgs[1], "weight": 0}])
+
+
 # ---------------------------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------------------------
