@@ -6,7 +6,10 @@ configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
 
     python -m sod_jax.demo data --out DIR              # train / held-out splits + expert SFT rows
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
-    python -m sod_jax.demo compare --algos sod,opd,grpo --seeds 3
+    python -m sod_jax.demo compare run --seeds 0,1,2 --out runs/demo_pilot          # the pilot
+    python -m sod_jax.demo compare plan --pilot-dir runs/demo_pilot --min-effect 0.04 --out runs/demo_compare
+    python -m sod_jax.demo compare run --rule runs/demo_compare/rule.json --out runs/demo_compare
+    python -m sod_jax.demo compare table --out runs/demo_compare
 """
 
 from __future__ import annotations
@@ -33,13 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sft", default=str(ASSETS / "data" / "sft_train.parquet"), help="expert SFT parquet")
     t.add_argument("--out", default=str(ASSETS / "tokenizer"), help="output directory")
     t.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (added tokens included)")
-    c = sub.add_parser("compare", help="run SOD / OPD / GRPO from the demo student (same budget), tabulate, plot")
-    c.add_argument("--algos", default="sod,opd,grpo", help="comma-separated algo.name values")
-    c.add_argument("--seeds", type=int, default=3, help="seeds per algorithm")
-    c.add_argument("--config", default="configs/demo.yaml", help="the base RL config")
-    c.add_argument("--out", default="runs/demo_compare", help="where the runs, table and plot go")
-    c.add_argument("--reuse", action="store_true", help="skip runs whose eval.jsonl is complete")
-    c.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
+    c = sub.add_parser("compare", help="SOD / OPD / GRPO / control OPD from the demo student, decided by a rule "
+                       "fixed before the runs (plan), run resumably (run), tabulated from the files (table)")
+    cs = c.add_subparsers(dest="action", required=True)
+    cp = cs.add_parser("plan", help="write rule.json / rule.md from a pilot before the main runs")
+    cp.add_argument("--pilot-dir", required=True, help="the pilot: <arm>/seed<k> runs of sod, opd and grpo")
+    cp.add_argument("--min-effect", type=float, required=True, help="minimum effect of interest (held-out accuracy)")
+    cp.add_argument("--out", required=True, help="where rule.json, rule.md and later the main runs go")
+    cp.add_argument("--seeds", default=None, help="the fixed seed list (default: the needed number after the pilot's)")
+    cp.add_argument("--first-seed", type=int, default=None, help="first seed of the default list")
+    cp.add_argument("--at-least", type=int, default=6, help="fewest paired seeds")
+    cp.add_argument("--at-most", type=int, default=64, help="most paired seeds (the rule says when it binds)")
+    cp.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt in the final evaluation")
+    cp.add_argument("--heldout", default="sod_jax/demo/assets/data/heldout.parquet", help="held-out parquet (>= 256)")
+    cp.add_argument("--bootstrap-reps", type=int, default=10000, help="bootstrap replicates")
+    cp.add_argument("--config", default=None, help="base RL config (default: the pilot's, else configs/demo.yaml)")
+    cp.add_argument("--force", action="store_true", help="replace an existing rule.json")
+    cp.add_argument("overrides", nargs="*", help="key=value overrides of every run (default: the pilot's)")
+    cr = cs.add_parser("run", help="train, export and evaluate every arm x seed; complete runs are skipped")
+    cr.add_argument("--rule", default=None, help="rule.json of compare plan (fixes seeds and settings)")
+    cr.add_argument("--out", required=True, help="where the runs, table and plot go")
+    cr.add_argument("--arms", default=None, help="comma-separated arms of grpo,opd,sod,opd_control "
+                    "(default: all four with --rule, sod,opd,grpo without)")
+    cr.add_argument("--seeds", default=None, help="without --rule (a pilot): comma-separated seeds, e.g. 0,1,2")
+    cr.add_argument("--config", default=None, help="without --rule: base RL config (default configs/demo.yaml)")
+    cr.add_argument("--eval-n", type=int, default=None, help="without --rule: samples per held-out prompt (default 4)")
+    cr.add_argument("--heldout", default=None, help="without --rule: held-out parquet")
+    cr.add_argument("overrides", nargs="*", help="key=value overrides passed to every run (recorded per run)")
+    ct = cs.add_parser("table", help="rebuild compare.md / compare.json / compare_acc.png from the run files")
+    ct.add_argument("--out", required=True, help="the comparison directory")
     return p
 
 
