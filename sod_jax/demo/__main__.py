@@ -6,6 +6,8 @@ configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
 
     python -m sod_jax.demo data --out DIR              # train / held-out splits + expert SFT rows
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
+    python -m sod_jax.demo check-data --out DIR        # the demo_check task: splits, clean and error-and-redo rows
+    python -m sod_jax.demo probe --student DIR --teacher DIR   # the mechanism probe, before any RL
     python -m sod_jax.demo compare run --seeds 0,1,2 --out runs/demo_pilot          # the pilot
     python -m sod_jax.demo compare plan --pilot-dir runs/demo_pilot --min-effect 0.04 --out runs/demo_compare
     python -m sod_jax.demo compare run --rule runs/demo_compare/rule.json --out runs/demo_compare
@@ -36,6 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sft", default=str(ASSETS / "data" / "sft_train.parquet"), help="expert SFT parquet")
     t.add_argument("--out", default=str(ASSETS / "tokenizer"), help="output directory")
     t.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (added tokens included)")
+    k = sub.add_parser("check-data", help="write the demo_check task's splits and its clean (teacher) and "
+                       "error-and-redo (student) expert SFT rows (real sandbox)")
+    k.add_argument("--out", default=str(ASSETS / "check" / "data"), help="output directory")
+    k.add_argument("--n-train", type=int, default=4000, help="RL train prompts")
+    k.add_argument("--n-heldout", type=int, default=512, help="held-out prompts")
+    k.add_argument("--n-sft", type=int, default=4000, help="expert trajectories per set (from the first train prompts)")
+    k.add_argument("--recover-fraction", type=float, default=0.4,
+                   help="share of the student's rows with one miscopied step and its redo")
+    k.add_argument("--seed", type=int, default=0, help="train seed (held-out uses seed + 1)")
+    pr = sub.add_parser("probe", help="the mechanism probe on a teacher/student pair (demo_check), before any RL: "
+                        "P(redo) after a failed check, OPD's push on the redo, d_k / w_k, the post-error term's "
+                        "effect on log pi(redo)")
+    pr.add_argument("--student", default=str(ASSETS / "check" / "student"), help="student HF checkpoint directory")
+    pr.add_argument("--teacher", default=str(ASSETS / "check" / "teacher"), help="teacher HF checkpoint directory")
+    pr.add_argument("--heldout", default=str(ASSETS / "check" / "data" / "heldout.parquet"),
+                    help="held-out demo_check parquet (its first --n problems are used)")
+    pr.add_argument("--n", type=int, default=128, help="trajectories (one per held-out problem)")
+    pr.add_argument("--seed", type=int, default=0, help="draws the error step and the miscopied digit")
+    pr.add_argument("--no-gradients", action="store_true", help="skip the gradient figures")
+    pr.add_argument("--json", default=None, help="also write the figures to this JSON file")
     c = sub.add_parser("compare", help="SOD / OPD / GRPO / control OPD from the demo student, decided by a rule "
                        "fixed before the runs (plan), run resumably (run), tabulated from the files (table)")
     cs = c.add_subparsers(dest="action", required=True)
@@ -83,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         rows, _ = load_rows([args.sft], "sft")
         out = train_tokenizer(corpus_from_rows(rows), Path(args.out), args.vocab_size)
         print(out)
+        return 0
+    if args.cmd == "check-data":
+        from sod_jax.demo.check_task import write_dataset as write_check
+
+        paths = write_check(Path(args.out), args.n_train, args.n_heldout, args.n_sft, args.seed,
+                            recover_fraction=args.recover_fraction)
+        print(json.dumps({k: str(v) for k, v in paths.items()}))
+        return 0
+    if args.cmd == "probe":
+        from sod_jax.demo.probe import format_probe, run_probe
+
+        res = run_probe(args.student, args.teacher, args.heldout, n=args.n, seed=args.seed,
+                        gradients=not args.no_gradients)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        print(format_probe(res))
         return 0
     if args.cmd == "compare":
         from sod_jax.demo.compare import run_compare

@@ -92,7 +92,8 @@ def build_trajectories(problems: Sequence[Problem], tokenizer: Any, seed: int = 
     decision = tokenizer.encode(DECISION)
     out = []
     for (p, attempts), outs in zip(plans, outputs):
-        msgs = check_task.expert_messages(p, attempts, outs)
+        # every assistant turn is a step here (as in an RL rollout), the miscopied one included
+        msgs = [{k: v for k, v in m.items() if k != "weight"} for m in check_task.expert_messages(p, attempts, outs)]
         ex = tokenize_conversation(tokenizer, msgs, [check_task.CODE_INTERPRETER_TOOL])
         error_turn = next(i for i, a in enumerate(attempts) if not a.passes())
         spans = turn_spans(ex.loss_mask)

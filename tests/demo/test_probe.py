@@ -118,3 +118,28 @@ def test_measure_reports_the_gradient_figures(setup):
     for k in ("opd_inner", "opd_cos", "sod_inner", "sod_cos"):
         assert r[k] is not None and np.isfinite(r[k])
     assert -1 <= r["opd_cos"] <= 1 and -1 <= r["sod_cos"] <= 1
+
+
+def test_probe_cli_on_saved_checkpoints(setup, tmp_path, capsys):
+    import json
+    import shutil
+
+    from sod_jax.demo.__main__ import main
+    from sod_jax.models import save_pretrained
+
+    _, student, teacher, _ = setup
+    dirs = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        dirs[name] = tmp_path / name
+        save_pretrained(model, dirs[name])
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{TOKENIZER}/{f}", dirs[name] / f)
+    heldout = tmp_path / "heldout.parquet"
+    check_task.write_parquet([check_task.rl_row(p, i, "heldout")
+                              for i, p in enumerate(check_task.make_splits(0, 3, seed=21)[1])], heldout)
+    out = tmp_path / "probe.json"
+    assert main(["probe", "--student", str(dirs["student"]), "--teacher", str(dirs["teacher"]), "--heldout",
+                 str(heldout), "--n", "2", "--no-gradients", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["trajectories"] == 2 and r["opd_inner"] is None and np.isfinite(r["q_minus_s_redo_tokens"])
+    assert "P(redo decision after a failed check): teacher" in capsys.readouterr().out
