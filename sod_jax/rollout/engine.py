@@ -87,6 +87,14 @@ class SlotState(NamedTuple):
     greedy: jax.Array  # [S] bool
 
 
+EXTEND_CHUNK = 128  # tokens of a tool turn attended per scan step of an extension
+
+
+def _extend_chunk(width: int) -> int:
+    """Tokens per scan step of an extension ``width`` wide: EXTEND_CHUNK when it divides the width."""
+    return EXTEND_CHUNK if width > EXTEND_CHUNK and width % EXTEND_CHUNK == 0 else width
+
+
 def _last_logits(cfg: Qwen3Config, w: dict, h: jax.Array, n_valid: jax.Array) -> jax.Array:
     """Next-token logits ``[B, V]`` after each row's last real token of ``h [B, T, D]``."""
     last = jnp.take_along_axis(h, (n_valid - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
@@ -623,12 +631,31 @@ class Engine:
             safe = jnp.minimum(rows, S - 1)
             tokens = tokens.at[:, 0].set(st.next_token[safe])
             start = st.lengths[safe]
-            C = tokens.shape[1]
-            write = CacheWrite(safe, start, (jnp.arange(C)[None] < n_valid[:, None]) & (rows < S)[:, None],
-                               CacheRead(windows, window))
-            h, cache = forward(cfg, w, tokens, start[:, None] + jnp.arange(C)[None], cache=KVCache(st.k, st.v),
-                               write=write)
-            logits = _last_logits(cfg, w, h, n_valid)
+            G, C = tokens.shape
+            # The tokens go through in chunks of EXTEND_CHUNK (a scan; each chunk is written to the cache
+            # before the next one attends), so the attention's temporaries are [G, chunk, window], not
+            # [G, C, window]: a 1,024-token tool turn against a long cache stays small.
+            chunk = _extend_chunk(C)
+            n_chunks = C // chunk
+
+            def body(carry, xs):
+                k, v, last = carry
+                c, toks = xs  # chunk index, [G, chunk]
+                at = start + c * chunk
+                col = c * chunk + jnp.arange(chunk)[None]  # [1, chunk] column within the extension
+                write = CacheWrite(safe, at, (col < n_valid[:, None]) & (rows < S)[:, None], CacheRead(windows, window))
+                h, cache = forward(cfg, w, toks, at[:, None] + jnp.arange(chunk)[None], cache=KVCache(k, v),
+                                   write=write)
+                i = n_valid - 1 - c * chunk  # the row's last real token, when it is in this chunk
+                here = jnp.take_along_axis(h, jnp.clip(i, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+                last = jnp.where(((i >= 0) & (i < chunk))[:, None], here, last)
+                return (cache.k, cache.v, last), None
+
+            xs = (jnp.arange(n_chunks), tokens.reshape(G, n_chunks, chunk).transpose(1, 0, 2))
+            last0 = jnp.zeros((G, cfg.hidden_size), as_dtype(cfg.dtype))
+            (ck, cv, last), _ = jax.lax.scan(body, (tuple(st.k), tuple(st.v), last0), xs)
+            cache = KVCache(ck, cv)
+            logits = lm_logits(cfg, w, last)
             tok, lp = sample(logits, token_keys(st.base_keys[safe], st.counters[safe]), st.temperature[safe],
                              st.top_k[safe], st.top_p[safe], st.greedy[safe], mode)
             length = start + n_valid

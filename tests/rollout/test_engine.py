@@ -56,11 +56,13 @@ def test_greedy_equals_transformers_with_continuous_batching(ckpt, mesh_shape):
         assert o.finish_reason == "length" and len(o.logprobs) == 64
 
 
-@pytest.mark.parametrize("tool_len", [5, 60])  # 60: the extension reads a 96-position window, not 64
-def test_extend_equals_full_prefill(ckpt, tool_len):
+# 60: the extension reads a 96-position window, not 64; 200: a 256-wide extension, attended in two
+# chunks of 128 tokens (the second reads the first one's cache entries)
+@pytest.mark.parametrize("tool_len,max_len", [(5, 96), (60, 96), (200, 256)])
+def test_extend_equals_full_prefill(ckpt, tool_len, max_len):
     path, hf = ckpt
     model = load_pretrained(path)
-    engine = Engine(model, num_slots=2, max_len=96, decode_steps=8, prefill_buckets=(16, 32))
+    engine = Engine(model, num_slots=2, max_len=max_len, decode_steps=8, prefill_buckets=(16, 32))
     p = prompts(1)[0]
     prefix = engine.prefill(p)
     engine.insert(prefix, [1], [SamplingParams(greedy=True)], [0], [0], [12])
@@ -74,7 +76,7 @@ def test_extend_equals_full_prefill(ckpt, tool_len):
     tool = [7 + i % 100 for i in range(tool_len)]
     assert engine.capacity == 64
     _, _, _, logits = engine.extend(1, tool, budget=5, return_logits=True)
-    assert engine.capacity == (64 if tool_len == 5 else 96)  # 16 cached + 61 appended > 64
+    assert engine.capacity == {5: 64, 60: 96, 200: 256}[tool_len]  # 16 cached + 61 appended > 64
     full = p + generated + tool
     np.testing.assert_allclose(logits, np.asarray(engine.prefill(full).logits)[0], atol=1e-4)
     with torch.no_grad():
