@@ -99,3 +99,31 @@ def test_shipped_accuracies_with_real_tools(accuracies, key):
     if key == "0:64":
         assert 0.10 - MARGIN <= s["acc"] <= 0.30 + MARGIN, s
     assert t["acc"] >= s["acc"] + TEACHER_GAP, (t, s)
+
+
+def test_shipped_demo_check_teacher_decodes_like_transformers():
+    """The demo_check teacher (sod_jax/demo/assets/check/teacher): HF files that transformers loads,
+    greedy tokens equal to our engine's on a held-out demo_check prompt, and it starts the first step."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from sod_jax.demo import ASSETS
+    from sod_jax.models import load_pretrained
+    from sod_jax.rollout import Engine, Request, SamplingParams, generate
+
+    d = ASSETS / "check" / "teacher"
+    tok = ChatTokenizer.from_dir(d)
+    assert json.loads((d / "config.json").read_text())["vocab_size"] >= tok.vocab_size
+    row = pq.read_table(ASSETS / "check" / "data" / "heldout.parquet").to_pylist()[0]
+    prompt = tok.encode_chat(row["prompt"], [CODE_INTERPRETER_TOOL])
+    new = 40
+    hf = Qwen3ForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=tok.stop_ids,
+                          pad_token_id=tok.pad_id)
+    theirs = out[0, len(prompt):].tolist()
+    engine = Engine(load_pretrained(d, dtype="float32"), num_slots=1, max_len=len(prompt) + new + 2,
+                    stop_ids=tok.stop_ids)
+    ours = generate(engine, [Request(prompt, new, SamplingParams(greedy=True), 0, 1)])[0].token_ids
+    assert ours == theirs
+    assert tok.decode(ours).startswith("<think>\nx1 = ")  # a trained model: it starts step 1
