@@ -8,6 +8,7 @@ configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
     python -m sod_jax.demo check-data --out DIR        # the demo_check task: splits, clean and error-and-redo rows
     python -m sod_jax.demo probe --student DIR --teacher DIR   # the mechanism probe, before any RL
+    python -m sod_jax.demo recovery EVAL_DIR           # accuracy and recovery after a failed check of an eval
     python -m sod_jax.demo compare run --seeds 0,1,2 --out runs/demo_pilot          # the pilot
     python -m sod_jax.demo compare plan --pilot-dir runs/demo_pilot --min-effect 0.04 --out runs/demo_compare
     python -m sod_jax.demo compare run --rule runs/demo_compare/rule.json --out runs/demo_compare
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="draws the error step and the miscopied digit")
     pr.add_argument("--no-gradients", action="store_true", help="skip the gradient figures")
     pr.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    rc = sub.add_parser("recovery", help="accuracy and the rate of a successful redo after a failed check, read "
+                        "from a python -m sod_jax.eval output directory of demo_check prompts")
+    rc.add_argument("eval_dir", help="the eval's eval.out_dir (generations.jsonl)")
+    rc.add_argument("--heldout", default=str(ASSETS / "check" / "data" / "heldout.parquet"),
+                    help="the parquet the eval ran on (prompt_id = row position)")
     c = sub.add_parser("compare", help="SOD / OPD / GRPO / control OPD from the demo student, decided by a rule "
                        "fixed before the runs (plan), run resumably (run), tabulated from the files (table)")
     cs = c.add_subparsers(dest="action", required=True)
@@ -121,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
         print(format_probe(res))
+        return 0
+    if args.cmd == "recovery":
+        from sod_jax.demo.compare import heldout_prompts, read_eval
+
+        res = read_eval(Path(args.eval_dir), heldout_prompts(args.heldout))
+        if res is None:
+            print(f"error: {args.eval_dir}/generations.jsonl is missing or empty: run python -m sod_jax.eval "
+                  "with eval.out_dir there first", file=sys.stderr)
+            return 2
+        rec = res["recovery"] or {}
+        print(json.dumps({"samples": res["samples"], "prompts": len(res["per_prompt"]), "acc": res["acc"],
+                          "length_finishes": res["length_finishes"], "failed_check": rec.get("errors"),
+                          "recovered": rec.get("recovered"), "recovery_rate": rec.get("rate")}))
         return 0
     if args.cmd == "compare":
         from sod_jax.demo.compare import run_compare

@@ -251,20 +251,21 @@ def recovery_function(data_source: Optional[str]) -> Optional[Callable]:
     return getattr(mod, "error_recovery", None)
 
 
-def final_eval(run_dir: Path, prompts: Optional[dict] = None) -> Optional[dict]:
-    """The final held-out evaluation of a run (``RUN/final_eval``), or None when not complete.
+def read_eval(eval_dir: Path, prompts: Optional[dict] = None) -> Optional[dict]:
+    """The figures of one ``python -m sod_jax.eval`` output directory (``generations.jsonl``), or None
+    when it holds no samples.
 
-    Returns ``{"acc", "per_prompt": {prompt_id: mean acc of its samples}, "samples", "recovery":
-    {"errors", "recovered", "rate"} or None}``; ``acc`` is the mean of ``per_prompt``. ``prompts``
-    (prompt_id -> prompt text) enables the recovery count (also needs
-    the task's ``error_recovery``, :func:`recovery_function`)."""
-    d = Path(run_dir) / EVAL_DIR
-    if not eval_complete(run_dir):
+    Returns ``{"acc", "per_prompt": {prompt_id: mean acc of its samples}, "samples", "length_finishes",
+    "recovery": {"errors", "recovered", "rate"} or None}``; ``acc`` is the mean of ``per_prompt``.
+    ``prompts`` (prompt_id -> prompt text) enables the recovery count (also needs the task's
+    ``error_recovery``, :func:`recovery_function`)."""
+    path = Path(eval_dir) / "generations.jsonl"
+    if not path.is_file():
         return None
     by_prompt: dict[Any, list[float]] = {}
     recoverers: dict[Any, Optional[Callable]] = {}
     errors = recovered = 0
-    recs = read_jsonl(d / "generations.jsonl")
+    recs = read_jsonl(path)
     for r in recs:
         by_prompt.setdefault(r["prompt_id"], []).append(float(bool(r.get("acc"))))
         if prompts is None:
@@ -284,7 +285,16 @@ def final_eval(run_dir: Path, prompts: Optional[dict] = None) -> Optional[dict]:
     if any(f is not None for f in recoverers.values()):
         rec = {"errors": errors, "recovered": recovered, "rate": recovered / errors if errors else None}
     return {"acc": float(np.mean(list(per_prompt.values()))), "per_prompt": per_prompt, "samples": len(recs),
+            "length_finishes": float(np.mean([r.get("finish_reason") == "length" for r in recs])),
             "recovery": rec}
+
+
+def final_eval(run_dir: Path, prompts: Optional[dict] = None) -> Optional[dict]:
+    """The final held-out evaluation of a run (``RUN/final_eval``, :func:`read_eval`), or None when
+    not complete."""
+    if not eval_complete(run_dir):
+        return None
+    return read_eval(Path(run_dir) / EVAL_DIR, prompts)
 
 
 def final_accuracy(run_dir: Path) -> tuple[Optional[float], Optional[str]]:

@@ -13,7 +13,9 @@ it, with ``s_t`` / ``q_t`` the student's / teacher's log-prob of token t:
 * **OPD's push on the redo**: the mean of ``q_t - s_t`` over the redo turn's tokens (the
   distillation advantage OPD adds there; negative means OPD lowers the student's redo);
 * **d_k, w_k** (:func:`sod_jax.algo.sod.step_stats`, the loss's own code) at the error step, the
-  redo and the steps done right the first time (d_1 included among those);
+  redo and the steps done right the first time (d_1 included among those), those also split into
+  the steps before the error (a clean context for the teacher) and after the redo (the traceback
+  still in its context);
 * **the first-order effect of OPD's post-error term on log pi(redo)**: with
   ``L_post(theta) = sum_{turns j >= redo} c_j sum_{t in j} sg(q_t - s_t) log pi_theta(t)`` (the
   distillation term of the turns from the redo on; ``c_j = 1`` for OPD, ``c_j = w_j`` for SOD) and
@@ -157,7 +159,7 @@ def measure(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], *, eps
     d, w = np.asarray(st.divergence), np.asarray(st.step_weight)  # [B, S], step k in column k
     rows: dict[str, list] = {k: [] for k in ("p_redo_teacher", "p_redo_student", "lp_redo_teacher", "lp_redo_student",
                                              "d_error", "w_error", "d_redo", "w_redo", "d_first", "w_correct",
-                                             "d_correct")}
+                                             "d_correct", "d_before", "w_before", "d_after", "w_after")}
     gaps: list[np.ndarray] = []
     grad_rows: dict[str, list] = {k: [] for k in ("opd_inner", "opd_cos", "sod_inner", "sod_cos")}
     grad_fn = jax.jit(lambda p, i, a, adv, r: gradient_effect(s_graph, p, i, a, adv, r, chunk)) if gradients else None
@@ -180,6 +182,12 @@ def measure(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], *, eps
         correct = [j for j in range(len(t.attempts)) if j not in (e, e + 1)]
         rows["d_correct"] += [float(d[b, j + 1]) for j in correct]
         rows["w_correct"] += [float(w[b, j + 1]) for j in correct if j > 0]  # w_1 = 1 by definition
+        # the same steps split: done right before the error (the teacher reads a clean context), and
+        # after the redo (the traceback is still in its context)
+        rows["d_before"] += [float(d[b, j + 1]) for j in correct if j < e]
+        rows["w_before"] += [float(w[b, j + 1]) for j in correct if 0 < j < e]
+        rows["d_after"] += [float(d[b, j + 1]) for j in correct if j > e]
+        rows["w_after"] += [float(w[b, j + 1]) for j in correct if j > e]
         if gradients:
             redo = np.zeros((1, T), np.float32)
             redo[0, r0:r1] = 1.0
@@ -231,6 +239,8 @@ def format_probe(r: dict) -> str:
         f"  mean (q - s) on the redo tokens (OPD's push): {f(r['q_minus_s_redo_tokens'])}",
         f"  d_k / w_k: error step {f(r['d_error'])} / {f(r['w_error'])}; redo {f(r['d_redo'])} / {f(r['w_redo'])}; "
         f"correct steps {f(r['d_correct'])} / {f(r['w_correct'])} (w_1 = 1 left out); d_1 {f(r['d_first'])}",
+        f"  correct steps split: before the error {f(r.get('d_before'))} / {f(r.get('w_before'))} (w_1 left out); "
+        f"after the redo {f(r.get('d_after'))} / {f(r.get('w_after'))}",
     ]
     if r.get("opd_inner") is not None:
         lines.append(f"  post-error distillation term vs log pi(redo): OPD <g, r> {f(r['opd_inner'], '.4g')} "

@@ -348,7 +348,7 @@ def test_table_without_training_curves_or_rule(tmp_path):
     assert "exploratory" in md and "| SOD-GRPO | 0 |" in md
 
 
-def test_recovery_of_demo_check_samples(tmp_path):
+def test_recovery_of_demo_check_samples(tmp_path, capsys):
     """demo_check generations are read by sod_jax.demo.check_task.error_recovery (chosen by data_source)."""
     from sod_jax.demo import check_task
 
@@ -368,6 +368,20 @@ def test_recovery_of_demo_check_samples(tmp_path):
     assert fe["recovery"] == {"errors": 3, "recovered": 2, "rate": 2 / 3}
     assert fe["acc"] == 0.75 and fe["per_prompt"] == {0: 0.75}
     assert compare.final_eval(rd)["recovery"] is None  # no prompt texts: no recovery figures
+    # the same figures through python -m sod_jax.demo recovery, from a held-out parquet of that prompt
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sod_jax.demo.__main__ import main as demo_main
+
+    heldout = tmp_path / "heldout.parquet"
+    pq.write_table(pa.Table.from_pylist([check_task.rl_row(p, 0, "heldout")]), heldout)
+    capsys.readouterr()
+    assert demo_main(["recovery", str(d), "--heldout", str(heldout)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["failed_check"], out["recovered"], out["acc"], out["samples"]) == (3, 2, 0.75, 4)
+    assert demo_main(["recovery", str(tmp_path / "missing"), "--heldout", str(heldout)]) == 2
+    assert "generations.jsonl is missing" in capsys.readouterr().err
     # the step-weight samples of demo_check prompts: the failed check is the wrong step
     assert compare.step_failures({"prompt": p.text(), "tool_outputs": [v1, tb, v2, None], "w": [1, 1, 1, 1]}) == \
         [False, True, False, False]

@@ -54,6 +54,7 @@ def test_figures_equal_a_direct_recomputation(setup):
     eps, delta = 1e-6, 0.2
     r = measure(student, teacher, trajs, eps=eps, delta=delta, gradients=False)
     gaps, w_redo, d_first, p_redo_t = [], [], [], []
+    d_before, w_before, d_after, w_after = [], [], [], []
     for t in trajs:
         s, q = _naive_logp(student, t.ids), _naive_logp(teacher, t.ids)
         spans = turn_spans(t.mask)
@@ -64,6 +65,17 @@ def test_figures_equal_a_direct_recomputation(setup):
         w_redo.append(w[t.error_turn + 1])
         d_first.append(d[0])
         p_redo_t.append(np.exp(np.float64(q[r0:r0 + t.decision_len].sum())))
+        e = t.error_turn  # tool turns done right: before e, and after the redo e + 1 (the answer turn excluded)
+        d_before += [d[j] for j in range(e)]
+        w_before += [w[j] for j in range(1, e)]
+        d_after += [d[j] for j in range(e + 2, len(t.attempts))]
+        w_after += [w[j] for j in range(e + 2, len(t.attempts))]
+    assert d_before and d_after, "the fixture should hold steps on both sides of an error"
+    for key, direct in (("d_before", d_before), ("w_before", w_before), ("d_after", d_after), ("w_after", w_after)):
+        if direct:
+            np.testing.assert_allclose(r[key], np.mean(direct), rtol=1e-4, err_msg=key)
+        else:
+            assert r[key] is None, key
     np.testing.assert_allclose(r["q_minus_s_redo_tokens"], np.mean(np.concatenate(gaps)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(r["w_redo"], np.mean(w_redo), rtol=1e-4)
     np.testing.assert_allclose(r["d_first"], np.mean(d_first), rtol=1e-4)
