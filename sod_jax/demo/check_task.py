@@ -40,7 +40,6 @@ last-``\\boxed{}`` match of :func:`sod_jax.demo.task.score`).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -49,7 +48,8 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL
-from sod_jax.demo.task import score, write_parquet  # noqa: F401 - score: the checker of this task too
+from sod_jax.demo.rows import distinct_problems, make_rl_row, seeded_splits, tool_call, write_parquet, write_rl_splits
+from sod_jax.demo.task import score  # noqa: F401 - the checker of this task too
 from sod_jax.rollout.tools import prepare_code, tool_text
 from sod_jax.sandbox.protocol import run_request
 
@@ -147,21 +147,12 @@ def parse_problem(text: str) -> Optional[Problem]:
 
 def make_problems(n: int, seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
     """``n`` distinct problems from ``seed`` (none equal to one in ``exclude``)."""
-    rng = random.Random(seed)
-    seen = {p.text() for p in exclude}
-    out = []
-    while len(out) < n:
-        p = sample_problem(rng)
-        if p.text() not in seen:
-            seen.add(p.text())
-            out.append(p)
-    return out
+    return distinct_problems(sample_problem, n, seed, exclude)
 
 
 def make_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Held-out from seed ``seed + 1``; train from ``seed`` excluding every held-out problem."""
-    heldout = make_problems(n_heldout, seed + 1)
-    return make_problems(n_train, seed, exclude=heldout), heldout
+    return seeded_splits(sample_problem, n_train, n_heldout, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,25 +274,14 @@ def error_recovery(prompt_text: str, tool_outputs: Sequence[Optional[str]]) -> O
 
 def rl_row(p: Problem, index: int, split: str) -> dict:
     """One Open-AgentRL RL/eval row."""
-    return {
-        "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": p.text()}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
-        "extra_info": {"split": split, "index": index, "num_steps": p.num_steps},
-    }
-
-
-def _tool_call(code: str) -> dict:
-    return {"type": "function", "function": {"name": CODE_INTERPRETER_TOOL["function"]["name"],
-                                             "arguments": json.dumps({"code": code})}}
+    return make_rl_row(DATA_SOURCE, p, index, split)
 
 
 def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[str]) -> list[dict]:
     """The conversation of ``attempts`` with the sandbox's tool texts ``outputs``, then the answer."""
     msgs: list[dict] = [{"role": "user", "content": p.text()}]
     for att, out in zip(attempts, outputs):
-        msg = {"role": "assistant", "content": att.think(), "tool_calls": [_tool_call(att.code())]}
+        msg = {"role": "assistant", "content": att.think(), "tool_calls": [tool_call(att.code())]}
         if not att.passes():
             msg["weight"] = 0  # a deliberate error: context to recover from, not a target to imitate
         msgs.append(msg)
@@ -386,11 +366,7 @@ def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft
 
     out_dir = Path(out_dir)
     train, heldout = make_splits(n_train, n_heldout, seed)
-    paths = {"train": write_parquet([rl_row(p, i, "train") for i, p in enumerate(train)], out_dir / "train.parquet"),
-             "heldout": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout)],
-                                      out_dir / "heldout.parquet"),
-             "heldout_eval": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout[:n_eval])],
-                                           out_dir / "heldout_eval.parquet")}
+    paths = write_rl_splits(out_dir, train, heldout, n_eval, rl_row)
     if n_sft:
         rows = sft_rows(train[:n_sft], {"clean": 0.0, "recover": recover_fraction}, seed, sandbox_factory, progress)
         for name, r in rows.items():

@@ -23,18 +23,16 @@ the model: :func:`sod_jax.rollout.tools.tool_text`).
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL
+from sod_jax.demo.rows import distinct_problems, make_rl_row, seeded_splits, tool_call, write_parquet, write_rl_splits
 from sod_jax.rollout.tools import prepare_code, tool_text
 from sod_jax.sandbox.protocol import run_request
 
@@ -147,22 +145,12 @@ def failed_steps(problem: Problem, tool_outputs: Sequence[Optional[str]]) -> lis
 
 def make_problems(n: int, seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
     """``n`` distinct problems from ``seed`` (none equal to one in ``exclude``)."""
-    rng = random.Random(seed)
-    seen = {p.text() for p in exclude}
-    out = []
-    while len(out) < n:
-        p = sample_problem(rng)
-        t = p.text()
-        if t not in seen:
-            seen.add(t)
-            out.append(p)
-    return out
+    return distinct_problems(sample_problem, n, seed, exclude)
 
 
 def make_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Held-out from seed ``seed + 1``, train from ``seed`` excluding every held-out problem."""
-    heldout = make_problems(n_heldout, seed + 1)
-    return make_problems(n_train, seed, exclude=heldout), heldout
+    return seeded_splits(sample_problem, n_train, n_heldout, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,19 +181,7 @@ def score(solution: str, ground_truth: Any) -> dict:
 
 def rl_row(p: Problem, index: int, split: str) -> dict:
     """One Open-AgentRL RL/eval row."""
-    return {
-        "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": p.text()}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
-        "extra_info": {"split": split, "index": index, "num_steps": p.num_steps},
-    }
-
-
-def _tool_call(code: str) -> dict:
-    # OpenAI layout; arguments as a JSON string (renders exactly as the template's tojson of the dict).
-    return {"type": "function", "function": {"name": CODE_INTERPRETER_TOOL["function"]["name"],
-                                             "arguments": json.dumps({"code": code})}}
+    return make_rl_row(DATA_SOURCE, p, index, split)
 
 
 def expert_messages(p: Problem, outputs: Sequence[str]) -> list[dict]:
@@ -216,7 +192,7 @@ def expert_messages(p: Problem, outputs: Sequence[str]) -> list[dict]:
         # The think text restates the step's line of the problem: the model copies it (an induction
         # copy), then writes the code from it with the previous printed result copied in.
         msgs.append({"role": "assistant", "content": f"<think>\nx{k + 1} = {p.expression(k)}\n</think>\n\n",
-                     "tool_calls": [_tool_call(p.code(k, previous))]})
+                     "tool_calls": [tool_call(p.code(k, previous))]})
         msgs.append({"role": "tool", "content": outputs[k]})
         previous = outputs[k].strip()
     msgs.append({"role": "assistant", "content": f"<think>\ndone\n</think>\n\n\\boxed{{{previous}}}"})
@@ -273,25 +249,13 @@ def sft_rows(problems: Sequence[Problem], sandbox_factory: Any = None, progress:
     return [{"messages": expert_messages(p, o), "tools": [CODE_INTERPRETER_TOOL]} for p, o in zip(problems, outputs)]
 
 
-def write_parquet(rows: list[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
 def write_dataset(out_dir: Path, n_train: int = 4000, n_heldout: int = 256, n_sft: int = 4000, seed: int = 0,
                   n_eval: int = 64, sandbox_factory: Any = None, progress: bool = True) -> dict[str, Path]:
     """``train.parquet`` / ``heldout.parquet`` / ``heldout_eval.parquet`` (RL rows) and ``sft_train.parquet`` (expert rows for the
     first ``n_sft`` train problems, real tool outputs) under ``out_dir``."""
     out_dir = Path(out_dir)
     train, heldout = make_splits(n_train, n_heldout, seed)
-    paths = {"train": write_parquet([rl_row(p, i, "train") for i, p in enumerate(train)], out_dir / "train.parquet"),
-             "heldout": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout)],
-                                      out_dir / "heldout.parquet"),
-             # the RL run's periodic eval set: the first n_eval held-out prompts
-             "heldout_eval": write_parquet([rl_row(p, i, "heldout") for i, p in enumerate(heldout[:n_eval])],
-                                           out_dir / "heldout_eval.parquet")}
+    paths = write_rl_splits(out_dir, train, heldout, n_eval, rl_row)
     if n_sft:
         rows = sft_rows(train[:n_sft], sandbox_factory, progress)
         paths["sft_train"] = write_parquet(rows, out_dir / "sft_train.parquet")
