@@ -199,7 +199,7 @@ def _rule(tmp_path, seeds=(3, 4), heldout=None):
 
 def test_run_resumes_and_skips_complete_runs(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(compare, "_call", _fake_cli(calls))
+    monkeypatch.setattr(compare.runs, "_call", _fake_cli(calls))
     rule_path, rule = _rule(tmp_path)
     out = tmp_path / "cmp"
     argv = ["compare", "run", "--rule", str(rule_path), "--out", str(out)]
@@ -238,7 +238,7 @@ def test_run_resumes_and_skips_complete_runs(tmp_path, monkeypatch):
 
 def test_run_refuses_mixed_settings_and_a_failed_step(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(compare, "_call", _fake_cli(calls))
+    monkeypatch.setattr(compare.runs, "_call", _fake_cli(calls))
     rule_path, _ = _rule(tmp_path, seeds=(3,))
     out = tmp_path / "cmp"
     # the rule fixes the seeds
@@ -249,7 +249,7 @@ def test_run_refuses_mixed_settings_and_a_failed_step(tmp_path, monkeypatch):
     assert [c[2] for c in calls] == ["sod_jax.train", "sod_jax.convert", "sod_jax.eval"]
     assert demo_cli.main(["compare", "run", "--seeds", "0", "--arms", "sod", "--out", str(out),
                           "optim.lr=1e-3"]) == 2  # the run there was made with other overrides
-    monkeypatch.setattr(compare, "_call", lambda cmd: 3)
+    monkeypatch.setattr(compare.runs, "_call", lambda cmd: 3)
     assert demo_cli.main(["compare", "run", "--seeds", "1", "--arms", "sod", "--out", str(out)]) == 3
 
 
