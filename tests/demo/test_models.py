@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL, ChatTokenizer
-from sod_jax.demo import DATA_DIR, STUDENT_DIR, TEACHER_DIR
+from sod_jax.demo import ASSETS, DATA_DIR, STUDENT_DIR, TEACHER_DIR
 
 MODELS = {"teacher": TEACHER_DIR, "student": STUDENT_DIR}
 
@@ -29,28 +29,35 @@ def test_shipped_model_files(name):
     assert cfg["vocab_size"] == tok.vocab_size and cfg["eos_token_id"] == tok.eos_id
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_greedy_tokens_equal_transformers(name, heldout):
+def _greedy_decode_like_transformers(model_dir, messages, new=40):
+    """The first ``new`` greedy tokens of the model in ``model_dir`` after the chat prompt of
+    ``messages`` (with the code_interpreter tool), decoded: transformers' ``generate`` and our engine
+    must give the same tokens."""
     import torch
     from transformers import Qwen3ForCausalLM
 
     from sod_jax.models import load_pretrained
     from sod_jax.rollout import Engine, Request, SamplingParams, generate
 
-    d = MODELS[name]
-    tok = ChatTokenizer.from_dir(d)
-    prompt = tok.encode_chat(heldout[0]["prompt"], [CODE_INTERPRETER_TOOL])
-    new = 40
-    hf = Qwen3ForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32, attn_implementation="eager").eval()
+    tok = ChatTokenizer.from_dir(model_dir)
+    prompt = tok.encode_chat(messages, [CODE_INTERPRETER_TOOL])
+    hf = Qwen3ForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32,
+                                          attn_implementation="eager").eval()
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=tok.stop_ids,
                           pad_token_id=tok.pad_id)
     theirs = out[0, len(prompt):].tolist()
-    engine = Engine(load_pretrained(d, dtype="float32"), num_slots=1, max_len=len(prompt) + new + 2,
+    engine = Engine(load_pretrained(model_dir, dtype="float32"), num_slots=1, max_len=len(prompt) + new + 2,
                     stop_ids=tok.stop_ids)
     ours = generate(engine, [Request(prompt, new, SamplingParams(greedy=True), 0, 1)])[0].token_ids
     assert ours == theirs
-    assert tok.decode(ours).startswith("<think>")  # a trained model, not noise
+    return tok.decode(ours)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_tokens_equal_transformers(name, heldout):
+    text = _greedy_decode_like_transformers(MODELS[name], heldout[0]["prompt"])
+    assert text.startswith("<think>")  # a trained model, not noise
 
 
 # Greedy held-out accuracy measured when the models were made, on held-out rows 0..63 (the subset
@@ -104,26 +111,8 @@ def test_shipped_accuracies_with_real_tools(accuracies, key):
 def test_shipped_demo_check_teacher_decodes_like_transformers():
     """The demo_check teacher (sod_jax/demo/assets/check/teacher): HF files that transformers loads,
     greedy tokens equal to our engine's on a held-out demo_check prompt, and it starts the first step."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    from sod_jax.demo import ASSETS
-    from sod_jax.models import load_pretrained
-    from sod_jax.rollout import Engine, Request, SamplingParams, generate
-
     d = ASSETS / "check" / "teacher"
-    tok = ChatTokenizer.from_dir(d)
-    assert json.loads((d / "config.json").read_text())["vocab_size"] >= tok.vocab_size
+    assert json.loads((d / "config.json").read_text())["vocab_size"] >= ChatTokenizer.from_dir(d).vocab_size
     row = pq.read_table(ASSETS / "check" / "data" / "heldout.parquet").to_pylist()[0]
-    prompt = tok.encode_chat(row["prompt"], [CODE_INTERPRETER_TOOL])
-    new = 40
-    hf = Qwen3ForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=tok.stop_ids,
-                          pad_token_id=tok.pad_id)
-    theirs = out[0, len(prompt):].tolist()
-    engine = Engine(load_pretrained(d, dtype="float32"), num_slots=1, max_len=len(prompt) + new + 2,
-                    stop_ids=tok.stop_ids)
-    ours = generate(engine, [Request(prompt, new, SamplingParams(greedy=True), 0, 1)])[0].token_ids
-    assert ours == theirs
-    assert tok.decode(ours).startswith("<think>\nx1 = ")  # a trained model: it starts step 1
+    text = _greedy_decode_like_transformers(d, row["prompt"])
+    assert text.startswith("<think>\nx1 = ")  # a trained model: it starts step 1
