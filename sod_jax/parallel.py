@@ -288,6 +288,11 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     if mesh.empty:
         return x
     spec = logical_to_spec(axes, x.shape, mesh, DEFAULT_RULES)
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if manual:  # inside a shard_map: its manual axes are already split, only the automatic ones remain
+        keep = lambda e: (e if e not in manual else None) if not isinstance(e, tuple) else (  # noqa: E731
+            tuple(a for a in e if a not in manual) or None)
+        spec = jax.sharding.PartitionSpec(*(keep(e) for e in spec))
     return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -470,6 +470,23 @@ class Engine:
         return SlotState((cache,) * L, (cache,) * L, vec, vec, vec, vec, vec, N(mesh, P(slot_axis, None)), vec, vec,
                          vec, vec)
 
+    def slot_groups(self) -> Optional[tuple]:
+        """``(mesh, slot axes, slots per group)`` when the slots are split over device groups (the
+        extension then runs per group), else None."""
+        if self._sharding is None or self.slot_devices <= 1:
+            return None
+        spec = self._sharding.lengths.spec
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        if not axes or axes == (None,):
+            return None
+        return self._sharding.lengths.mesh, tuple(axes), self.num_slots // self.slot_devices
+
+    def extend_rows_ladder(self) -> tuple[int, ...]:
+        """The batch sizes of an extension call: the row ladder, per device group when the slots are
+        split (``D x`` the ladder of one group's slots, so every group gets the same share)."""
+        D = self.slot_devices if self.slot_groups() is not None else 1
+        return tuple(D * g for g in row_ladder(self.num_slots // D))
+
     def slot_device(self, slot: int) -> int:
         """The device group (0 .. slot_devices - 1) that holds ``slot``'s cache row."""
         return slot // (self.num_slots // self.slot_devices)
@@ -621,12 +638,11 @@ class Engine:
             wide = lambda x: jnp.zeros((x.shape[0], S), x.dtype).at[:, rows].set(x)  # noqa: E731
             return self._pin(st), (wide(toks), wide(lps), wide(emitted), st.active)
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode", "with_logits"))
-        def extend(w, st, rows, tokens, n_valid, budget, window, mode, with_logits=False):
-            """Rows ``rows [G]`` (out of range: padding) append ``tokens [G, C]`` (column 0 is filled
-            with each slot's pending token here), ``n_valid [G]`` real, and sample their next token;
-            attention reads ``windows[window]`` positions. Padding tokens past the slot's end are
-            not written (the write drops out-of-range positions)."""
+        def extend_rows(w, st, rows, tokens, n_valid, budget, window, mode, with_logits):
+            """Rows ``rows [G]`` of ``st`` (out of range: padding) append ``tokens [G, C]`` (column 0 is
+            filled with each slot's pending token here), ``n_valid [G]`` real, and sample their next
+            token; attention reads ``windows[window]`` positions. Padding tokens past the slot's end
+            are not written (the write drops out-of-range positions)."""
             S = st.lengths.shape[0]
             safe = jnp.minimum(rows, S - 1)
             tokens = tokens.at[:, 0].set(st.next_token[safe])
@@ -664,7 +680,32 @@ class Engine:
             st = st._replace(k=cache.k, v=cache.v, lengths=put(st.lengths, length), next_token=put(st.next_token, tok),
                              counters=put(st.counters, st.counters[safe] + 1), remaining=put(st.remaining, budget - 1),
                              active=put(st.active, active))
-            return self._pin(st), (tok, lp, active) + ((logits,) if with_logits else ())
+            return st, (tok, lp, active) + ((logits,) if with_logits else ())
+
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("mode", "with_logits"))
+        def extend(w, st, rows, tokens, n_valid, budget, window, order, mode, with_logits=False):
+            """:func:`extend_rows` of the slots ``rows [G]``; outputs in the caller's order (entry n is
+            batch row ``order[n]``'s). With the slots split over device groups (:meth:`slot_groups`)
+            the batch is grouped too: rows ``[d * G/D, (d + 1) * G/D)`` are slots of group d, and each
+            group extends its own rows against its own part of the cache (a ``shard_map`` over the
+            slot axes), so no cache row crosses devices and the temporaries are per group."""
+            groups = self.slot_groups()
+            if groups is None:
+                st, out = extend_rows(w, st, rows, tokens, n_valid, budget, window, mode, with_logits)
+            else:
+                mesh, axes, per = groups
+                P = jax.sharding.PartitionSpec
+                split = P(axes if len(axes) > 1 else axes[0])
+
+                def local(w, st, rows, tokens, n_valid, budget, window):
+                    first = jax.lax.axis_index(axes) * per  # the group's first global slot
+                    return extend_rows(w, st, rows - first, tokens, n_valid, budget, window, mode, with_logits)
+
+                out_specs = (split, (split,) * (4 if with_logits else 3))
+                st, out = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, split, split, split, P()),
+                                        out_specs=out_specs, axis_names=frozenset(axes), check_vma=False)(
+                    w, st, rows, tokens, n_valid, budget, window)
+            return self._pin(st), tuple(x[order] for x in out)
 
         @partial(jax.jit, donate_argnums=(0,))
         def set_slot(st, slot, length, active):
@@ -856,13 +897,24 @@ class Engine:
         for j, ids in enumerate(token_ids):
             groups.setdefault(length_bucket(len(ids) + 1, self.extend_buckets, self.max_len), []).append(j)
         results = []
+        D = self.slot_devices if self.slot_groups() is not None else 1
         for C, idx in groups.items():
-            G = pad_to(len(idx), self.rows)
+            # Batch row of each item: grouped by the device group that holds its slot, each group padded
+            # to the same size (one group's share of the batch); `order` puts the outputs back in idx order.
+            by_group: dict[int, list[int]] = {}
+            for j in idx:
+                by_group.setdefault(self.slot_device(slots[j]) if D > 1 else 0, []).append(j)
+            g_rows = pad_to(max(len(v) for v in by_group.values()), row_ladder(self.num_slots // D))
+            G = D * g_rows
+            at = {j: d * g_rows + k for d, js in by_group.items() for k, j in enumerate(js)}
+            order = np.zeros(G, np.int32)
+            order[:len(idx)] = [at[j] for j in idx]
             rows = np.full(G, self.num_slots, np.int32)  # out of range: padding rows
             tokens = np.zeros((G, C), np.int32)
             n_valid = np.ones(G, np.int32)
             budget = np.ones(G, np.int32)
-            for g, j in enumerate(idx):
+            for j in idx:
+                g = at[j]
                 s, ids = slots[j], token_ids[j]
                 rows[g], n_valid[g], budget[g] = s, len(ids) + 1, budgets[j]
                 tokens[g, 1:len(ids) + 1] = ids
@@ -871,7 +923,7 @@ class Engine:
             window = self._window = self.window_index(max(lengths[j] + len(token_ids[j]) + 1 for j in idx))
             state = self._live_state()
             self.state = None  # donated
-            self.state, out = self._extend(self.params, state, rows, tokens, n_valid, budget, np.int32(window),
+            self.state, out = self._extend(self.params, state, rows, tokens, n_valid, budget, np.int32(window), order,
                                            mode=widest_mode(self._modes[slots[j]] for j in idx),
                                            with_logits=return_logits)
             results.append((idx, out))
@@ -955,9 +1007,9 @@ class Engine:
                                   f"decode {P} slots"))
             if ph.max_extend:
                 for C in self._extend_widths(ph.max_extend):
-                    for G in self.rows:
+                    for G in self.extend_rows_ladder():
                         calls.append(Call(self._extend, (w, st, sds((G,), i32), sds((G, C), i32), sds((G,), i32),
-                                                         sds((G,), i32), scalar), {"mode": ph.mode,
+                                                         sds((G,), i32), scalar, sds((G,), i32)), {"mode": ph.mode,
                                                                                    "with_logits": False},
                                           f"extend {G}x{C}"))
         return calls

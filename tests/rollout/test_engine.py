@@ -372,6 +372,69 @@ def test_slots_split_over_the_devices(ckpt, mesh_shape):
                 assert o.token_ids == hf_greedy(hf, r.prompt_ids, 20)
 
 
+@pytest.mark.parametrize("mesh_shape", [dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)])
+def test_extension_runs_per_device_group(ckpt, mesh_shape):
+    """With the slots split over device groups, one extension call over slots of several groups (two
+    of them on one group, in no particular order, two tool-text buckets) runs each group's rows
+    against its own part of the cache: the logits after the tool text, the outputs' order and the
+    decode after it equal the 1-device engine's, and transformers' on the whole sequence."""
+    path, hf = ckpt
+    mesh = parallel.make_mesh(**mesh_shape)
+    kw = dict(num_slots=16, max_len=128, decode_steps=4, prefill_buckets=(16, 32))
+    split, single = Engine(load_pretrained(path, mesh=mesh), **kw), Engine(load_pretrained(path), **kw)
+    assert split.slot_groups() is not None and single.slot_groups() is None
+    D = mesh_shape["data"] * mesh_shape["fsdp"]
+    assert split.extend_rows_ladder()[0] == D
+    slots = [1, 0, 9, 15, 8]
+    assert len({split.slot_device(s) for s in slots}) >= 3
+    ps = prompts(5)
+    tools = [[7 + (i * 13 + j) % 100 for j in range(n)] for i, n in enumerate((5, 40, 3, 20, 33))]
+    seqs, logits, after = {}, {}, {}
+    batches = []
+    real = split._extend
+    split._extend = lambda *a, **k: (batches.append(np.asarray(a[2])), real(*a, **k))[1]
+    for name, eng in (("split", split), ("single", single)):
+        seq = {}
+        for p, s in zip(ps, slots):
+            eng.insert(eng.prefill(p), [s], [SamplingParams(greedy=True)], [0], [0], [6])
+            seq[s] = list(p) + [int(eng.state.next_token[s])]
+        while True:
+            tok, _, emitted, active = eng.step(4)
+            for s in slots:
+                seq[s] += tok[emitted[:, s], s].tolist()
+            if not active[slots].any():
+                break
+        seqs[name] = {s: list(v) for s, v in seq.items()}
+        got = {}
+        for idx, out in eng.extend_many(slots, tools, [5] * 5, return_logits=True):
+            out = jax.device_get(out)
+            for n, j in enumerate(idx):
+                got[slots[j]] = (int(out[0][n]), np.asarray(out[3][n]))
+        logits[name] = got
+        cont = {s: [got[s][0]] for s in slots}
+        for _ in range(2):
+            tok, _, emitted, _ = eng.step(4)
+            for s in slots:
+                cont[s] += tok[emitted[:, s], s].tolist()
+        after[name] = cont
+    split._extend = real
+    assert len(batches) == 2  # one call per tool-text bucket; each batch grouped by device group
+    for rows in batches:
+        g = len(rows) // D
+        for d in range(D):
+            assert all(split.slot_device(int(r)) == d for r in rows[d * g:(d + 1) * g] if r < 16)
+    assert seqs["split"] == seqs["single"] and after["split"] == after["single"]
+    for s, tool in zip(slots, tools):
+        np.testing.assert_allclose(logits["split"][s][1], logits["single"][s][1], atol=1e-5)
+        assert logits["split"][s][0] == int(np.argmax(logits["split"][s][1]))
+    s, tool = slots[3], tools[3]
+    full = seqs["single"][s] + tool
+    with torch.no_grad():
+        ref = hf(torch.tensor([full])).logits[0, -1].numpy()
+    np.testing.assert_allclose(logits["split"][s][1], ref, atol=1e-4)
+    assert after["split"][s] == hf_greedy(hf, full, len(after["split"][s]))
+
+
 def test_new_requests_go_to_the_least_loaded_device(ckpt):
     from sod_jax.rollout.scheduler import SlotScheduler
 
