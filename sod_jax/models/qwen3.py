@@ -184,6 +184,11 @@ class CacheWrite(NamedTuple):
     start: jax.Array  # [B] int32 tokens already in the row
     write: jax.Array  # [B, T] bool
     read: Optional["CacheRead"] = None  # which positions the attention reads (None: the whole cache)
+    # > 0: the rows hold nothing before this call (a prefill into an empty cache, start 0), so the
+    # tokens attend only to each other: blocked causal self-attention in blocks of this many tokens,
+    # never a [B, T, C] score matrix (the same values; a 4,096-token prompt bucket no longer needs
+    # T x C scores per head)
+    fresh_block: int = 0
 
 
 class CacheRead(NamedTuple):
@@ -284,6 +289,8 @@ def _cached_attention(q, k, v, ck: jax.Array, cv: jax.Array, w: CacheWrite):
     rows = jnp.arange(B) if w.rows is None else w.rows  # [B]
     ck = write_cache_tokens(ck, k, rows, w.start, w.write, pos_axis=3)
     cv = write_cache_tokens(cv, v, rows, w.start, w.write, pos_axis=2)
+    if w.fresh_block and T > w.fresh_block:
+        return blocked_attention(q, k, v, w.write, None, w.fresh_block), ck, cv
     mask = jnp.arange(C)[None, None, :] <= idx[:, :, None]  # [B, T, C]
     if w.read is not None:
         return read_cache_attention(q, ck, cv, mask, w.read, w.rows), ck, cv

@@ -579,7 +579,8 @@ class Engine:
             cache = KVCache(tuple(jnp.zeros((G, K, H, C), cache_dtype) for _ in range(cfg.num_hidden_layers)),
                             tuple(jnp.zeros((G, K, C, H), cache_dtype) for _ in range(cfg.num_hidden_layers)))
             positions = jnp.broadcast_to(jnp.arange(C)[None], (G, C))
-            write = CacheWrite(None, jnp.zeros((G,), jnp.int32), positions < n_valid[:, None])
+            write = CacheWrite(None, jnp.zeros((G,), jnp.int32), positions < n_valid[:, None],
+                               fresh_block=cfg.attention_block)  # an empty cache: blocked self-attention
             h, cache = forward(cfg, w, tokens, positions, cache=cache, write=write)
             return cache.k, cache.v, _last_logits(cfg, w, h, n_valid)
 

@@ -89,6 +89,30 @@ def test_extend_equals_full_prefill(ckpt, tool_len, max_len):
     assert [first] + cont[:-1] == hf_greedy(hf, full, 4)[: len(cont)]
 
 
+def test_prefill_beyond_the_attention_block_attends_in_blocks(ckpt, monkeypatch):
+    """A prompt bucket longer than ``attention_block`` is prefilled with blocked self-attention (no
+    [B, T, C] scores): the logits equal the dense prefill's and transformers', and decoding from that
+    cache continues as transformers does."""
+    from sod_jax.models import qwen3
+
+    path, hf = ckpt
+    traced = []
+    real = qwen3.blocked_attention
+    monkeypatch.setattr(qwen3, "blocked_attention", lambda q, *a: (traced.append(q.shape), real(q, *a))[1])
+    ps = [prompts(1, seed=7)[0] * 4, prompts(1, seed=8)[0]]  # 20 and 5 tokens: one bucket of 32 > block 8
+    blocked = Engine(load_pretrained(path, attention_block=8), num_slots=2, max_len=96, decode_steps=8,
+                     prefill_buckets=(32,))
+    dense = Engine(load_pretrained(path), num_slots=2, max_len=96, decode_steps=8, prefill_buckets=(32,))
+    lb, ld = np.asarray(blocked.prefill(ps).logits), np.asarray(dense.prefill(ps).logits)
+    assert traced and all(shape[1] == 32 for shape in traced)  # the blocked engine's prefill, every layer
+    np.testing.assert_allclose(lb[:2], ld[:2], atol=1e-5)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ps[0]])).logits[0, -1].numpy()
+    np.testing.assert_allclose(lb[0], ref, atol=1e-4)
+    outs = generate(blocked, [Request(ps[0], max_new_tokens=12, sampling=SamplingParams(greedy=True))])
+    assert outs[0].token_ids == hf_greedy(hf, ps[0], 12)
+
+
 def test_sampler_logprobs_equal_training_path(ckpt):
     path, _ = ckpt
     model = load_pretrained(path)
