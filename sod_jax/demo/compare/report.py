@@ -12,12 +12,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sod_jax.demo import stats
-from sod_jax.demo.compare.rule import COMPARISONS, LEVEL, PRIMARY, RULE_JSON, RULE_MD, _f, rule_markdown
+from sod_jax.demo.compare.rule import COMPARISONS, LEVEL, PRIMARY, RULE_JSON, RULE_MD, format_figure, rule_markdown
 from sod_jax.demo.compare.runs import (
     ARMS,
     EVAL_DIR,
-    _run_config,
-    _seed_dirs,
+    run_config,
+    seed_dirs,
     eval_complete,
     final_eval,
     heldout_prompts,
@@ -122,13 +122,13 @@ def collect(out: Path, rule: Optional[dict]) -> tuple[dict[str, dict[int, dict]]
     """Every run under ``out`` of the rule's seeds (all seed dirs without a rule): ``{arm: {seed:
     run_summary + {"final": final_eval or None, "w_mean_all": mean_step_weight}}}`` and the seeds."""
     out = Path(out)
-    seeds = list(rule["seeds"]) if rule else sorted({s for a in ARMS for s in _seed_dirs(out / a)})
+    seeds = list(rule["seeds"]) if rule else sorted({s for a in ARMS for s in seed_dirs(out / a)})
     prompts_cache: dict[str, Optional[dict]] = {}
 
     def prompts_for(rd: Path) -> Optional[dict]:
         path = rule["heldout"] if rule else None
         if path is None:
-            cfg = _run_config(rd / EVAL_DIR) or {}
+            cfg = run_config(rd / EVAL_DIR) or {}
             files = (cfg.get("eval") or {}).get("files") or []
             path = files[0] if files else None
         if path is None:
@@ -159,7 +159,7 @@ def _recovery(runs: dict[int, dict]) -> tuple[str, Optional[dict]]:
     recovered = sum(r["recovered"] for r in recs)
     rates = [r["rate"] for r in recs if r["rate"] is not None]
     pooled = recovered / errors if errors else None
-    cell = f"{_f(pooled)} ({recovered}/{errors})" + (f"; per seed {_pm(rates)}" if len(rates) > 1 else "")
+    cell = f"{format_figure(pooled)} ({recovered}/{errors})" + (f"; per seed {_pm(rates)}" if len(rates) > 1 else "")
     return cell, {"errors": errors, "recovered": recovered, "rate": pooled, "per_seed": rates}
 
 
@@ -218,9 +218,9 @@ def build_report(out: Path) -> tuple[str, dict]:
         if rule and (a, b) not in PRIMARY:
             c["verdict"] = c["verdict"] + " (secondary)" if c["verdict"] != "—" else "—"
         t, bs = c["t"], c["bootstrap"]
-        lines.append(f"| {key.upper()} | {len(c['seeds'])} | {_f(t['mean'], '{:+.3f}')} | "
-                     f"[{_f(t['lo'], '{:+.3f}')}, {_f(t['hi'], '{:+.3f}')}] | "
-                     f"[{_f(bs['lo'], '{:+.3f}')}, {_f(bs['hi'], '{:+.3f}')}] | "
+        lines.append(f"| {key.upper()} | {len(c['seeds'])} | {format_figure(t['mean'], '{:+.3f}')} | "
+                     f"[{format_figure(t['lo'], '{:+.3f}')}, {format_figure(t['hi'], '{:+.3f}')}] | "
+                     f"[{format_figure(bs['lo'], '{:+.3f}')}, {format_figure(bs['hi'], '{:+.3f}')}] | "
                      f"{c['signs'][0]} / {c['signs'][1]} / {c['signs'][2]} | {c['verdict']} |")
         comps[key] = c
 
@@ -232,9 +232,9 @@ def build_report(out: Path) -> tuple[str, dict]:
         for s, r in sorted(sod.items()):
             wm = r["w_mean_all"]
             final = r["final"]["acc"] if r.get("final") else None
-            lines.append(f"| {s} | {_f(final)} | {_f(r['d1_mean'], '{:.4f}')} | "
-                         f"{_f(r['w_correct_tool_step'])} | {_f(r['w_failed_tool_step'])} | "
-                         f"{_f(r['w_after_failed_tool'])} | {_f(wm['w_mean'] if wm else None)} |")
+            lines.append(f"| {s} | {format_figure(final)} | {format_figure(r['d1_mean'], '{:.4f}')} | "
+                         f"{format_figure(r['w_correct_tool_step'])} | {format_figure(r['w_failed_tool_step'])} | "
+                         f"{format_figure(r['w_after_failed_tool'])} | {format_figure(wm['w_mean'] if wm else None)} |")
     lines += ["", "![held-out accuracy against RL step](compare_acc.png)", "",
               "Rebuilt from the run directories by `python -m sod_jax.demo compare table --out "
               f"{out}`.", ""]

@@ -19,8 +19,8 @@ from sod_jax.demo.compare.runs import (
     DEFAULT_HELDOUT,
     PILOT_ARMS,
     RUN_RECORD,
-    _run_config,
-    _seed_dirs,
+    run_config,
+    seed_dirs,
     arm_overrides,
     final_accuracy,
     mean_step_weight,
@@ -39,7 +39,7 @@ def pilot_figures(pilot_dir: Path) -> dict:
     """The pilot's per-seed final held-out accuracies of SOD, OPD and GRPO (seeds run in all three),
     their paired SOD - OPD / SOD - GRPO differences and SDs, and the SOD runs' mean step weights."""
     pilot_dir = Path(pilot_dir)
-    common = set.intersection(*(set(_seed_dirs(pilot_dir / a)) for a in PILOT_ARMS))
+    common = set.intersection(*(set(seed_dirs(pilot_dir / a)) for a in PILOT_ARMS))
     acc: dict[str, dict[int, float]] = {a: {} for a in PILOT_ARMS}
     sources = set()
     for a in PILOT_ARMS:
@@ -87,7 +87,7 @@ def make_rule(pilot_dir: Path, min_effect: float, *, config: Optional[str] = Non
                          "step_weights.jsonl): the control OPD coefficient cannot be measured")
     # pooled over every assistant step of every pilot SOD run, times the SOD runs' own algo.opd_coef
     # (the distillation term SOD applied is opd_coef * w_k; 1 in the demo config)
-    sod_coefs = {float(((_run_config(run_path(pilot_dir, "sod", s)) or {}).get("algo") or {}).get("opd_coef", 1.0))
+    sod_coefs = {float(((run_config(run_path(pilot_dir, "sod", s)) or {}).get("algo") or {}).get("opd_coef", 1.0))
                  for s in pilot["seeds"]}
     if len(sod_coefs) > 1:
         raise ValueError(f"{pilot_dir}: the pilot's SOD runs used different algo.opd_coef values {sorted(sod_coefs)}")
@@ -164,7 +164,8 @@ def make_rule(pilot_dir: Path, min_effect: float, *, config: Optional[str] = Non
     }
 
 
-def _f(x: Any, fmt: str = "{:.3f}") -> str:
+def format_figure(x: Any, fmt: str = "{:.3f}") -> str:
+    """``x`` formatted with ``fmt`` for the tables; a dash when missing or not finite."""
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
@@ -180,8 +181,9 @@ def rule_markdown(rule: dict) -> str:
         need = (f"{p['seeds_needed'][k]} seeds, the cap: no number up to it gives a 95% interval narrower than "
                 f"{rule['min_effect']:.3f}" if p.get("capped", {}).get(k) else
                 f"{p['seeds_needed'][k]} seeds for a 95% interval narrower than {rule['min_effect']:.3f}")
-        lines.append(f"  - {k.upper()}: per-seed differences {', '.join(_f(x) for x in p['diffs'][k])}, paired SD "
-                     f"{_f(p['sd'][k], '{:.4f}')} -> {need}.")
+        diffs = ", ".join(format_figure(x) for x in p["diffs"][k])
+        lines.append(f"  - {k.upper()}: per-seed differences {diffs}, paired SD "
+                     f"{format_figure(p['sd'][k], '{:.4f}')} -> {need}.")
     lines += [f"- Paired seeds: {rule['n_seeds']} (needed: {rule['n_seeds_needed']}, the larger of the two, at "
               f"least {rule['at_least']}); seeds {', '.join(map(str, rule['seeds']))} (train.seed = data.seed = eval.seed: the same data order, "
               "initial student and evaluation draws in every arm of a seed).",

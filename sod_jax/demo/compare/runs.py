@@ -247,13 +247,13 @@ def run_path(out: Path, arm: str, seed: int) -> Path:
     return Path(out) / arm / f"seed{seed}"
 
 
-def _seed_dirs(arm_dir: Path) -> list[int]:
+def seed_dirs(arm_dir: Path) -> list[int]:
     if not arm_dir.is_dir():
         return []
     return sorted(int(p.name[4:]) for p in arm_dir.iterdir() if p.is_dir() and re.fullmatch(r"seed\d+", p.name))
 
 
-def _run_config(run_dir: Path) -> Optional[dict]:
+def run_config(run_dir: Path) -> Optional[dict]:
     import yaml
 
     p = Path(run_dir) / "config.yaml"
@@ -266,7 +266,7 @@ def _run_config(run_dir: Path) -> Optional[dict]:
 
 
 def _total_steps(run_dir: Path) -> Optional[int]:
-    cfg = _run_config(run_dir)
+    cfg = run_config(run_dir)
     try:
         return int(cfg["train"]["total_steps"])
     except (TypeError, KeyError, ValueError):
@@ -274,7 +274,7 @@ def _total_steps(run_dir: Path) -> Optional[int]:
 
 
 def _checkpoint_dir(run_dir: Path) -> Path:
-    cfg = _run_config(run_dir) or {}
+    cfg = run_config(run_dir) or {}
     d = (cfg.get("checkpoint") or {}).get("dir")
     return Path(d) if d else Path(run_dir) / "checkpoints"
 
