@@ -481,11 +481,37 @@ class Engine:
             return None
         return self._sharding.lengths.mesh, tuple(axes), self.num_slots // self.slot_devices
 
+    def group_count(self) -> int:
+        """Device groups the programs split the slots over (1: they run on the whole batch)."""
+        return self.slot_devices if self.slot_groups() is not None else 1
+
     def extend_rows_ladder(self) -> tuple[int, ...]:
         """The batch sizes of an extension call: the row ladder, per device group when the slots are
         split (``D x`` the ladder of one group's slots, so every group gets the same share)."""
-        D = self.slot_devices if self.slot_groups() is not None else 1
+        D = self.group_count()
         return tuple(D * g for g in row_ladder(self.num_slots // D))
+
+    def _on_groups(self, fn, w, st, split_args: tuple, rep_args: tuple, outputs: int, wide: int = 0):
+        """``fn(w, st, first, *split_args, *rep_args)`` run by each device group on its own slots: a
+        ``shard_map`` over the slot axes, so no cache row crosses devices and the temporaries are
+        per group (``first``: the group's first global slot). ``st`` and ``split_args`` (None entries
+        pass through) are split along their first axis, group-major; ``rep_args`` are replicated.
+        ``fn`` returns ``(state, outputs)`` with ``outputs`` arrays: the first ``wide`` are
+        ``[steps, rows]`` (split along the rows), the others ``[rows, ...]``."""
+        mesh, axes, per = self.slot_groups()
+        P = jax.sharding.PartitionSpec
+        ax = axes if len(axes) > 1 else axes[0]
+        given = [a for a in split_args if a is not None]
+
+        def local(w, st, *args):
+            it = iter(args)
+            full = [None if a is None else next(it) for a in split_args]
+            return fn(w, st, jax.lax.axis_index(axes) * per, *full, *it)
+
+        out_specs = (P(ax), tuple(P(None, ax) if i < wide else P(ax) for i in range(outputs)))
+        in_specs = (P(), P(ax)) + (P(ax),) * len(given) + (P(),) * len(rep_args)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(axes),
+                             check_vma=False)(w, st, *given, *rep_args)
 
     def slot_device(self, slot: int) -> int:
         """The device group (0 .. slot_devices - 1) that holds ``slot``'s cache row."""
@@ -606,9 +632,12 @@ class Engine:
                 top_k=put(st.top_k, top_k), top_p=put(st.top_p, top_p), greedy=put(st.greedy, greedy))
             return self._pin(st), (tok, lp, active)
 
-        def decode_loop(w, st, tail_rows, window, tail_window, steps, mode):
+        def decode_loop(w, st, tail_rows, window, tail_window, steps, mode, group_axes=None):
             """``steps`` decode steps of every row of ``st``, each reading ``windows[window]`` positions
-            (the rows ``tail_rows [R]``: ``windows[tail_window]``, when >= 0; see :class:`CacheRead`)."""
+            (the rows ``tail_rows [R]``: ``windows[tail_window]``, when >= 0; see :class:`CacheRead`).
+            Run per device group (``group_axes``: the shard_map's slot axes), every group goes on
+            while any group has an active slot: the groups stay in step, so collectives inside the
+            step (tensor-parallel weights) always meet their peers."""
             S = st.lengths.shape[0]
             out = (jnp.zeros((steps, S), jnp.int32), jnp.zeros((steps, S), jnp.float32), jnp.zeros((steps, S), bool))
             read = CacheRead(windows, window, tail_rows, tail_window if tail_rows is not None else None)
@@ -618,26 +647,51 @@ class Engine:
                 st, (tok, lp, act) = _decode_one(cfg, w, st, stop_ids, mode, M, read)
                 return i + 1, st, (toks.at[i].set(tok), lps.at[i].set(lp), emitted.at[i].set(act))
 
+            def go_on(c):
+                live = jnp.any(c[1].active)
+                if group_axes is not None:
+                    live = jax.lax.psum(live.astype(jnp.int32), group_axes) > 0
+                return (c[0] < steps) & live
+
             # Stops as soon as no slot is active: a call whose slots all finish early costs no more.
-            _, st, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[1].active), body, (0, st, out))
+            _, st, out = jax.lax.while_loop(go_on, body, (0, st, out))
             return st, out + (st.active,)  # a copy of the flags: the state itself is donated next call
 
         @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
         def step(w, st, tail_rows, window, tail_window, steps, mode):
-            st, out = decode_loop(w, st, tail_rows, window, tail_window, steps, mode)
+            """``decode_loop`` over every slot. With the slots split over device groups each group
+            decodes its own slots (``tail_rows``: per group, group-major, local to the group)."""
+            if self.slot_groups() is None:
+                st, out = decode_loop(w, st, tail_rows, window, tail_window, steps, mode)
+            else:
+                st, out = self._on_groups(lambda w, st, first, tail, window, tail_window: decode_loop(
+                    w, st, tail, window, tail_window, steps, mode, self.slot_groups()[1]), w, st, (tail_rows,),
+                    (window, tail_window), outputs=4, wide=3)
             return self._pin(st), out
 
-        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
-        def step_rows(w, st, rows, tail_rows, window, tail_window, steps, mode):
+        def decode_rows(w, st, rows, tail_rows, window, tail_window, steps, mode, group_axes=None):
             """Decode only the slots ``rows [P]`` (distinct; every other slot is inactive): their state
             and cache rows are gathered, decoded as a batch of P and written back, so the matmuls
             run on P rows, not S. ``tail_rows`` index into ``rows``. Outputs are ``[steps, S]``."""
             S = st.lengths.shape[0]
             sub, (toks, lps, emitted, _) = decode_loop(w, jax.tree.map(lambda a: a[rows], st), tail_rows, window,
-                                                        tail_window, steps, mode)
+                                                        tail_window, steps, mode, group_axes)
             st = jax.tree.map(lambda a, b: a.at[rows].set(b), st, sub)
             wide = lambda x: jnp.zeros((x.shape[0], S), x.dtype).at[:, rows].set(x)  # noqa: E731
-            return self._pin(st), (wide(toks), wide(lps), wide(emitted), st.active)
+            return st, (wide(toks), wide(lps), wide(emitted), st.active)
+
+        @partial(jax.jit, donate_argnums=(1,), static_argnames=("steps", "mode"))
+        def step_rows(w, st, rows, tail_rows, window, tail_window, steps, mode):
+            """:func:`decode_rows`; with the slots split over device groups, ``rows`` hold the same
+            number of slots of each group, group-major, and each group gathers and decodes its own
+            (``tail_rows`` then index into the group's share of ``rows``)."""
+            if self.slot_groups() is None:
+                st, out = decode_rows(w, st, rows, tail_rows, window, tail_window, steps, mode)
+            else:
+                st, out = self._on_groups(lambda w, st, first, rows, tail, window, tail_window: decode_rows(
+                    w, st, rows - first, tail, window, tail_window, steps, mode, self.slot_groups()[1]), w, st,
+                    (rows, tail_rows), (window, tail_window), outputs=4, wide=3)
+            return self._pin(st), out
 
         def extend_rows(w, st, rows, tokens, n_valid, budget, window, mode, with_logits):
             """Rows ``rows [G]`` of ``st`` (out of range: padding) append ``tokens [G, C]`` (column 0 is
@@ -690,23 +744,13 @@ class Engine:
             the batch is grouped too: rows ``[d * G/D, (d + 1) * G/D)`` are slots of group d, and each
             group extends its own rows against its own part of the cache (a ``shard_map`` over the
             slot axes), so no cache row crosses devices and the temporaries are per group."""
-            groups = self.slot_groups()
-            if groups is None:
+            if self.slot_groups() is None:
                 st, out = extend_rows(w, st, rows, tokens, n_valid, budget, window, mode, with_logits)
             else:
-                mesh, axes, per = groups
-                P = jax.sharding.PartitionSpec
-                split = P(axes if len(axes) > 1 else axes[0])
-
-                def local(w, st, rows, tokens, n_valid, budget, window):
-                    first = jax.lax.axis_index(axes) * per  # the group's first global slot
-                    return extend_rows(w, st, rows - first, tokens, n_valid, budget, window, mode, with_logits)
-
-                out_specs = (split, (split,) * (4 if with_logits else 3))
-                st, out = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, split, split, split, P()),
-                                        out_specs=out_specs, axis_names=frozenset(axes), check_vma=False)(
-                    w, st, rows, tokens, n_valid, budget, window)
-            return self._pin(st), tuple(x[order] for x in out)
+                st, out = self._on_groups(lambda w, st, first, rows, tokens, n_valid, budget, window: extend_rows(
+                    w, st, rows - first, tokens, n_valid, budget, window, mode, with_logits),
+                    w, st, (rows, tokens, n_valid, budget), (window,), outputs=4 if with_logits else 3)
+            return self._pin(st), out if self.slot_groups() is None else tuple(x[order] for x in out)
 
         @partial(jax.jit, donate_argnums=(0,))
         def set_slot(st, slot, length, active):
@@ -827,45 +871,57 @@ class Engine:
         return out
 
     def _compact_rows(self, live: np.ndarray) -> Optional[np.ndarray]:
-        """The slots a decode call runs when few may be active (``live [S]``: budget left): the live
-        ones padded with idle ones to a size S/4, S/16, ... (a few compiled variants), or None when
-        more than S/4 are live (decode all S rows)."""
-        n, S = int(live.sum()), self.num_slots
-        if not self.compact_decode or n == 0 or 4 * n > S:
+        """The slots a decode call runs when few may be active (``live [S]``: budget left): per device
+        group (one group when the slots are not split) its live ones padded with its idle ones to a
+        size S_g/4, S_g/16, ... (S_g = slots per group; a few compiled variants), group-major; or
+        None when some group has more than S_g/4 live (decode all S rows)."""
+        D = self.group_count()
+        per = self.num_slots // D
+        groups = live.reshape(D, per)
+        n = int(groups.sum(axis=1).max())
+        if not self.compact_decode or n == 0 or 4 * n > per:
             return None
-        P = S // 4
+        P = per // 4
         while P >= 4 and 4 * n <= P:  # stays >= n: it is divided only while 4n <= P
             P //= 4
-        idle = np.flatnonzero(~live)[: P - n]
-        return np.sort(np.concatenate([np.flatnonzero(live), idle])).astype(np.int32)
+        rows = [d * per + np.sort(np.concatenate([np.flatnonzero(g), np.flatnonzero(~g)[: P - int(g.sum())]]))
+                for d, g in enumerate(groups)]
+        return np.concatenate(rows).astype(np.int32)
 
     def compact_sizes(self) -> list[int]:
         """Every batch size a compact decode call may have (see :meth:`_compact_rows`)."""
-        S = self.num_slots
-        if not self.compact_decode or S < 4:
+        D = self.group_count()
+        per = self.num_slots // D
+        if not self.compact_decode or per < 4:
             return []
-        out, P = [S // 4], S // 4
+        out, P = [per // 4], per // 4
         while P >= 4:
             P //= 4
             out.append(P)
-        return [p for p in out if p >= 1]
+        return [D * p for p in out if p >= 1]
 
     def _tail_count(self, rows: int) -> int:
-        """Tail rows of a decode call over ``rows`` rows (0: no ragged read in that program)."""
-        return self.tail_slots if 0 < self.tail_slots < rows else 0
+        """Tail rows per device group of a decode call over ``rows`` rows (0: no ragged read in that
+        program): ``tail_slots`` shared out over the groups, at least one each."""
+        D = self.group_count()
+        per_group = -(-self.tail_slots // D) if self.tail_slots > 0 else 0
+        return per_group if 0 < per_group < rows // D else 0
 
     def _read_plan(self, bounds: np.ndarray) -> tuple[Optional[np.ndarray], int, int]:
-        """(tail rows ``[R]`` or None, common window index, tail window index or -1) of a decode call
-        over rows with length bounds ``bounds``: the ``tail_slots`` rows with the largest bounds read
-        the window that holds them, every other row the window that holds the longest of the rest.
-        The tail window is -1 (no tail read) when that saves nothing."""
+        """(tail rows or None, common window index, tail window index or -1) of a decode call over
+        rows with length bounds ``bounds`` (group-major when the slots are split): in each device
+        group the :meth:`_tail_count` rows with the largest bounds read the window that holds them
+        (their indices, local to the group, group-major ``[D x R]``), every other row the window
+        that holds the longest of the rest over all groups. The tail window is -1 (no tail read)
+        when that saves nothing."""
         R = self._tail_count(len(bounds))
         full = self.window_index(max(int(bounds.max()), 1))
         if R == 0:
             return None, full, -1
-        order = np.argsort(-bounds, kind="stable")
-        common = self.window_index(max(int(bounds[order[R]]), 1))
-        tail = np.sort(order[:R]).astype(np.int32)
+        groups = bounds.reshape(self.group_count(), -1)
+        order = np.argsort(-groups, axis=1, kind="stable")
+        common = self.window_index(max(int(np.take_along_axis(groups, order[:, R:R + 1], axis=1).max()), 1))
+        tail = np.sort(order[:, :R], axis=1).reshape(-1).astype(np.int32)
         return (tail, full, -1) if common >= full else (tail, common, full)
 
     def may_generate(self, slots: Optional[Sequence[int]] = None) -> bool:
@@ -898,15 +954,15 @@ class Engine:
         for j, ids in enumerate(token_ids):
             groups.setdefault(length_bucket(len(ids) + 1, self.extend_buckets, self.max_len), []).append(j)
         results = []
-        D = self.slot_devices if self.slot_groups() is not None else 1
+        D = self.group_count()
         for C, idx in groups.items():
             # Batch row of each item: grouped by the device group that holds its slot, each group padded
             # to the same size (one group's share of the batch); `order` puts the outputs back in idx order.
             by_group: dict[int, list[int]] = {}
             for j in idx:
                 by_group.setdefault(self.slot_device(slots[j]) if D > 1 else 0, []).append(j)
-            g_rows = pad_to(max(len(v) for v in by_group.values()), row_ladder(self.num_slots // D))
-            G = D * g_rows
+            G = pad_to(D * max(len(v) for v in by_group.values()), self.extend_rows_ladder())
+            g_rows = G // D
             at = {j: d * g_rows + k for d, js in by_group.items() for k, j in enumerate(js)}
             order = np.zeros(G, np.int32)
             order[:len(idx)] = [at[j] for j in idx]
@@ -997,13 +1053,14 @@ class Engine:
                                                      vec(i32), vec(i32), vec(u32), vec(i32), vec(f32), vec(i32),
                                                      vec(f32), vec(bool), vec(i32)), {"mode": ph.mode},
                                       f"insert {N} slots from {G}x{C}"))
+            D = self.group_count()
             R = self._tail_count(S)
-            tail = sds((R,), i32) if R else None
+            tail = sds((D * R,), i32) if R else None
             calls.append(Call(self._step, (w, st, tail, scalar, scalar), {"steps": self.decode_steps, "mode": ph.mode},
                               f"decode {S} slots"))
             for P in self.compact_sizes():
                 Rp = self._tail_count(P)
-                calls.append(Call(self._step_rows, (w, st, sds((P,), i32), sds((Rp,), i32) if Rp else None, scalar,
+                calls.append(Call(self._step_rows, (w, st, sds((P,), i32), sds((D * Rp,), i32) if Rp else None, scalar,
                                                     scalar), {"steps": self.decode_steps, "mode": ph.mode},
                                   f"decode {P} slots"))
             if ph.max_extend:

@@ -1,5 +1,7 @@
 """The slot engine against transformers generate and our own training-path log-probs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -457,6 +459,55 @@ def test_extension_runs_per_device_group(ckpt, mesh_shape):
         ref = hf(torch.tensor([full])).logits[0, -1].numpy()
     np.testing.assert_allclose(logits["split"][s][1], ref, atol=1e-4)
     assert after["split"][s] == hf_greedy(hf, full, len(after["split"][s]))
+
+
+@pytest.mark.parametrize("mesh_shape,slots", [(dict(data=1, fsdp=8, tensor=1), 32), (dict(data=1, fsdp=4, tensor=2), 16)])
+def test_ragged_and_compact_decode_run_per_device_group(ckpt, mesh_shape, slots):
+    """With the slots split over device groups, the ragged and the compact decode plans are made per
+    group: a compact call decodes the same number of slots of every group (group-major, each group
+    gathers only its own rows), the tail rows are chosen in each group; tokens equal the 1-device
+    engine's and transformers', log-probs the 1-device engine's (the stragglers' groups decode
+    longer than the others: with tensor-parallel weights the groups must stay in step). With
+    replicated weights the compiled decode programs move no cache rows between devices: their only
+    collective is the scalar "any slot still active" of the loop."""
+    path, hf = ckpt
+    mesh = parallel.make_mesh(**mesh_shape)
+    kw = dict(num_slots=slots, max_len=192, decode_steps=8, prefill_buckets=(8, 16, 32))
+    split, single = Engine(load_pretrained(path, mesh=mesh), **kw), Engine(load_pretrained(path), **kw)
+    D = split.group_count()
+    assert D == mesh_shape["fsdp"] and split.compact_sizes() == [D * (slots // D // 4)]
+    ps = prompts(7) * (slots // 7 + 1)
+    long = np.random.RandomState(9).randint(3, 160, 60).tolist()  # the stragglers read past 64 positions early
+    calls = []
+    real_rows, real_step = split._step_rows, split._step
+    split._step_rows = lambda *a, **k: (calls.append(("rows", np.asarray(a[2]), a[3])), real_rows(*a, **k))[1]
+    split._step = lambda *a, **k: (calls.append(("all", None, a[2])), real_step(*a, **k))[1]
+    for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0, top_p=0.9)):
+        # Two stragglers on different groups (requests fill the least-loaded group first).
+        reqs = [Request(long[:60 - i] if i in (1, 2) else p, max_new_tokens=90 if i in (1, 2) else 12, sampling=sp,
+                        seed=i, id=i) for i, p in enumerate(ps[:slots])]
+        outs, ref = generate(split, reqs), generate(single, reqs)
+        for r, o, b in zip(reqs, outs, ref):
+            assert o.token_ids == b.token_ids
+            np.testing.assert_allclose(o.logprobs, b.logprobs, atol=1e-5)
+            if sp.greedy and r.max_new_tokens == 90:
+                assert o.token_ids == hf_greedy(hf, r.prompt_ids, 90)
+    split._step_rows, split._step = real_rows, real_step
+    assert split.compact_calls > 0 and split.ragged_calls > 0
+    compact = [rows for kind, rows, _ in calls if kind == "rows"]
+    for rows in compact:
+        g = len(rows) // D
+        assert len(rows) == D * g and all(split.slot_device(int(r)) == d for d in range(D)
+                                          for r in rows[d * g:(d + 1) * g])
+    tails = [tail for kind, _, tail in calls if kind == "all" and tail is not None]
+    assert tails and all(len(t) == D * split._tail_count(slots) for t in tails)
+    if mesh_shape["tensor"] == 1:
+        for prog in (split._step, split._step_rows):
+            for exe in prog.compiled.values():
+                hlo = exe.as_text()
+                assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
+                reduces = [ln for ln in hlo.splitlines() if " all-reduce(" in ln]
+                assert reduces and all(re.search(r"= (s32|pred)\[\] all-reduce\(", ln) for ln in reduces), reduces
 
 
 def test_new_requests_go_to_the_least_loaded_device(ckpt):
