@@ -21,18 +21,8 @@ up* (turn 1 reads ``a`` and ``b`` from the prompt; turn k >= 2 copies ``x_{k-1}`
 
 Every turn does the same kind of work (look up and copy digits), so turn 1's divergence is not
 structurally small. A miscopied digit fails the check: the sandbox answers with a real traceback
-(``AssertionError``), and the right action is to *redo* the step: ``check failed, redo`` in the
-think, and code that trusts no copied digit but recomputes the chain from the prompt's own lines::
-
-    <think>
-    check failed, redo
-    x2 = x1+915, check 42
-    </think>
-    <tool_call>{... "code": "a = 347\\nb = 28\\nx1 = a*b\\nx2 = x1+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
-
-A redo copies lines of the prompt nearly verbatim (a different source from the failed attempt's
-digits, which a copy of the same step would tend to repeat). Two kinds of expert trajectories are
-written:
+(``AssertionError``), and the right action is to *redo* the step (``check failed, redo`` in the
+think, then the step again with the right digits). Two kinds of expert trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
@@ -98,7 +88,7 @@ class Problem:
     def text(self) -> str:
         lines = [f"a = {self.a}", f"b = {self.b}"]
         for k in range(self.num_steps):
-            left, right = _names(self, k)
+            left, right = ("a", "b") if k == 0 else (f"x{k}", str(self.operands[k]))
             lines.append(f"x{k + 1} = {left}{self.ops[k]}{right} [check {self.check(k)}]")
         lines.append(f"Find x{self.num_steps}.")
         return "\n".join(lines)
@@ -173,9 +163,7 @@ def make_splits(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Probl
 @dataclass(frozen=True)
 class Attempt:
     """One tool turn: step ``k`` (0-based) with the operands and check as written (strings, so a
-    miscopied digit is representable; a name such as ``x1`` refers to a ``setup`` line).
-    ``redo``: the turn after a failed check of the same step. ``setup``: code lines run before
-    the step (a redo recomputes the chain from the prompt's own lines)."""
+    miscopied digit is representable). ``redo``: the turn after a failed check of the same step."""
 
     k: int
     left: str
@@ -183,7 +171,6 @@ class Attempt:
     check: str
     op: str
     redo: bool = False
-    setup: tuple[str, ...] = ()
 
     def think(self) -> str:
         head = "check failed, redo\n" if self.redo else ""
@@ -191,42 +178,15 @@ class Attempt:
 
     def code(self) -> str:
         v = f"x{self.k + 1}"
-        return "\n".join([*self.setup, f"{v} = {self.left}{self.op}{self.right}", f"assert {v} % {MOD} == {self.check}",
-                          f"print({v})"])
-
-    def value(self) -> int:
-        """What the step's line computes (after the setup lines)."""
-        env: dict[str, int] = {}
-        for line in (*self.setup, f"_ = {self.left}{self.op}{self.right}"):
-            name, expr = line.split(" = ")
-            m = re.fullmatch(r"(\w+)([+\-*])(\w+)", expr)
-            env[name] = _apply(_operand(m.group(1), env), m.group(2), _operand(m.group(3), env)) if m else \
-                _operand(expr, env)
-        return env["_"]
+        return f"{v} = {self.left}{self.op}{self.right}\nassert {v} % {MOD} == {self.check}\nprint({v})"
 
     def passes(self) -> bool:
         """The assert holds (what the sandbox will say)."""
-        return self.value() % MOD == int(self.check)
-
-
-def _operand(s: str, env: dict[str, int]) -> int:
-    return int(s) if s.isdigit() else env[s]
+        return _apply(int(self.left), self.op, int(self.right)) % MOD == int(self.check)
 
 
 def correct_attempt(p: Problem, k: int, redo: bool = False) -> Attempt:
-    """Step k done right. A first attempt copies its operands' digits (``x_k``'s from the previous tool
-    output); a redo does not trust any copied digit: it recomputes the chain from the prompt, its
-    code the prompt's own lines (``a = 347``, ``b = 28``, ``x1 = a*b``, ...) and the step by name."""
-    if not redo:
-        return Attempt(k, str(p.left(k)), str(p.operands[k]), str(p.check(k)), p.ops[k])
-    setup = [f"a = {p.a}", f"b = {p.b}"] + [f"x{j + 1} = {_names(p, j)[0]}{p.ops[j]}{_names(p, j)[1]}" for j in range(k)]
-    left, right = _names(p, k)
-    return Attempt(k, left, right, str(p.check(k)), p.ops[k], redo=True, setup=tuple(setup))
-
-
-def _names(p: Problem, k: int) -> tuple[str, str]:
-    """Step k's operands as the prompt writes them: ``a``, ``b`` for step 1, ``x_k`` and a number after."""
-    return ("a", "b") if k == 0 else (f"x{k}", str(p.operands[k]))
+    return Attempt(k, str(p.left(k)), str(p.operands[k]), str(p.check(k)), p.ops[k], redo)
 
 
 def miscopy(s: str, rng: random.Random) -> str:

@@ -4,7 +4,6 @@ tracebacks for failed checks, and reading a trajectory back (outcomes per turn, 
 import asyncio
 import json
 import random
-import re
 
 import pytest
 
@@ -67,16 +66,7 @@ def test_attempts_clean_miscopied_and_redo():
         plan = plan_attempts(p, rng, recover=True)
         assert len(plan) == p.num_steps + 1
         i = next(i for i, a in enumerate(plan) if not a.passes())
-        redo = plan[i + 1]
-        assert redo == correct_attempt(p, plan[i].k, redo=True) and redo.passes()
-        # the redo's code is the prompt's own lines (checks dropped) up to the step, then its assert
-        k = redo.k
-        lines = [re.sub(r" \[check \d+\]$", "", ln) for ln in p.text().splitlines()[:k + 3]]
-        assert redo.code() == "\n".join(lines + [f"assert x{k + 1} % {MOD} == {p.check(k)}", f"print(x{k + 1})"])
-        assert redo.think().endswith(f"{lines[-1]}, check {p.check(k)}\n</think>\n\n")
-        ns: dict = {}
-        exec(redo.code().replace("print(", "out = ("), ns)  # Python itself runs the redo: the step's value
-        assert ns["out"] == p.values[k]
+        assert plan[i + 1] == correct_attempt(p, plan[i].k, redo=True)
         assert all(a.passes() for a in plan_attempts(p, rng, recover=False))
     assert all(miscopy("5", rng) != "5" for _ in range(20))
     assert all(not miscopy("12", rng).startswith("0") for _ in range(50))
