@@ -17,7 +17,9 @@ static ladder (:func:`window_ladder`) that holds every live position, chosen on 
   plans bound what stragglers cost, both made on the host from its length and budget bounds:
   *ragged reads* (only the ``tail_slots`` longest slots read the window that holds them; the others
   read the window that holds the rest) and *compact decode* (when at most a quarter of the slots can
-  still generate, only those are gathered and decoded).
+  still generate, only those are gathered and decoded). With the slots split over device groups
+  both plans are made per group and every decode and extension program runs per group (a
+  ``shard_map`` over the slot axes): no cache row crosses devices.
 * :meth:`Engine.extend_many` appends tokens (tool responses) to finished slots' cache rows without
   re-running their context and samples each one's next token, one device call per tool-text
   bucket: the multi-turn agent's fast path.
