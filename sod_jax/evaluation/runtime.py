@@ -27,7 +27,8 @@ from sod_jax.models import load_pretrained
 from sod_jax.models.hf import read_config
 from sod_jax.rewards import RewardPool
 from sod_jax.rollout.agent import AgentConfig
-from sod_jax.rollout.engine import Engine, engine_options, kv_budget_problem
+from sod_jax.rollout.engine import Engine, engine_options
+from sod_jax.rollout.sizes import kv_budget_problem
 from sod_jax.sandbox.factory import make_sandbox
 
 

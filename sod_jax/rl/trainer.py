@@ -79,15 +79,9 @@ from sod_jax.rl.update import (
     sequence_logprobs,
 )
 from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
-from sod_jax.rollout.engine import (
-    DEFAULT_BUDGET_SOURCE,
-    Engine,
-    default_kv_budget_bytes,
-    engine_options,
-    kv_budget_problem,
-    slot_devices,
-)
+from sod_jax.rollout.engine import Engine, engine_options
 from sod_jax.rollout.sampling import SamplingParams
+from sod_jax.rollout.sizes import DEFAULT_BUDGET_SOURCE, default_kv_budget_bytes, kv_budget_problem, slot_devices
 from sod_jax.sandbox.factory import make_sandbox
 from sod_jax.sandbox.protocol import SandboxUnavailable
 from sod_jax.tracking import RunDir

@@ -4,7 +4,7 @@ A fixed number of decode *slots* each own one row of the KV cache: per layer, ke
 ``[slots, K, H, M]`` and values ``[slots, K, M, H]`` (M = ``max_len``). The cache is allocated
 once, when the first request arrives, and freed when every slot is free again (so it is not
 resident during the trainer's update). A device call reads only a *window* of it, the shortest of a
-static ladder (:func:`window_ladder`) that holds every live position, chosen on device
+static ladder (:func:`~sod_jax.rollout.sizes.window_ladder`) that holds every live position, chosen on device
 (:class:`~sod_jax.models.qwen3.CacheRead`): the cache length is never a compiled shape.
 
 * :meth:`Engine.prefill` runs a prompt (padded to a length bucket) into a standalone cache row and
@@ -29,7 +29,7 @@ are freed and refilled from the queue while the others keep decoding.
 
 **A bounded program set.** Every shape a device call sees comes from a short ladder fixed by the
 config, never from the data: row counts (prompts in a prefill, slots in an insert or extension)
-are padded to :func:`row_ladder` (1, 4, 16, ... up to the slot count), prompt and tool-text
+are padded to :func:`~sod_jax.rollout.sizes.row_ladder` (1, 4, 16, ... up to the slot count), prompt and tool-text
 lengths to their buckets, decode batches to S, S/4, S/16, ...; the sampling mode is one per call.
 :meth:`Engine.program_calls` lists every program a run's phases can call, with abstract inputs,
 for a warm-up that compiles them all before step 1 (:mod:`sod_jax.programs`) and for the planner.
@@ -59,6 +59,17 @@ from sod_jax import parallel
 from sod_jax.models.qwen3 import CacheRead, CacheWrite, KVCache, Qwen3, Qwen3Config, as_dtype, forward, lm_logits
 from sod_jax.programs import Call, Program, abstract
 from sod_jax.rollout.sampling import SamplingParams, mode_of, request_key, sample, token_keys, widest_mode
+from sod_jax.rollout.sizes import (
+    DEFAULT_BUDGET_SOURCE,
+    default_kv_budget_bytes,
+    kv_budget_problem,
+    kv_cache_bytes,
+    length_bucket,
+    pad_to,
+    row_ladder,
+    slot_devices,
+    window_ladder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,42 +143,6 @@ def _mesh_of(model: Qwen3) -> Any:
     leaf = jax.tree.leaves(nnx.state(model))[0]
     sharding = getattr(leaf, "sharding", None)
     return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
-
-
-def window_ladder(max_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """The cache windows a call may read: powers of two from ``smallest`` below ``max_len``, then
-    ``max_len`` (a few ``lax.switch`` branches; a read never exceeds twice what it needs)."""
-    out, w = [], smallest
-    while w < max_len:
-        out.append(w)
-        w *= 2
-    return tuple(out) + (max_len,)
-
-
-def row_ladder(num_slots: int) -> tuple[int, ...]:
-    """The row counts a call is padded to: 1, 4, 16, ... below ``num_slots``, then ``num_slots``
-    (padding costs at most 4x the rows of a small call; the set of shapes stays small)."""
-    out, n = [], 1
-    while n < num_slots:
-        out.append(n)
-        n *= 4
-    return tuple(out) + (num_slots,)
-
-
-def pad_to(n: int, ladder: Sequence[int]) -> int:
-    """The smallest entry of ``ladder`` >= n (the last one when none is)."""
-    return next((x for x in ladder if x >= n), ladder[-1])
-
-
-def length_bucket(n: int, buckets: Sequence[int], limit: int) -> int:
-    """Padded length for ``n`` tokens: the smallest bucket >= n, beyond the largest the largest times
-    a power of two; never more than ``limit`` (nor less than n)."""
-    b = next((b for b in buckets if b >= n), None)
-    if b is None:
-        b = buckets[-1] if buckets else n
-        while b < n:
-            b *= 2
-    return max(n, min(b, limit))
 
 
 def sampling_weights(cfg: Qwen3Config, weights: dict, dtype: Any) -> dict:
@@ -272,67 +247,6 @@ def engine_options(rollout_cfg: Any) -> dict:
     tail = int(rollout_cfg.tail_slots)
     return {"extend_buckets": tuple(rollout_cfg.extend_buckets), "tail_slots": None if tail < 0 else tail,
             "compact_decode": bool(rollout_cfg.compact_decode)}
-
-
-def kv_cache_bytes(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any, devices: int = 1) -> int:
-    """Per device: slots / devices (the slots are split over ``devices``) x max_len x layers x
-    kv_heads x head_dim x 2 (k and v) x bytes per element."""
-    return (-(-num_slots // devices) * max_len * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
-            * jnp.dtype(dtype).itemsize)
-
-
-def slot_devices(num_slots: int, mesh_shape: dict) -> int:
-    """The devices a cache of ``num_slots`` slots is split over on a mesh of ``mesh_shape`` (axis ->
-    size): the ``data`` x ``fsdp`` devices (the sampling copy does not use them) when they divide the
-    slots, else 1 (every device holds every slot)."""
-    d = int(mesh_shape.get("data", 1)) * int(mesh_shape.get("fsdp", 1))
-    return d if d > 1 and num_slots % d == 0 else 1
-
-
-def kv_budget_problem(cfg: Qwen3Config, num_slots: int, max_len: int, dtype: Any, budget_bytes: Optional[int],
-                      budget_source: str = "rollout.kv_cache_budget_gb", min_slots: int = 1,
-                      devices: int = 1) -> Optional[str]:
-    """None when ``num_slots`` slots of ``max_len`` tokens, split over ``devices``, fit ``budget_bytes``
-    per device (None: no budget), else the one-line message: what the cache needs per device, the
-    budget, and the largest ``rollout.num_slots`` (a multiple of ``devices``, at least ``min_slots``,
-    e.g. ``rollout.n``) that fits, or that none does."""
-    need = kv_cache_bytes(cfg, num_slots, max_len, dtype, devices)
-    if not budget_bytes or need <= budget_bytes:
-        return None
-    item = jnp.dtype(dtype).itemsize
-    fit = budget_bytes // kv_cache_bytes(cfg, 1, max_len, dtype) * devices
-    split = f" per device ({devices} devices: {-(-num_slots // devices)} slots each)" if devices > 1 else ""
-    head = (f"KV cache needs {need / 2**30:.2f} GiB{split} (rollout.num_slots={num_slots} slots x {max_len} tokens x "
-            f"{cfg.num_hidden_layers} layers x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x 2 x {item} B) "
-            f"but {budget_source} is {budget_bytes / 2**30:.2f} GiB")
-    if fit >= max(min_slots, 1):
-        fix = (f"the largest rollout.num_slots that fits is {fit}: set rollout.num_slots={fit} (or shorten the slots, "
-               "rollout.max_response_length + data.max_prompt_length, or raise rollout.kv_cache_budget_gb)")
-    else:
-        fix = (f"no rollout.num_slots >= {max(min_slots, 1)} fits ({fit} would): shorten the slots "
-               "(rollout.max_response_length + data.max_prompt_length), use a smaller cache dtype (model.dtype "
-               "bfloat16) or raise rollout.kv_cache_budget_gb")
-    return f"{head}; {fix}"
-
-
-def device_memory_bytes(device: Any = None) -> Optional[int]:
-    """Memory of one accelerator (``bytes_limit`` of its allocator), None where unknown (CPU)."""
-    device = device or jax.local_devices()[0]
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - backends without allocator stats
-        return None
-    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-
-
-DEFAULT_BUDGET_SOURCE = "90% of the device's memory less the sampling weights (rollout.kv_cache_budget_gb=0)"
-
-
-def default_kv_budget_bytes(weight_bytes: int, fraction: float = 0.9, device: Any = None) -> Optional[int]:
-    """KV budget when ``rollout.kv_cache_budget_gb`` is 0: ``fraction`` of one device's memory minus
-    the sampling copy of the weights; None (no check) where the device reports no memory limit."""
-    total = device_memory_bytes(device)
-    return None if total is None else max(int(total * fraction) - weight_bytes, 0)
 
 
 class Engine:
@@ -494,9 +408,10 @@ class Engine:
         return tuple(D * g for g in row_ladder(self.num_slots // D))
 
     def _on_groups(self, fn, w, st, split_args: tuple, rep_args: tuple, outputs: int, wide: int = 0):
-        """``fn(w, st, first, *split_args, *rep_args)`` run by each device group on its own slots: a
-        ``shard_map`` over the slot axes, so no cache row crosses devices and the temporaries are
-        per group (``first``: the group's first global slot). ``st`` and ``split_args`` (None entries
+        """``fn(w, st, first, axes, *split_args, *rep_args)`` run by each device group on its own
+        slots: a ``shard_map`` over the slot ``axes``, so no cache row crosses devices and the
+        temporaries are per group (``first``: the group's first global slot; ``axes`` for the
+        group's collectives). ``st`` and ``split_args`` (None entries
         pass through) are split along their first axis, group-major; ``rep_args`` are replicated.
         ``fn`` returns ``(state, outputs)`` with ``outputs`` arrays: the first ``wide`` are
         ``[steps, rows]`` (split along the rows), the others ``[rows, ...]``."""
@@ -508,7 +423,7 @@ class Engine:
         def local(w, st, *args):
             it = iter(args)
             full = [None if a is None else next(it) for a in split_args]
-            return fn(w, st, jax.lax.axis_index(axes) * per, *full, *it)
+            return fn(w, st, jax.lax.axis_index(axes) * per, axes, *full, *it)
 
         out_specs = (P(ax), tuple(P(None, ax) if i < wide else P(ax) for i in range(outputs)))
         in_specs = (P(), P(ax)) + (P(ax),) * len(given) + (P(),) * len(rep_args)
@@ -666,8 +581,8 @@ class Engine:
             if self.slot_groups() is None:
                 st, out = decode_loop(w, st, tail_rows, window, tail_window, steps, mode)
             else:
-                st, out = self._on_groups(lambda w, st, first, tail, window, tail_window: decode_loop(
-                    w, st, tail, window, tail_window, steps, mode, self.slot_groups()[1]), w, st, (tail_rows,),
+                st, out = self._on_groups(lambda w, st, first, axes, tail, window, tail_window: decode_loop(
+                    w, st, tail, window, tail_window, steps, mode, axes), w, st, (tail_rows,),
                     (window, tail_window), outputs=4, wide=3)
             return self._pin(st), out
 
@@ -690,8 +605,8 @@ class Engine:
             if self.slot_groups() is None:
                 st, out = decode_rows(w, st, rows, tail_rows, window, tail_window, steps, mode)
             else:
-                st, out = self._on_groups(lambda w, st, first, rows, tail, window, tail_window: decode_rows(
-                    w, st, rows - first, tail, window, tail_window, steps, mode, self.slot_groups()[1]), w, st,
+                st, out = self._on_groups(lambda w, st, first, axes, rows, tail, window, tail_window: decode_rows(
+                    w, st, rows - first, tail, window, tail_window, steps, mode, axes), w, st,
                     (rows, tail_rows), (window, tail_window), outputs=4, wide=3)
             return self._pin(st), out
 
@@ -749,7 +664,7 @@ class Engine:
             if self.slot_groups() is None:
                 st, out = extend_rows(w, st, rows, tokens, n_valid, budget, window, mode, with_logits)
             else:
-                st, out = self._on_groups(lambda w, st, first, rows, tokens, n_valid, budget, window: extend_rows(
+                st, out = self._on_groups(lambda w, st, first, _, rows, tokens, n_valid, budget, window: extend_rows(
                     w, st, rows - first, tokens, n_valid, budget, window, mode, with_logits),
                     w, st, (rows, tokens, n_valid, budget), (window,), outputs=4 if with_logits else 3)
             return self._pin(st), out if self.slot_groups() is None else tuple(x[order] for x in out)

@@ -14,7 +14,7 @@ from sod_jax import parallel
 from sod_jax.models import load_pretrained
 from sod_jax.rl.update import sequence_logprobs
 from sod_jax.rollout import Engine, EngineError, Request, SamplingParams, generate
-from sod_jax.rollout.engine import kv_cache_bytes
+from sod_jax.rollout.sizes import kv_cache_bytes
 
 ARCH = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, initializer_range=0.1)
@@ -279,12 +279,12 @@ def test_one_forward_in_the_model_file():
 
 
 def test_default_kv_budget_from_device_memory(ckpt, monkeypatch):
-    from sod_jax.rollout import engine as eng
+    from sod_jax.rollout import sizes
 
     path, _ = ckpt
     model = load_pretrained(path)
     need = kv_cache_bytes(model.config, 64, 4096, jnp.float32)
-    monkeypatch.setattr(eng, "device_memory_bytes", lambda device=None: need // 2)
+    monkeypatch.setattr(sizes, "device_memory_bytes", lambda device=None: need // 2)
     with pytest.raises(EngineError, match="device's memory.*rollout.num_slots.*rollout.kv_cache_budget_gb"):
         Engine(model, num_slots=64, max_len=4096)
     Engine(model, num_slots=2, max_len=64)  # fits
