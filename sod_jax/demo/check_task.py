@@ -21,8 +21,10 @@ up* (turn 1 reads ``a`` and ``b`` from the prompt; turn k >= 2 copies ``x_{k-1}`
 
 Every turn does the same kind of work (look up and copy digits), so turn 1's divergence is not
 structurally small. A miscopied digit fails the check: the sandbox answers with a real traceback
-(``AssertionError``), and the right action is to *redo* the step (``check failed, redo`` in the
-think, then the step again with the right digits). Two kinds of expert trajectories are written:
+(``AssertionError``), and the right action is to *redo* the step: ``check failed, redo`` in the
+think, the copied operand restated from where it is read (``x1 = 9716`` from the last tool output;
+step 1: ``a = 347, b = 28``), then the step again with the right digits. Two kinds of expert
+trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
@@ -173,8 +175,14 @@ class Attempt:
     redo: bool = False
 
     def think(self) -> str:
-        head = "check failed, redo\n" if self.redo else ""
-        return f"<think>\n{head}x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}\n</think>\n\n"
+        lines = [f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
+        if self.redo:
+            # The redo first restates its copied operand where it was read (the previous tool
+            # output; step 1: the prompt's a and b): a student that redoes by copying the step line
+            # right above it repeats its own miscopy, one that copies from the source recovers.
+            source = f"a = {self.left}, b = {self.right}" if self.k == 0 else f"x{self.k} = {self.left}"
+            lines = ["check failed, redo", source] + lines
+        return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:
         v = f"x{self.k + 1}"

@@ -71,7 +71,10 @@ def test_attempts_clean_miscopied_and_redo():
     assert all(miscopy("5", rng) != "5" for _ in range(20))
     assert all(not miscopy("12", rng).startswith("0") for _ in range(50))
     a = Attempt(1, "9716", "915", "58", "+", redo=True)
-    assert a.think() == "<think>\ncheck failed, redo\nx2 = 9716+915, check 58\n</think>\n\n"
+    assert a.think() == "<think>\ncheck failed, redo\nx1 = 9716\nx2 = 9716+915, check 58\n</think>\n\n"
+    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 restates both operands from the prompt
+    assert first.think() == "<think>\ncheck failed, redo\na = 347, b = 28\nx1 = 347*28, check 16\n</think>\n\n"
+    assert Attempt(1, "9716", "915", "58", "+").think() == "<think>\nx2 = 9716+915, check 58\n</think>\n\n"
     assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
 
 
