@@ -22,9 +22,9 @@ up* (turn 1 reads ``a`` and ``b`` from the prompt; turn k >= 2 copies ``x_{k-1}`
 Every turn does the same kind of work (look up and copy digits), so turn 1's divergence is not
 structurally small. A miscopied digit fails the check: the sandbox answers with a real traceback
 (``AssertionError``), and the right action is to *redo* the step: ``check failed, redo`` in the
-think, the copied operand restated from where it is read (``x1 = 9716`` from the last tool output;
-step 1: ``a = 347, b = 28``), then the step again with the right digits. Two kinds of expert
-trajectories are written:
+think, every copied field re-read at its source (the step's prompt line ``x2 = x1+915 [check 42]``,
+then ``x1 = 9716`` from the last tool output; step 1: ``a = 347, b = 28``), then the step again with
+the right digits. Two kinds of expert trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
@@ -177,11 +177,15 @@ class Attempt:
     def think(self) -> str:
         lines = [f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
         if self.redo:
-            # The redo first restates its copied operand where it was read (the previous tool
-            # output; step 1: the prompt's a and b): a student that redoes by copying the step line
-            # right above it repeats its own miscopy, one that copies from the source recovers.
-            source = f"a = {self.left}, b = {self.right}" if self.k == 0 else f"x{self.k} = {self.left}"
-            lines = ["check failed, redo", source] + lines
+            # The redo first re-reads every copied field at its source: the step's line of the
+            # prompt (operand, op, check) and the left operand (the previous tool output; step 1:
+            # the prompt's a and b). A student that redoes by copying its failed attempt repeats
+            # the miscopy; one that copies from the sources recovers.
+            k = self.k
+            left, right = ("a", "b") if k == 0 else (f"x{k}", self.right)
+            rule = f"x{k + 1} = {left}{self.op}{right} [check {self.check}]"
+            source = f"a = {self.left}, b = {self.right}" if k == 0 else f"x{k} = {self.left}"
+            lines = ["check failed, redo", rule, source] + lines
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:

@@ -71,9 +71,14 @@ def test_attempts_clean_miscopied_and_redo():
     assert all(miscopy("5", rng) != "5" for _ in range(20))
     assert all(not miscopy("12", rng).startswith("0") for _ in range(50))
     a = Attempt(1, "9716", "915", "58", "+", redo=True)
-    assert a.think() == "<think>\ncheck failed, redo\nx1 = 9716\nx2 = 9716+915, check 58\n</think>\n\n"
-    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 restates both operands from the prompt
-    assert first.think() == "<think>\ncheck failed, redo\na = 347, b = 28\nx1 = 347*28, check 16\n</think>\n\n"
+    assert a.think() == ("<think>\ncheck failed, redo\nx2 = x1+915 [check 58]\nx1 = 9716\nx2 = 9716+915, check 58"
+                         "\n</think>\n\n")
+    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 re-reads a and b from the prompt
+    assert first.think() == ("<think>\ncheck failed, redo\nx1 = a*b [check 16]\na = 347, b = 28\nx1 = 347*28, "
+                             "check 16\n</think>\n\n")
+    p = sample_problem(random.Random(3))  # the restated rule is the prompt's own line for that step
+    for k in range(p.num_steps):
+        assert correct_attempt(p, k, redo=True).think().splitlines()[2] == p.text().splitlines()[2 + k]
     assert Attempt(1, "9716", "915", "58", "+").think() == "<think>\nx2 = 9716+915, check 58\n</think>\n\n"
     assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
 
