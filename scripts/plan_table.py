@@ -82,8 +82,9 @@ class Row:
     def probe(self, phase: str, micro: int, slots: int) -> dict | None:
         """The child's summary for these settings (None: the child died, e.g. of the heap cap)."""
         name = f"{phase}:{micro}:{slots}"
-        if name in self.data["probes"]:
-            return self.data["probes"][name]
+        known = self.data["probes"].get(name)
+        if known is not None and not (known.get("died") and known.get("heap_gb", 0) < self.args.host_memory_gb):
+            return None if known.get("died") else known
         overrides = [f"train.micro_batch_size={micro}", f"rollout.num_slots={slots}"]
         cmd = self.command(phase, overrides)
         limit = int(self.args.host_memory_gb * GiB)
@@ -99,7 +100,8 @@ class Row:
             last = [ln for ln in p.stderr.splitlines() if "compiling " in ln]
             result = dict(died=True, returncode=p.returncode, fits=False,
                           compiling=last[-1].split("compiling ", 1)[1] if last else "")
-        result.update(command=" ".join(cmd), seconds=time.time() - t0)
+        # A child that died is tried again by a later run with a larger --host-memory-gb.
+        result.update(command=" ".join(cmd), seconds=time.time() - t0, heap_gb=self.args.host_memory_gb)
         self.data["probes"][name] = result
         save(self.out, self.rows)
         print(f"{self.key}: {name}: {'DIED (' + result['compiling'] + ')' if result.get('died') else result['verdict']}"
@@ -140,7 +142,8 @@ class Row:
         micro0, slots0 = chips, self.args.start_slots
         first = self.probe("rollouts", micro0, slots0)
         if first is None:
-            raise RuntimeError(f"the rollouts at {slots0} slots could not be compiled here (child died)")
+            raise RuntimeError(f"the rollouts at {slots0} slots could not be compiled here (child died under a "
+                               f"{self.args.host_memory_gb:g} GB heap cap; rerun with a larger --host-memory-gb)")
         s = first["settings"]
         rows_per_mini = s["rows"] // s["mini_batches"]
         mb_best, mb_tried, mb_done = self.search("update", arith.micro_batch_candidates(rows_per_mini, chips),
@@ -260,6 +263,9 @@ def main() -> int:
                 estimate_row(key, rows, out, args)
             else:
                 Row(key, rows, out, args).run()
+            for stale in ("error", "trace"):  # a row that failed before and is done now
+                rows[key].pop(stale, None)
+            save(out, rows)
         except Exception as e:  # noqa: BLE001 - a failed row keeps its probes and is retried by the next run
             rows.setdefault(key, {}).update(status="error", error=f"{type(e).__name__}: {e}",
                                             trace=traceback.format_exc()[-4000:])
