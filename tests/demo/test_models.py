@@ -108,10 +108,12 @@ def test_shipped_accuracies_with_real_tools(accuracies, key):
     assert t["acc"] >= s["acc"] + TEACHER_GAP, (t, s)
 
 
-def test_shipped_demo_check_teacher_decodes_like_transformers():
-    """The demo_check teacher (sod_jax/demo/assets/check/teacher): HF files that transformers loads,
-    greedy tokens equal to our engine's on a held-out demo_check prompt, and it starts the first step."""
-    d = ASSETS / "check" / "teacher"
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_shipped_demo_check_models_decode_like_transformers(name):
+    """The demo_check teacher and student (sod_jax/demo/assets/check/): HF files that transformers
+    loads, greedy tokens equal to our engine's on a held-out demo_check prompt, and each starts the
+    first step."""
+    d = ASSETS / "check" / name
     assert json.loads((d / "config.json").read_text())["vocab_size"] >= ChatTokenizer.from_dir(d).vocab_size
     row = pq.read_table(ASSETS / "check" / "data" / "heldout.parquet").to_pylist()[0]
     text = _greedy_decode_like_transformers(d, row["prompt"])
