@@ -90,10 +90,16 @@ class Problem:
     def text(self) -> str:
         lines = [f"a = {self.a}", f"b = {self.b}"]
         for k in range(self.num_steps):
-            left, right = ("a", "b") if k == 0 else (f"x{k}", str(self.operands[k]))
-            lines.append(f"x{k + 1} = {left}{self.ops[k]}{right} [check {self.check(k)}]")
+            lines.append(step_rule(k, self.ops[k], str(self.operands[k]), str(self.check(k))))
         lines.append(f"Find x{self.num_steps}.")
         return "\n".join(lines)
+
+
+def step_rule(k: int, op: str, right: str, check: str) -> str:
+    """Step k's (0-based) line as the prompt writes it: ``x1 = a*b [check 16]``, then
+    ``x2 = x1+915 [check 58]`` (a later step's right operand is a number, ``right``)."""
+    left, right = ("a", "b") if k == 0 else (f"x{k}", right)
+    return f"x{k + 1} = {left}{op}{right} [check {check}]"
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -182,10 +188,8 @@ class Attempt:
             # the prompt's a and b). A student that redoes by copying its failed attempt repeats
             # the miscopy; one that copies from the sources recovers.
             k = self.k
-            left, right = ("a", "b") if k == 0 else (f"x{k}", self.right)
-            rule = f"x{k + 1} = {left}{self.op}{right} [check {self.check}]"
             source = f"a = {self.left}, b = {self.right}" if k == 0 else f"x{k} = {self.left}"
-            lines = ["check failed, redo", rule, source] + lines
+            lines = ["check failed, redo", step_rule(k, self.op, self.right, self.check), source] + lines
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:
