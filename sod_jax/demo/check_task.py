@@ -1,29 +1,32 @@
 """The demo's checked chain task (``data_source = "demo_check"``): errors have consequences and a way back.
 
-A problem names two constants and a chain of 2-3 steps, each with a check value (the step's value
-mod 97)::
+A problem names a start value and a chain of 2-3 steps, each step's rule on its own line with a
+check value (the step's value mod 97), the rules listed in a shuffled order::
 
     a = 347
-    b = 28
-    x1 = a*b [check 16]
     x2 = x1+915 [check 42]
+    x1 = a*28 [check 16]
     x3 = x2-604 [check 17]
     Find x3.
 
-Each step is one ``code_interpreter`` call whose code computes the step with its operands *looked
-up* (turn 1 reads ``a`` and ``b`` from the prompt; turn k >= 2 copies ``x_{k-1}`` from the previous
-``<tool_response>`` and the operand from the prompt), asserts the check and prints the value::
+Each step is one ``code_interpreter`` call. Its think first finds the step's rule by name and
+restates it, then writes the step with the left operand's value (turn 1: ``a`` from the prompt;
+turn k >= 2: ``x_{k-1}`` from the previous ``<tool_response>``); the code asserts the check and
+prints the value::
 
     <think>
+    x2 = x1+915 [check 42]
     x2 = 9716+915, check 42
     </think>
     <tool_call>{"name": "code_interpreter", "arguments": {"code": "x2 = 9716+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
 
-Every turn does the same kind of work (look up and copy digits), so turn 1's divergence is not
-structurally small. A miscopied digit fails the check: the sandbox answers with a real traceback
+Every turn does the same work (find its rule among the shuffled lines, copy it, substitute the left
+operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1 could copy
+from a fixed place (line 2), which a small model learns long before it can find a later step's line,
+and its divergence from the teacher stays far below theirs. A miscopied digit fails the check: the sandbox answers with a real traceback
 (``AssertionError``), and the right action is to *redo* the step: ``check failed, redo`` in the
 think, every copied field re-read at its source (the step's prompt line ``x2 = x1+915 [check 42]``,
-then ``x1 = 9716`` from the last tool output; step 1: ``a = 347, b = 28``), then the step again with
+then ``x1 = 9716`` from the last tool output; step 1: ``a = 347``), then the step again with
 the right digits. Two kinds of expert trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
@@ -64,13 +67,13 @@ FAILED_CHECK = "AssertionError"
 
 @dataclass(frozen=True)
 class Problem:
-    """``x1 = a op_1 b``, ``x_k = x_{k-1} op_k c_k``; checks are ``x_k mod 97``."""
+    """``x1 = a op_1 c_1``, ``x_k = x_{k-1} op_k c_k``; checks are ``x_k mod 97``."""
 
     a: int
-    b: int
     ops: tuple[str, ...]  # one per step
-    operands: tuple[int, ...]  # right operand per step (operands[0] == b)
+    operands: tuple[int, ...]  # right operand c_k per step
     values: tuple[int, ...]  # x1..xK
+    order: tuple[int, ...]  # the 0-based step of each rule line, as the prompt lists them
 
     @property
     def num_steps(self) -> int:
@@ -88,17 +91,17 @@ class Problem:
         return self.a if k == 0 else self.values[k - 1]
 
     def text(self) -> str:
-        lines = [f"a = {self.a}", f"b = {self.b}"]
-        for k in range(self.num_steps):
+        lines = [f"a = {self.a}"]
+        for k in self.order:
             lines.append(step_rule(k, self.ops[k], str(self.operands[k]), str(self.check(k))))
         lines.append(f"Find x{self.num_steps}.")
         return "\n".join(lines)
 
 
 def step_rule(k: int, op: str, right: str, check: str) -> str:
-    """Step k's (0-based) line as the prompt writes it: ``x1 = a*b [check 16]``, then
-    ``x2 = x1+915 [check 58]`` (a later step's right operand is a number, ``right``)."""
-    left, right = ("a", "b") if k == 0 else (f"x{k}", right)
+    """Step k's (0-based) line as the prompt writes it: ``x1 = a*28 [check 16]``, then
+    ``x2 = x1+915 [check 58]`` (``right`` is the operand as written)."""
+    left = "a" if k == 0 else f"x{k}"
     return f"x{k + 1} = {left}{op}{right} [check {check}]"
 
 
@@ -121,36 +124,43 @@ def sample_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -
         operands.append(y)
         values.append(v)
         x = v
-    return Problem(a, operands[0], tuple(ops), tuple(operands), tuple(values))
+    order = list(range(k))
+    rng.shuffle(order)
+    return Problem(a, tuple(ops), tuple(operands), tuple(values), tuple(order))
 
 
-_STEP = re.compile(r"^x(\d+) = (a|x\d+)([+\-*])(b|\d+) \[check (\d+)\]$")
+_STEP = re.compile(r"^x(\d+) = (a|x\d+)([+\-*])(\d+) \[check (\d+)\]$")
 
 
 def parse_problem(text: str) -> Optional[Problem]:
     """The :class:`Problem` that :meth:`Problem.text` wrote, or None (another task's prompt)."""
     lines = [ln.strip() for ln in text.strip().splitlines()]
-    if len(lines) < 4 or not re.fullmatch(r"Find x\d+\.", lines[-1]):
+    if len(lines) < 3 or not re.fullmatch(r"Find x\d+\.", lines[-1]):
         return None
-    ma, mb = re.fullmatch(r"a = (\d+)", lines[0]), re.fullmatch(r"b = (\d+)", lines[1])
-    if not (ma and mb):
+    ma = re.fullmatch(r"a = (\d+)", lines[0])
+    if not ma:
         return None
-    a, b = int(ma.group(1)), int(mb.group(1))
+    a = int(ma.group(1))
+    rules = [_STEP.match(line) for line in lines[1:-1]]
+    if not rules or any(m is None for m in rules):
+        return None
+    order = tuple(int(m.group(1)) - 1 for m in rules)
+    if sorted(order) != list(range(len(rules))) or lines[-1] != f"Find x{len(rules)}.":
+        return None
+    by_step = {k: m for k, m in zip(order, rules)}
     x, ops, operands, values = a, [], [], []
-    for k, line in enumerate(lines[2:-1]):
-        m = _STEP.match(line)
-        if m is None or int(m.group(1)) != k + 1 or m.group(2) != ("a" if k == 0 else f"x{k}"):
+    for k in range(len(rules)):
+        m = by_step[k]
+        if m.group(2) != ("a" if k == 0 else f"x{k}"):
             return None
-        if (k == 0) != (m.group(4) == "b"):
-            return None
-        y = b if k == 0 else int(m.group(4))
+        y = int(m.group(4))
         x = _apply(x, m.group(3), y)
         if x % MOD != int(m.group(5)):
             return None
         ops.append(m.group(3))
         operands.append(y)
         values.append(x)
-    return Problem(a, b, tuple(ops), tuple(operands), tuple(values)) if ops else None
+    return Problem(a, tuple(ops), tuple(operands), tuple(values), order)
 
 
 def make_problems(n: int, seed: int, exclude: Sequence[Problem] = ()) -> list[Problem]:
@@ -181,15 +191,17 @@ class Attempt:
     redo: bool = False
 
     def think(self) -> str:
-        lines = [f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
+        # the step's rule restated (found by name among the shuffled lines), then the step itself
+        rule = step_rule(self.k, self.op, self.right, self.check)
+        lines = [rule, f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
         if self.redo:
             # The redo first re-reads every copied field at its source: the step's line of the
             # prompt (operand, op, check) and the left operand (the previous tool output; step 1:
-            # the prompt's a and b). A student that redoes by copying its failed attempt repeats
-            # the miscopy; one that copies from the sources recovers.
+            # the prompt's a). A student that redoes by copying its failed attempt repeats the
+            # miscopy; one that copies from the sources recovers.
             k = self.k
-            source = f"a = {self.left}, b = {self.right}" if k == 0 else f"x{k} = {self.left}"
-            lines = ["check failed, redo", step_rule(k, self.op, self.right, self.check), source] + lines
+            source = f"a = {self.left}" if k == 0 else f"x{k} = {self.left}"
+            lines = ["check failed, redo", rule, source, lines[-1]]
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:

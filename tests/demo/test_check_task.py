@@ -33,15 +33,25 @@ def test_problems_and_their_text():
     rng = random.Random(3)
     for _ in range(300):
         p = sample_problem(rng)
-        assert 2 <= p.num_steps <= 3 and p.operands[0] == p.b
+        assert 2 <= p.num_steps <= 3
         x = p.a
         for op, c, v in zip(p.ops, p.operands, p.values):  # recompute the chain independently
             x = eval(f"{x}{op}{c}")
             assert x == v and 0 <= v <= MAX_VALUE
         assert parse_problem(p.text()) == p
-    p = parse_problem("a = 347\nb = 28\nx1 = a*b [check 16]\nx2 = x1+915 [check 58]\nFind x2.")
-    assert p.values == (9716, 10631) and (p.check(0), p.check(1)) == (16, 58)
-    assert parse_problem("a = 347\nb = 28\nx1 = a*b [check 17]\nFind x1.") is None  # a wrong check is not this task
+    p = parse_problem("a = 347\nx1 = a*28 [check 16]\nx2 = x1+915 [check 58]\nFind x2.")
+    assert p.values == (9716, 10631) and (p.check(0), p.check(1)) == (16, 58) and p.operands == (28, 915)
+    # every step's operand is on the step's own line: the prompt has no separate constant for it
+    assert p.text().splitlines()[:2] == ["a = 347", "x1 = a*28 [check 16]"]
+    assert parse_problem("a = 347\nx1 = a*28 [check 17]\nFind x1.") is None  # a wrong check is not this task
+    assert parse_problem("a = 347\nb = 28\nx1 = a*b [check 16]\nFind x1.") is None  # the earlier layout
+    # the rules may come in any order (the generator shuffles them); each step exactly once
+    q = parse_problem("a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x2.")
+    assert q.values == p.values and q.order == (1, 0) and q.text().splitlines()[1] == "x2 = x1+915 [check 58]"
+    assert parse_problem("a = 347\nx1 = a*28 [check 16]\nx1 = a*28 [check 16]\nFind x2.") is None
+    assert parse_problem("a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x1.") is None
+    orders = {sample_problem(random.Random(i), 3, 3).order for i in range(60)}
+    assert len(orders) == 6  # every order of three rules occurs
     assert parse_problem("x1 = 592+271\nx2 = x1+517\nFind x2.") is None  # the old chain task
     a_train, a_held = make_splits(200, 40, seed=5)
     assert not {q.text() for q in a_train} & {q.text() for q in a_held}
@@ -73,13 +83,17 @@ def test_attempts_clean_miscopied_and_redo():
     a = Attempt(1, "9716", "915", "58", "+", redo=True)
     assert a.think() == ("<think>\ncheck failed, redo\nx2 = x1+915 [check 58]\nx1 = 9716\nx2 = 9716+915, check 58"
                          "\n</think>\n\n")
-    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 re-reads a and b from the prompt
-    assert first.think() == ("<think>\ncheck failed, redo\nx1 = a*b [check 16]\na = 347, b = 28\nx1 = 347*28, "
+    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 re-reads its line and a from the prompt
+    assert first.think() == ("<think>\ncheck failed, redo\nx1 = a*28 [check 16]\na = 347\nx1 = 347*28, "
                              "check 16\n</think>\n\n")
     p = sample_problem(random.Random(3))  # the restated rule is the prompt's own line for that step
     for k in range(p.num_steps):
-        assert correct_attempt(p, k, redo=True).think().splitlines()[2] == p.text().splitlines()[2 + k]
-    assert Attempt(1, "9716", "915", "58", "+").think() == "<think>\nx2 = 9716+915, check 58\n</think>\n\n"
+        rule = p.text().splitlines()[1 + p.order.index(k)]
+        assert correct_attempt(p, k, redo=True).think().splitlines()[2] == rule
+        assert correct_attempt(p, k).think().splitlines()[1] == rule
+    # a step restates its rule, then writes it with the left operand's value
+    assert Attempt(1, "9716", "915", "58", "+").think() == ("<think>\nx2 = x1+915 [check 58]\nx2 = 9716+915, check 58"
+                                                            "\n</think>\n\n")
     assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
 
 
