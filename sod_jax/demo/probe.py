@@ -24,9 +24,15 @@ it, with ``s_t`` / ``q_t`` the student's / teacher's log-prob of token t:
   between the two gradients (:func:`gradient_effect`, checked against finite differences in
   ``tests/demo/test_probe.py``).
 
+The same problems without an error (every step right the first time, :func:`measure_clean`) give
+the weights SOD puts on correct work when nothing went wrong: ``d_1`` and the mean ``d_k`` / ``w_k``
+of the later tool steps. A turn 1 that is easier for the student than the later ones makes ``d_1``
+small and every later ``w_k`` with it.
+
 SOD's premise holds when the teacher's P(redo) is far below the student's, OPD's push on the redo is
-negative, SOD's w is small at the redo, and SOD's weighting makes the post-error term's effect on
-log pi(redo) less negative than OPD's.
+negative, SOD's w is small at the redo, SOD's weighting makes the post-error term's effect on
+log pi(redo) less negative than OPD's, and the error-free trajectories' later steps keep most of
+their weight.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ class ProbeTrajectory:
     outputs: list[str]
     ids: np.ndarray  # [T] int32
     mask: np.ndarray  # [T] 1 on assistant tokens (the loss mask: token t predicted from t-1)
-    error_turn: int  # 0-based assistant turn of the failed attempt; the redo is error_turn + 1
-    decision_len: int  # tokens of DECISION at the start of the redo turn
+    error_turn: int  # 0-based assistant turn of the failed attempt (the redo is error_turn + 1); -1: none
+    decision_len: int  # tokens of DECISION at the start of the redo turn (0 without an error)
 
 
 def turn_spans(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -72,11 +78,12 @@ def turn_spans(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def build_trajectories(problems: Sequence[Problem], tokenizer: Any, seed: int = 0, sandbox_factory: Any = None,
-                       max_output_chars: int = 256) -> list[ProbeTrajectory]:
-    """One error-and-redo trajectory per problem (the error step drawn by ``seed``), with real
-    sandbox outputs, tokenized with ``tokenizer``'s chat template."""
+                       max_output_chars: int = 256, recover: bool = True) -> list[ProbeTrajectory]:
+    """One error-and-redo trajectory per problem (the error step drawn by ``seed``; ``recover=False``:
+    every step right the first time), with real sandbox outputs, tokenized with ``tokenizer``'s chat
+    template."""
     rng = random.Random(seed)
-    plans = [(p, check_task.plan_attempts(p, rng, recover=True)) for p in problems]
+    plans = [(p, check_task.plan_attempts(p, rng, recover=recover)) for p in problems]
     if sandbox_factory is None:
         from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
 
@@ -97,15 +104,16 @@ def build_trajectories(problems: Sequence[Problem], tokenizer: Any, seed: int = 
         # every assistant turn is a step here (as in an RL rollout), the miscopied one included
         msgs = [{k: v for k, v in m.items() if k != "weight"} for m in check_task.expert_messages(p, attempts, outs)]
         ex = tokenize_conversation(tokenizer, msgs, [check_task.CODE_INTERPRETER_TOOL])
-        error_turn = next(i for i, a in enumerate(attempts) if not a.passes())
+        error_turn = next((i for i, a in enumerate(attempts) if not a.passes()), -1)
         spans = turn_spans(ex.loss_mask)
         if len(spans) != len(attempts) + 1:
             raise ValueError(f"{len(spans)} assistant spans for {len(attempts) + 1} assistant turns")
-        start = spans[error_turn + 1][0]
-        if list(ex.ids[start:start + len(decision)]) != list(decision):
-            raise ValueError("the redo turn does not start with the decision tokens as tokenized alone")
+        if error_turn >= 0:
+            start = spans[error_turn + 1][0]
+            if list(ex.ids[start:start + len(decision)]) != list(decision):
+                raise ValueError("the redo turn does not start with the decision tokens as tokenized alone")
         out.append(ProbeTrajectory(p, attempts, outs, np.asarray(ex.ids, np.int32), np.asarray(ex.loss_mask, np.int8),
-                                   error_turn, len(decision)))
+                                   error_turn, len(decision) if error_turn >= 0 else 0))
     return out
 
 
@@ -146,16 +154,38 @@ def gradient_effect(graphdef: Any, params: Any, ids: jax.Array, attn: jax.Array,
     return {"inner": inner, "cos": inner / jnp.maximum(gn * rn, 1e-30), "norm_term": gn, "norm_redo": rn}
 
 
-def measure(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], *, eps: float = 1e-6, delta: float = 0.2,
-            chunk: int = 256, gradients: bool = True) -> dict:
-    """The probe's figures over ``trajs`` (means over trajectories unless a name says tokens)."""
+def _step_figures(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], eps: float, delta: float,
+                  chunk: int) -> tuple:
+    """Teacher-forced over ``trajs``: padded ``ids`` / ``mask`` / ``attn`` ``[B, T]``, the student's and
+    the teacher's log-probs ``s`` / ``q`` ``[B, T]`` and the loss's own step statistics."""
     T = max(len(t.ids) for t in trajs)
     ids, mask, attn = _pad(trajs, T)
     s_graph, s_params = nnx.split(student)
     t_graph, t_params = nnx.split(teacher)
     s = np.asarray(_logp_fn(s_graph, chunk)(s_params, ids, attn))  # [B, T]
     q = np.asarray(_logp_fn(t_graph, chunk)(t_params, ids, attn))
-    st = step_stats(jnp.asarray(s), jnp.asarray(q), jnp.asarray(mask), eps, delta)
+    return ids, mask, attn, s, q, step_stats(jnp.asarray(s), jnp.asarray(q), jnp.asarray(mask), eps, delta)
+
+
+def measure_clean(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], *, eps: float = 1e-6,
+                  delta: float = 0.2, chunk: int = 256) -> dict:
+    """Over error-free trajectories: mean ``d_1`` (``clean_d_first``) and the mean ``d_k`` / ``w_k`` of
+    the tool steps k >= 2 (``clean_d_later`` / ``clean_w_later``; the answer turn left out)."""
+    _, _, _, _, _, st = _step_figures(student, teacher, trajs, eps, delta, chunk)
+    d, w = np.asarray(st.divergence), np.asarray(st.step_weight)  # [B, S], step k in column k
+    later = [(b, k + 1) for b, t in enumerate(trajs) for k in range(1, len(t.attempts))]
+    return {"clean_d_first": float(d[:, 1].mean()),
+            "clean_d_later": float(np.mean([d[b, c] for b, c in later])) if later else None,
+            "clean_w_later": float(np.mean([w[b, c] for b, c in later])) if later else None,
+            "clean_trajectories": len(trajs)}
+
+
+def measure(student: Any, teacher: Any, trajs: Sequence[ProbeTrajectory], *, eps: float = 1e-6, delta: float = 0.2,
+            chunk: int = 256, gradients: bool = True) -> dict:
+    """The probe's figures over ``trajs`` (means over trajectories unless a name says tokens)."""
+    ids, mask, attn, s, q, st = _step_figures(student, teacher, trajs, eps, delta, chunk)
+    T = ids.shape[1]
+    s_graph, s_params = nnx.split(student)
     d, w = np.asarray(st.divergence), np.asarray(st.step_weight)  # [B, S], step k in column k
     rows: dict[str, list] = {k: [] for k in ("p_redo_teacher", "p_redo_student", "lp_redo_teacher", "lp_redo_student",
                                              "d_error", "w_error", "d_redo", "w_redo", "d_first", "w_correct",
@@ -221,9 +251,11 @@ def run_probe(student_dir: str, teacher_dir: str, heldout: str, n: int = 64, see
         raise ValueError(f"{heldout}: no demo_check prompts")
     tok = ChatTokenizer.from_dir(tokenizer_dir or student_dir)
     trajs = build_trajectories(problems, tok, seed=seed)
+    clean = build_trajectories(problems, tok, seed=seed, recover=False)
     student = load_pretrained(student_dir, dtype="float32")
     teacher = load_pretrained(teacher_dir, dtype="float32")
     res = measure(student, teacher, trajs, gradients=gradients)
+    res.update(measure_clean(student, teacher, clean))
     res.update(student=str(student_dir), teacher=str(teacher_dir), heldout=str(heldout), seed=seed)
     return res
 
@@ -242,11 +274,14 @@ def format_probe(r: dict) -> str:
         f"  correct steps split: before the error {f(r.get('d_before'))} / {f(r.get('w_before'))} (w_1 left out); "
         f"after the redo {f(r.get('d_after'))} / {f(r.get('w_after'))}",
     ]
+    if r.get("clean_trajectories"):
+        lines.append(f"  the same problems without an error: d_1 {f(r['clean_d_first'])}; tool steps k >= 2 d_k / w_k "
+                     f"{f(r['clean_d_later'])} / {f(r['clean_w_later'])}")
     if r.get("opd_inner") is not None:
         lines.append(f"  post-error distillation term vs log pi(redo): OPD <g, r> {f(r['opd_inner'], '.4g')} "
                      f"(cos {f(r['opd_cos'])}); SOD weights <g, r> {f(r['sod_inner'], '.4g')} (cos {f(r['sod_cos'])})")
     return "\n".join(lines)
 
 
-__all__ = ["ProbeTrajectory", "build_trajectories", "format_probe", "gradient_effect", "measure", "run_probe",
-           "turn_spans"]
+__all__ = ["ProbeTrajectory", "build_trajectories", "format_probe", "gradient_effect", "measure", "measure_clean",
+           "run_probe", "turn_spans"]

@@ -11,7 +11,7 @@ from flax import nnx
 
 from sod_jax.chat import ChatTokenizer
 from sod_jax.demo import check_task
-from sod_jax.demo.probe import DECISION, build_trajectories, gradient_effect, measure, turn_spans
+from sod_jax.demo.probe import DECISION, build_trajectories, gradient_effect, measure, measure_clean, turn_spans
 from sod_jax.models import init_model
 from sod_jax.models.qwen3 import Qwen3Config
 
@@ -81,6 +81,28 @@ def test_figures_equal_a_direct_recomputation(setup):
     np.testing.assert_allclose(r["d_first"], np.mean(d_first), rtol=1e-4)
     np.testing.assert_allclose(r["p_redo_teacher"], np.mean(p_redo_t), rtol=1e-3)
     assert r["trajectories"] == len(trajs)
+
+
+def test_clean_figures_equal_a_direct_recomputation(setup):
+    """Error-free trajectories of the same problems: d_1 and the later tool steps' d_k / w_k."""
+    tok, student, teacher, _ = setup
+    problems = check_task.make_splits(0, 3, seed=21)[1]
+    clean = build_trajectories(problems, tok, seed=4, recover=False)
+    assert all(t.error_turn == -1 and t.decision_len == 0 and all(a.passes() for a in t.attempts) for t in clean)
+    eps, delta = 1e-6, 0.2
+    r = measure_clean(student, teacher, clean, eps=eps, delta=delta)
+    d_first, d_later, w_later = [], [], []
+    for t in clean:
+        s, q = _naive_logp(student, t.ids), _naive_logp(teacher, t.ids)
+        d = [np.mean(np.abs(s[a:b] - q[a:b])) for a, b in turn_spans(t.mask)]
+        d_first.append(d[0])
+        for k in range(1, len(t.attempts)):  # the tool steps after the first; the answer turn left out
+            d_later.append(d[k])
+            w_later.append(min((d[0] + eps) / (d[k] + eps), 1 + delta))
+    np.testing.assert_allclose(r["clean_d_first"], np.mean(d_first), rtol=1e-4)
+    np.testing.assert_allclose(r["clean_d_later"], np.mean(d_later), rtol=1e-4)
+    np.testing.assert_allclose(r["clean_w_later"], np.mean(w_later), rtol=1e-4)
+    assert r["clean_trajectories"] == len(clean)
 
 
 def test_gradient_effect_matches_finite_differences(setup):
@@ -154,4 +176,6 @@ def test_probe_cli_on_saved_checkpoints(setup, tmp_path, capsys):
                  str(heldout), "--n", "2", "--no-gradients", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["trajectories"] == 2 and r["opd_inner"] is None and np.isfinite(r["q_minus_s_redo_tokens"])
-    assert "P(redo decision after a failed check): teacher" in capsys.readouterr().out
+    assert r["clean_trajectories"] == 2 and np.isfinite(r["clean_w_later"])
+    printed = capsys.readouterr().out
+    assert "P(redo decision after a failed check): teacher" in printed and "without an error: d_1" in printed
