@@ -21,13 +21,14 @@ prints the value::
     <tool_call>{"name": "code_interpreter", "arguments": {"code": "x2 = 9716+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
 
 Every turn does the same work (find its rule among the shuffled lines, copy it, substitute the left
-operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1 could copy
-from a fixed place (line 2), which a small model learns long before it can find a later step's line,
-and its divergence from the teacher stays far below theirs. A miscopied digit fails the check: the sandbox answers with a real traceback
-(``AssertionError``), and the right action is to *redo* the step: ``check failed, redo`` in the
-think, every copied field re-read at its source (the step's prompt line ``x2 = x1+915 [check 42]``,
-then ``x1 = 9716`` from the last tool output; step 1: ``a = 347``), then the step again with
-the right digits. Two kinds of expert trajectories are written:
+operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1 could
+copy from a fixed place (line 2), which a small model learns long before it can find a later step's
+line, and its divergence from the teacher stays far below theirs.
+
+A miscopied digit fails the check: the sandbox answers with a real traceback (``AssertionError``),
+and the right action is to *redo* the step: ``check failed, redo`` in the think, every copied field
+re-read at its source (the step's rule ``x2 = x1+915 [check 42]``, then ``x1 = 9716`` from the last
+tool output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
