@@ -8,7 +8,7 @@ configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
     python -m sod_jax.demo check-data --out DIR        # the demo_check task: splits, clean and error-and-redo rows
     python -m sod_jax.demo probe --student DIR --teacher DIR   # the mechanism probe, before any RL
-    python -m sod_jax.demo recovery EVAL_DIR           # accuracy and recovery after a failed check of an eval
+    python -m sod_jax.demo recovery EVAL_DIR           # accuracy, recovery after a failed check, op slips
     python -m sod_jax.demo compare run --seeds 0,1,2 --out runs/demo_pilot          # the pilot
     python -m sod_jax.demo compare plan --pilot-dir runs/demo_pilot --min-effect 0.04 --out runs/demo_compare
     python -m sod_jax.demo compare run --rule runs/demo_compare/rule.json --out runs/demo_compare
@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="draws the error step and the miscopied digit")
     pr.add_argument("--no-gradients", action="store_true", help="skip the gradient figures")
     pr.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    rc = sub.add_parser("recovery", help="accuracy and the rate of a successful redo after a failed check, read "
-                        "from a python -m sod_jax.eval output directory of demo_check prompts")
+    rc = sub.add_parser("recovery", help="accuracy, the rate of a successful redo after a failed check and the "
+                        "share of restated rules with a wrong op, read from a python -m sod_jax.eval output "
+                        "directory of demo_check prompts")
     rc.add_argument("eval_dir", help="the eval's eval.out_dir (generations.jsonl)")
     rc.add_argument("--heldout", default=str(ASSETS / "check" / "data" / "heldout.parquet"),
                     help="the parquet the eval ran on (prompt_id = row position)")
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--at-least", type=int, default=6, help="fewest paired seeds")
     cp.add_argument("--at-most", type=int, default=64, help="most paired seeds (the rule says when it binds)")
     cp.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt in the final evaluation")
-    cp.add_argument("--heldout", default="sod_jax/demo/assets/data/heldout.parquet", help="held-out parquet (>= 256)")
+    cp.add_argument("--heldout", default="sod_jax/demo/assets/check/data/heldout.parquet",
+                    help="held-out parquet (>= 256; default: the 512 demo_check prompts)")
     cp.add_argument("--bootstrap-reps", type=int, default=10000, help="bootstrap replicates")
     cp.add_argument("--config", default=None, help="base RL config (default: the pilot's, else configs/demo.yaml)")
     cp.add_argument("--force", action="store_true", help="replace an existing rule.json")
@@ -94,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     ct = cs.add_parser("table", help="rebuild compare.md / compare.json / compare_acc.png from the run files")
     ct.add_argument("--out", required=True, help="the comparison directory")
     return p
+
+
+def restated_ops(eval_dir: Path, prompts: dict) -> dict:
+    """Restated rules with a wrong op (:func:`sod_jax.demo.check_task.restated_op_slips`) over an
+    eval's samples: their count and rate over all samples, and the rate in the correct samples
+    without a tool error (whose checks all passed)."""
+    from sod_jax.demo.check_task import restated_op_slips
+    from sod_jax.tracking import read_jsonl
+
+    tot = [0, 0]
+    clean = [0, 0]
+    for r in read_jsonl(eval_dir / "generations.jsonl"):
+        res = restated_op_slips(prompts.get(r["prompt_id"], ""), r.get("response") or "")
+        if res is None:
+            continue
+        tot = [tot[0] + res[0], tot[1] + res[1]]
+        if r.get("acc") and not r.get("tool_errors"):
+            clean = [clean[0] + res[0], clean[1] + res[1]]
+    rate = lambda c: c[1] / c[0] if c[0] else None  # noqa: E731
+    return {"restated_rules": tot[0], "restated_op_wrong": rate(tot), "restated_op_wrong_clean": rate(clean)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = res["recovery"] or {}
         print(json.dumps({"samples": res["samples"], "prompts": len(res["per_prompt"]), "acc": res["acc"],
                           "length_finishes": res["length_finishes"], "failed_check": rec.get("errors"),
-                          "recovered": rec.get("recovered"), "recovery_rate": rec.get("rate")}))
+                          "recovered": rec.get("recovered"), "recovery_rate": rec.get("rate"),
+                          **restated_ops(Path(args.eval_dir), heldout_prompts(args.heldout))}))
         return 0
     if args.cmd == "compare":
         from sod_jax.demo.compare import run_compare

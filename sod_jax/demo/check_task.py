@@ -296,6 +296,25 @@ def error_recovery(prompt_text: str, tool_outputs: Sequence[Optional[str]]) -> O
     return any(s == step and o == "ok" for s, o in outcomes[first + 1:])
 
 
+def restated_op_slips(prompt_text: str, response: str) -> Optional[tuple[int, int]]:
+    """``(rules, wrong_op)``: how many rule lines (``x2 = x1+915 [check 42]``) ``response`` restates
+    for a step of the prompt's problem, and in how many of them the op is not the rule's. A wrong op
+    there need not fail the check (the code may still write the right one), but the teacher, which
+    copies rules reliably, puts its largest disagreements on it. None when the prompt is not this
+    task's."""
+    p = parse_problem(prompt_text or "")
+    if p is None:
+        return None
+    rules = wrong = 0
+    for line in (response or "").splitlines():
+        m = _STEP.match(line.strip())
+        if m is None or not 1 <= int(m.group(1)) <= len(p.ops):
+            continue
+        rules += 1
+        wrong += m.group(3) != p.ops[int(m.group(1)) - 1]
+    return rules, wrong
+
+
 # ---------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------

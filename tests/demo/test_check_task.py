@@ -21,6 +21,7 @@ from sod_jax.demo.check_task import (
     miscopy,
     parse_problem,
     plan_attempts,
+    restated_op_slips,
     rl_row,
     run_attempts,
     sample_problem,
@@ -95,6 +96,19 @@ def test_attempts_clean_miscopied_and_redo():
     assert Attempt(1, "9716", "915", "58", "+").think() == ("<think>\nx2 = x1+915 [check 58]\nx2 = 9716+915, check 58"
                                                             "\n</think>\n\n")
     assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
+
+
+def test_restated_op_slips_count_rule_lines_with_another_op():
+    prompt = "a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x2."
+    p = parse_problem(prompt)
+    plan = [correct_attempt(p, 0), error_attempt(p, 1, random.Random(0)), correct_attempt(p, 1, redo=True)]
+    expert = "".join(a.think() + a.code() + "\n" for a in plan)
+    assert restated_op_slips(prompt, expert) == (3, 0)  # every think restates its rule, the redo too
+    # a wrong op in a restated rule counts even when the code's op (and so the check) is right
+    slipped = expert.replace("x2 = x1+915 [check 58]", "x2 = x1-915 [check 58]", 1)
+    assert slipped != expert and restated_op_slips(prompt, slipped) == (3, 1)
+    assert restated_op_slips(prompt, "x3 = x2+1 [check 1]\nx1 = 347*28, check 16") == (0, 0)  # no step 3; not a rule
+    assert restated_op_slips("x1 = 592+271\nx2 = x1+517\nFind x2.", expert) is None  # another task's prompt
 
 
 def test_failed_checks_are_real_sandbox_tracebacks_and_read_back():

@@ -361,8 +361,11 @@ def test_recovery_of_demo_check_samples(tmp_path, capsys):
     d.mkdir(parents=True)
     with open(d / "generations.jsonl", "w") as f:
         for j, o in enumerate(outputs):
+            # the error-free sample restates step 1's rule with another op (its check still passes)
+            slip = "x1 = a" + ("-" if p.ops[0] != "-" else "+") + f"{p.operands[0]} [check {p.check(0)}]"
+            think = f"<think>\n{slip}\n</think>\n\n" if j == 3 else ""
             f.write(json.dumps({"prompt_id": 0, "data_source": "demo_check", "sample": j, "acc": j != 2,
-                                "response": _response(o, p.answer)}) + "\n")
+                                "response": think + _response(o, p.answer)}) + "\n")
     (d / "summary.json").write_text("{}")
     fe = compare.final_eval(rd, {0: p.text()})
     assert fe["recovery"] == {"errors": 3, "recovered": 2, "rate": 2 / 3}
@@ -380,6 +383,7 @@ def test_recovery_of_demo_check_samples(tmp_path, capsys):
     assert demo_main(["recovery", str(d), "--heldout", str(heldout)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["failed_check"], out["recovered"], out["acc"], out["samples"]) == (3, 2, 0.75, 4)
+    assert (out["restated_rules"], out["restated_op_wrong"], out["restated_op_wrong_clean"]) == (1, 1.0, 1.0)
     assert demo_main(["recovery", str(tmp_path / "missing"), "--heldout", str(heldout)]) == 2
     assert "generations.jsonl is missing" in capsys.readouterr().err
     # the step-weight samples of demo_check prompts: the failed check is the wrong step

@@ -20,7 +20,7 @@ from sod_jax.tracking import read_jsonl
 ARMS = ("grpo", "opd", "sod", "opd_control")
 PILOT_ARMS = ("sod", "opd", "grpo")
 DEFAULT_CONFIG = "configs/demo.yaml"
-DEFAULT_HELDOUT = "sod_jax/demo/assets/data/heldout.parquet"
+DEFAULT_HELDOUT = "sod_jax/demo/assets/check/data/heldout.parquet"  # demo_check: 512 prompts
 EXPORT_DIR, EVAL_DIR = "model", "final_eval"
 EXPORT_MARK, RUN_RECORD = "model_export.json", "compare_run.json"
 _PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the checkout holding sod_jax/ and configs/
