@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--heldout", default="sod_jax/demo/assets/check/data/heldout.parquet",
                     help="held-out parquet (>= 256; default: the 512 demo_check prompts)")
     cp.add_argument("--bootstrap-reps", type=int, default=10000, help="bootstrap replicates")
-    cp.add_argument("--config", default=None, help="base RL config (default: the pilot's, else configs/demo.yaml)")
+    cp.add_argument("--config", default=None,
+                    help="base RL config (default: the pilot's, else configs/demo_check.yaml)")
     cp.add_argument("--force", action="store_true", help="replace an existing rule.json")
     cp.add_argument("overrides", nargs="*", help="key=value overrides of every run (default: the pilot's)")
     cr = cs.add_parser("run", help="train, export and evaluate every arm x seed; complete runs are skipped")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--arms", default=None, help="comma-separated arms of grpo,opd,sod,opd_control "
                     "(default: all four with --rule, sod,opd,grpo without)")
     cr.add_argument("--seeds", default=None, help="without --rule (a pilot): comma-separated seeds, e.g. 0,1,2")
-    cr.add_argument("--config", default=None, help="without --rule: base RL config (default configs/demo.yaml)")
+    cr.add_argument("--config", default=None, help="without --rule: base RL config (default configs/demo_check.yaml)")
     cr.add_argument("--eval-n", type=int, default=None, help="without --rule: samples per held-out prompt (default 4)")
     cr.add_argument("--heldout", default=None, help="without --rule: held-out parquet")
     cr.add_argument("overrides", nargs="*", help="key=value overrides passed to every run (recorded per run)")
