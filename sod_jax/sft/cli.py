@@ -195,8 +195,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     best = f", best held-out loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
     loss = f"{res.final_loss:.4f}" if res.final_loss is not None else "n/a"
-    print(f"sft: {res.steps} steps ({res.stop_reason}), last train loss {loss}{best}; "
-          f"model: {res.model_dir}", file=sys.stderr)
+    if jax.process_index() == 0:  # one summary line per run, not one per process
+        print(f"sft: {res.steps} steps ({res.stop_reason}), last train loss {loss}{best}; "
+              f"model: {res.model_dir}", file=sys.stderr)
     return 0
 
 
