@@ -362,7 +362,7 @@ def test_recovery_of_demo_check_samples(tmp_path, capsys):
     with open(d / "generations.jsonl", "w") as f:
         for j, o in enumerate(outputs):
             # the error-free sample restates step 1's rule with another op (its check still passes)
-            slip = "x1 = a" + ("-" if p.ops[0] != "-" else "+") + f"{p.operands[0]} [check {p.check(0)}]"
+            slip = check_task.step_rule(0, "-", str(p.operands[0]), str(p.check(0)))  # the task's op is +
             think = f"<think>\n{slip}\n</think>\n\n" if j == 3 else ""
             f.write(json.dumps({"prompt_id": 0, "data_source": "demo_check", "sample": j, "acc": j != 2,
                                 "response": think + _response(o, p.answer)}) + "\n")
