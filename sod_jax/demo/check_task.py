@@ -1,43 +1,44 @@
 """The demo's checked chain task (``data_source = "demo_check"``): errors have consequences and a way back.
 
-A problem names a start value and a chain of 2-3 additions, each step on its own line with the
-assert that checks it (the step's value mod 97), the lines listed in a shuffled order::
+A problem names a start value and a chain of 2-3 additions, each step's rule on its own line with
+a check value (the step's value mod 97), the rules listed in a shuffled order::
 
     a = 347
-    c = b+915; assert(c % 97 == 29)
-    b = a+28; assert(b % 97 == 84)
-    d = c+604; assert(d % 97 == 51)
-    Find d.
+    x2 = x1+915 [check 42]
+    x1 = a+28 [check 84]
+    x3 = x2+604 [check 17]
+    Find x3.
 
-Each step is one ``code_interpreter`` call. Its think names the step alone; its code writes the left
-operand's value (turn 1: ``a`` from the prompt; turn k >= 2: the previous ``<tool_response>``), then
-the step's line and its assert as the prompt writes them, each on a line of its own, and prints::
+Each step is one ``code_interpreter`` call. Its think first finds the step's rule by name and
+restates it, then writes the step with the left operand's value (turn 1: ``a`` from the prompt;
+turn k >= 2: ``x_{k-1}`` from the previous ``<tool_response>``); the code asserts the check and
+prints the value::
 
     <think>
-    c is next
+    x2 = x1+915 [check 42]
+    x2 = 9716+915, check 42
     </think>
-    <tool_call>{"name": "code_interpreter", "arguments": {"code": "b = 375\\nc = b+915\\nassert(c % 97 == 29)\\nprint(c)"}}</tool_call>
+    <tool_call>{"name": "code_interpreter", "arguments": {"code": "x2 = 9716+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
 
-Why this layout:
+Every turn does the same work (find its rule among the shuffled lines, copy it, substitute the left
+operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1 could
+copy from a fixed place (line 2), which a small model learns long before it can find a later step's
+line, and its divergence from the teacher stays far below theirs.
 
-* Every copied field (the left value, the operand, the check) is written exactly once a turn, in
-  the code, so a slip the check does not catch cannot hide in the think. Every turn does the same
-  work (find its line among the shuffled ones, copy it, copy the left value), so turn 1's
-  divergence is not structurally small.
-* Step names are single letters: a space followed by a name occurs only as a left operand.
-* The step and its assert sit on lines of their own: Python's traceback echoes the failing line,
-  which is then only ``assert(c % 97 == 29)``. With the step on the assert's line, the miscopied
-  step sat in the traceback (a user turn in Qwen3's template, like the prompt) as the redo's
-  nearest match, and students redid by copying it.
-* One op, ``+``: with ``+``, ``-`` and ``*`` the op was the last field every model learned, in one
-  sharp rise thousands of SFT steps after every digit was right (docs/demo.md). The mechanism under
-  study is the check and the redo, not the op.
+The code writes the step in another form than the rule (the left operand's value, not its name), so
+a redo that re-reads the rule finds that form only in the prompt and in restated rules, never in a
+failed code or its traceback (which echoes ``assert x2 % 97 == 42``): layouts whose code repeated
+the prompt's own line had students that redid by copying their failed attempt (docs/demo.md).
 
-A miscopied digit fails the assert: the sandbox answers with a real traceback (``AssertionError``),
-and the right action is to *redo* the step: ``check failed, redo`` in the think, then the step's
-line of the prompt and the left operand re-read at their sources (``b = 375`` from the last tool
-output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert
-trajectories are written:
+One op, ``+``: with ``+``, ``-`` and ``*`` the op was the field every model learned last, and a
+student restated the wrong op in its think while its code wrote the right one, a slip no check
+catches, which put the teacher's largest disagreements on correct steps. The mechanism under study
+is the check and the redo, not the op; the parser still reads all three.
+
+A miscopied digit fails the check: the sandbox answers with a real traceback (``AssertionError``),
+and the right action is to *redo* the step: ``check failed, redo`` in the think, every copied field
+re-read at its source (the step's rule ``x2 = x1+915 [check 42]``, then ``x1 = 9716`` from the last
+tool output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
@@ -48,7 +49,7 @@ trajectories are written:
 
 :func:`turn_outcomes` reads a trajectory's tool outputs back into what each turn did (a step done,
 a failed check, a wrong value, the answer), and :func:`error_recovery` says whether a trajectory
-that failed a check went on to produce that step's value. The answer is the last step's value, ``\\boxed{1894}`` (the strict
+that failed a check went on to produce that step's value. The answer is ``\\boxed{x_K}`` (the strict
 last-``\\boxed{}`` match of :func:`sod_jax.demo.task.score`).
 """
 
@@ -72,18 +73,17 @@ DATA_SOURCE = "demo_check"
 MOD = 97
 MAX_VALUE = 999_999
 OPS = ("+",)  # one op: see the module docstring
-NAMES = "abcd"  # the start value, then steps 1..3
 FAILED_CHECK = "AssertionError"
 
 
 @dataclass(frozen=True)
 class Problem:
-    """``b = a op_1 c_1``, ``c = b op_2 c_2``, ...; checks are each value mod 97."""
+    """``x1 = a op_1 c_1``, ``x_k = x_{k-1} op_k c_k``; checks are ``x_k mod 97``."""
 
     a: int
     ops: tuple[str, ...]  # one per step
     operands: tuple[int, ...]  # right operand c_k per step
-    values: tuple[int, ...]  # the steps' values (b, c, d)
+    values: tuple[int, ...]  # x1..xK
     order: tuple[int, ...]  # the 0-based step of each rule line, as the prompt lists them
 
     @property
@@ -98,36 +98,22 @@ class Problem:
         return self.values[k] % MOD
 
     def left(self, k: int) -> int:
-        """The true left operand's value of step k (0-based): ``a``, else step k-1's value."""
+        """The true left operand of step k (0-based): ``a``, else ``x_k``."""
         return self.a if k == 0 else self.values[k - 1]
 
     def text(self) -> str:
         lines = [f"a = {self.a}"]
         for k in self.order:
             lines.append(step_rule(k, self.ops[k], str(self.operands[k]), str(self.check(k))))
-        lines.append(f"Find {name(self.num_steps)}.")
+        lines.append(f"Find x{self.num_steps}.")
         return "\n".join(lines)
 
 
-def name(k: int) -> str:
-    """The name of value k: ``a`` (the start, k = 0), then ``b``, ``c``, ``d`` (step k's result)."""
-    return NAMES[k]
-
-
 def step_rule(k: int, op: str, right: str, check: str) -> str:
-    """Step k's (0-based) line as the prompt writes it: ``b = a+28; assert(b % 97 == 84)``
-    (``right`` and ``check`` as written)."""
-    return f"{step_line(k, op, right)}; {check_line(k, check)}"
-
-
-def step_line(k: int, op: str, right: str) -> str:
-    """``c = b+915``: step k's assignment, in the prompt's form."""
-    return f"{name(k + 1)} = {name(k)}{op}{right}"
-
-
-def check_line(k: int, check: str) -> str:
-    """``assert(c % 97 == 29)``: step k's check, in the prompt's form."""
-    return f"assert({name(k + 1)} % {MOD} == {check})"
+    """Step k's (0-based) line as the prompt writes it: ``x1 = a+28 [check 84]``, then
+    ``x2 = x1+915 [check 58]`` (``right`` is the operand as written)."""
+    left = "a" if k == 0 else f"x{k}"
+    return f"x{k + 1} = {left}{op}{right} [check {check}]"
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -154,36 +140,33 @@ def sample_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -
     return Problem(a, tuple(ops), tuple(operands), tuple(values), tuple(order))
 
 
-# a step's line: its assignment ``c = b+915`` (the part a think or a traceback may restate alone),
-# then, in the prompt, ``; assert(c % 97 == 29)``
-_STEP_HEAD = re.compile(r"^([b-d]) = ([a-c])([+\-*])(\d+)")
-_STEP = re.compile(_STEP_HEAD.pattern + r"; assert\(([b-d]) % 97 == (\d+)\)$")
+_STEP = re.compile(r"^x(\d+) = (a|x\d+)([+\-*])(\d+) \[check (\d+)\]$")
 
 
 def parse_problem(text: str) -> Optional[Problem]:
     """The :class:`Problem` that :meth:`Problem.text` wrote, or None (another task's prompt)."""
     lines = [ln.strip() for ln in text.strip().splitlines()]
-    if len(lines) < 3 or not re.fullmatch(r"Find [b-d]\.", lines[-1]):
+    if len(lines) < 3 or not re.fullmatch(r"Find x\d+\.", lines[-1]):
         return None
     ma = re.fullmatch(r"a = (\d+)", lines[0])
     if not ma:
         return None
     a = int(ma.group(1))
     rules = [_STEP.match(line) for line in lines[1:-1]]
-    if not rules or len(rules) >= len(NAMES) or any(m is None for m in rules):
+    if not rules or any(m is None for m in rules):
         return None
-    order = tuple(NAMES.index(m.group(1)) - 1 for m in rules)
-    if sorted(order) != list(range(len(rules))) or lines[-1] != f"Find {name(len(rules))}.":
+    order = tuple(int(m.group(1)) - 1 for m in rules)
+    if sorted(order) != list(range(len(rules))) or lines[-1] != f"Find x{len(rules)}.":
         return None
     by_step = {k: m for k, m in zip(order, rules)}
     x, ops, operands, values = a, [], [], []
     for k in range(len(rules)):
         m = by_step[k]
-        if m.group(2) != name(k) or m.group(5) != name(k + 1):
+        if m.group(2) != ("a" if k == 0 else f"x{k}"):
             return None
         y = int(m.group(4))
         x = _apply(x, m.group(3), y)
-        if x % MOD != int(m.group(6)):
+        if x % MOD != int(m.group(5)):
             return None
         ops.append(m.group(3))
         operands.append(y)
@@ -219,22 +202,22 @@ class Attempt:
     redo: bool = False
 
     def think(self) -> str:
-        lines = [f"{name(self.k + 1)} is next"]  # the step named alone: no field is copied twice
+        # the step's rule restated (found by name among the shuffled lines), then the step itself
+        rule = step_rule(self.k, self.op, self.right, self.check)
+        lines = [rule, f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
         if self.redo:
-            # The redo re-reads its sources before writing the step again: the step's line of the
-            # prompt (operand, check) and the left operand (the previous tool output; step 1: the
-            # prompt's a). A student that redoes by copying its failed attempt repeats the miscopy;
-            # one that copies from the sources recovers.
-            lines = ["check failed, redo", step_rule(self.k, self.op, self.right, self.check),
-                     f"{name(self.k)} = {self.left}"]
+            # The redo first re-reads every copied field at its source: the step's line of the
+            # prompt (operand, op, check) and the left operand (the previous tool output; step 1:
+            # the prompt's a). A student that redoes by copying its failed attempt repeats the
+            # miscopy; one that copies from the sources recovers.
+            k = self.k
+            source = f"a = {self.left}" if k == 0 else f"x{k} = {self.left}"
+            lines = ["check failed, redo", rule, source, lines[-1]]
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:
-        """``b = 375\\nc = b+915\\nassert(c % 97 == 29)\\nprint(c)``: the assert on a line of its own, so
-        a failed check's traceback echoes only the assert."""
-        k = self.k
-        return (f"{name(k)} = {self.left}\n{step_line(k, self.op, self.right)}\n{check_line(k, self.check)}\n"
-                f"print({name(k + 1)})")
+        v = f"x{self.k + 1}"
+        return f"{v} = {self.left}{self.op}{self.right}\nassert {v} % {MOD} == {self.check}\nprint({v})"
 
     def passes(self) -> bool:
         """The assert holds (what the sandbox will say)."""
@@ -253,15 +236,10 @@ def miscopy(s: str, rng: random.Random) -> str:
 
 
 def error_attempt(p: Problem, k: int, rng: random.Random) -> Attempt:
-    """Step k with one miscopied digit that fails the check: in the check three times in five, else
-    in the left value or the operand. The mix follows an under-trained student's own errors: the
-    check's digits sit furthest from the step's name, and a student is wrong there first (on the
-    first-attempt failures of a student trained on a left-heavy mix, 494 of 604 had only the check
-    wrong). A redo has to re-read the check from the prompt, not from the failed code or its
-    traceback, which both show the wrong one."""
+    """Step k with one miscopied digit (in an operand, or now and then in the check) that fails the check."""
     good = correct_attempt(p, k)
     for _ in range(100):
-        field = rng.choices(("left", "right", "check"), weights=(1, 1, 3))[0]
+        field = rng.choices(("left", "right", "check"), weights=(3, 2, 1))[0]
         bad = Attempt(**{**good.__dict__, field: miscopy(getattr(good, field), rng)})
         if not bad.passes():
             return bad
@@ -329,20 +307,21 @@ def error_recovery(prompt_text: str, tool_outputs: Sequence[Optional[str]]) -> O
 
 
 def restated_op_slips(prompt_text: str, response: str) -> Optional[tuple[int, int]]:
-    """``(rules, wrong_op)``: how many lines of ``response`` restate a step of the prompt's problem
-    (``c = b+915``, alone or with its assert: a redo's think re-reads the step's line) and in how
-    many of them the op is not the step's. None when the prompt is not this task's."""
+    """``(rules, wrong_op)``: how many rule lines (``x2 = x1+915 [check 42]``) ``response`` restates
+    for a step of the prompt's problem, and in how many of them the op is not the rule's. A wrong op
+    there need not fail the check (the code may still write the right one), but the teacher, which
+    copies rules reliably, puts its largest disagreements on it. None when the prompt is not this
+    task's."""
     p = parse_problem(prompt_text or "")
     if p is None:
         return None
     rules = wrong = 0
     for line in (response or "").splitlines():
-        m = _STEP_HEAD.match(line.strip())
-        k = NAMES.index(m.group(1)) - 1 if m else -1
-        if m is None or k >= p.num_steps or m.group(2) != name(k):
+        m = _STEP.match(line.strip())
+        if m is None or not 1 <= int(m.group(1)) <= len(p.ops):
             continue
         rules += 1
-        wrong += m.group(3) != p.ops[k]
+        wrong += m.group(3) != p.ops[int(m.group(1)) - 1]
     return rules, wrong
 
 
@@ -435,7 +414,7 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
 
 
 def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
-                  n_eval: int = 64, recover_fraction: float = 0.6, sandbox_factory: Any = None,
+                  n_eval: int = 64, recover_fraction: float = 0.4, sandbox_factory: Any = None,
                   progress: bool = True) -> dict[str, Any]:
     """Under ``out_dir``: ``train.parquet``, ``heldout.parquet`` and ``heldout_eval.parquet`` (its first
     ``n_eval`` rows; RL rows), ``sft_clean.parquet`` (the teacher's expert rows: every step right the

@@ -10,7 +10,7 @@ import pytest
 from sod_jax.demo.check_task import (
     DATA_SOURCE,
     MAX_VALUE,
-    OPS,
+    MOD,
     Attempt,
     correct_attempt,
     error_attempt,
@@ -40,23 +40,19 @@ def test_problems_and_their_text():
             x = eval(f"{x}{op}{c}")
             assert x == v and 0 <= v <= MAX_VALUE
         assert parse_problem(p.text()) == p
-    assert set(OPS) == {"+"}
-    p = parse_problem("a = 347\nb = a+28; assert(b % 97 == 84)\nc = b+915; assert(c % 97 == 29)\nFind c.")
-    assert p.values == (375, 1290) and (p.check(0), p.check(1)) == (84, 29) and p.operands == (28, 915)
-    # every step's operand and check are on the step's own line: the prompt has no separate constant for them
-    assert p.text().splitlines()[:2] == ["a = 347", "b = a+28; assert(b % 97 == 84)"]
-    assert parse_problem("a = 347\nb = a+28; assert(b % 97 == 85)\nFind b.") is None  # a wrong check: not this task
-    assert parse_problem("a = 347\nb = a+28; assert(c % 97 == 84)\nFind b.") is None  # asserts another name
-    assert parse_problem("a = 347\nx1 = a+28 [check 84]\nFind x1.") is None  # the earlier layout
-    # the lines may come in any order (the generator shuffles them); each step exactly once
-    q = parse_problem("a = 347\nc = b+915; assert(c % 97 == 29)\nb = a+28; assert(b % 97 == 84)\nFind c.")
-    assert q.values == p.values and q.order == (1, 0) and q.text().splitlines()[1] == "c = b+915; assert(c % 97 == 29)"
-    assert parse_problem("a = 347\nb = a+28; assert(b % 97 == 84)\nb = a+28; assert(b % 97 == 84)\nFind c.") is None
-    assert parse_problem("a = 347\nc = b+915; assert(c % 97 == 29)\nb = a+28; assert(b % 97 == 84)\nFind b.") is None
-    # another op parses (a model may write one; the chain is still computed right)
-    assert parse_problem("a = 347\nb = a*28; assert(b % 97 == 16)\nFind b.").values == (9716,)
+    p = parse_problem("a = 347\nx1 = a*28 [check 16]\nx2 = x1+915 [check 58]\nFind x2.")
+    assert p.values == (9716, 10631) and (p.check(0), p.check(1)) == (16, 58) and p.operands == (28, 915)
+    # every step's operand is on the step's own line: the prompt has no separate constant for it
+    assert p.text().splitlines()[:2] == ["a = 347", "x1 = a*28 [check 16]"]
+    assert parse_problem("a = 347\nx1 = a*28 [check 17]\nFind x1.") is None  # a wrong check is not this task
+    assert parse_problem("a = 347\nb = 28\nx1 = a*b [check 16]\nFind x1.") is None  # the earlier layout
+    # the rules may come in any order (the generator shuffles them); each step exactly once
+    q = parse_problem("a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x2.")
+    assert q.values == p.values and q.order == (1, 0) and q.text().splitlines()[1] == "x2 = x1+915 [check 58]"
+    assert parse_problem("a = 347\nx1 = a*28 [check 16]\nx1 = a*28 [check 16]\nFind x2.") is None
+    assert parse_problem("a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x1.") is None
     orders = {sample_problem(random.Random(i), 3, 3).order for i in range(60)}
-    assert len(orders) == 6  # every order of three lines occurs
+    assert len(orders) == 6  # every order of three rules occurs
     assert parse_problem("x1 = 592+271\nx2 = x1+517\nFind x2.") is None  # the old chain task
     a_train, a_held = make_splits(200, 40, seed=5)
     assert not {q.text() for q in a_train} & {q.text() for q in a_held}
@@ -85,32 +81,33 @@ def test_attempts_clean_miscopied_and_redo():
         assert all(a.passes() for a in plan_attempts(p, rng, recover=False))
     assert all(miscopy("5", rng) != "5" for _ in range(20))
     assert all(not miscopy("12", rng).startswith("0") for _ in range(50))
-    a = Attempt(1, "375", "915", "29", "+", redo=True)  # the redo re-reads the step's line and the left value
-    assert a.think() == "<think>\ncheck failed, redo\nc = b+915; assert(c % 97 == 29)\nb = 375\n</think>\n\n"
-    first = Attempt(0, "347", "28", "84", "+", redo=True)  # step 1 re-reads its line and a from the prompt
-    assert first.think() == "<think>\ncheck failed, redo\nb = a+28; assert(b % 97 == 84)\na = 347\n</think>\n\n"
-    p = sample_problem(random.Random(3))  # the re-read line is the prompt's own line for that step
+    a = Attempt(1, "9716", "915", "58", "+", redo=True)
+    assert a.think() == ("<think>\ncheck failed, redo\nx2 = x1+915 [check 58]\nx1 = 9716\nx2 = 9716+915, check 58"
+                         "\n</think>\n\n")
+    first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 re-reads its line and a from the prompt
+    assert first.think() == ("<think>\ncheck failed, redo\nx1 = a*28 [check 16]\na = 347\nx1 = 347*28, "
+                             "check 16\n</think>\n\n")
+    p = sample_problem(random.Random(3))  # the restated rule is the prompt's own line for that step
     for k in range(p.num_steps):
-        line = p.text().splitlines()[1 + p.order.index(k)]
-        assert correct_attempt(p, k, redo=True).think().splitlines()[2] == line
-        # a first attempt names the step alone: every copied field is written once, in the code
-        assert correct_attempt(p, k).think() == f"<think>\n{'bcd'[k]} is next\n</think>\n\n"
-        step, check = line.split("; ")
-        assert correct_attempt(p, k).code().splitlines()[1:3] == [step, check]  # the prompt's form, two lines
-    assert a.code() == "b = 375\nc = b+915\nassert(c % 97 == 29)\nprint(c)"
-    assert first.code() == "a = 347\nb = a+28\nassert(b % 97 == 84)\nprint(b)"
+        rule = p.text().splitlines()[1 + p.order.index(k)]
+        assert correct_attempt(p, k, redo=True).think().splitlines()[2] == rule
+        assert correct_attempt(p, k).think().splitlines()[1] == rule
+    # a step restates its rule, then writes it with the left operand's value
+    assert Attempt(1, "9716", "915", "58", "+").think() == ("<think>\nx2 = x1+915 [check 58]\nx2 = 9716+915, check 58"
+                                                            "\n</think>\n\n")
+    assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
 
 
-def test_restated_op_slips_count_step_lines_with_another_op():
-    prompt = "a = 347\nc = b+915; assert(c % 97 == 29)\nb = a+28; assert(b % 97 == 84)\nFind c."
+def test_restated_op_slips_count_rule_lines_with_another_op():
+    prompt = "a = 347\nx2 = x1+915 [check 58]\nx1 = a*28 [check 16]\nFind x2."
     p = parse_problem(prompt)
     plan = [correct_attempt(p, 0), error_attempt(p, 1, random.Random(0)), correct_attempt(p, 1, redo=True)]
-    expert = "".join(a.think() + json.dumps(a.code()) + "\n" for a in plan)  # the code as a tool call holds it
-    assert restated_op_slips(prompt, expert) == (1, 0)  # only the redo's think restates a step's line
-    slipped = expert.replace("c = b+915; assert", "c = b-915; assert", 1)
-    assert slipped != expert and restated_op_slips(prompt, slipped) == (1, 1)
-    # the step part alone counts too; a line of a step past the last, or with another left name, does not
-    assert restated_op_slips(prompt, "b = a*28\nd = c+1\nc = a+915") == (1, 1)
+    expert = "".join(a.think() + a.code() + "\n" for a in plan)
+    assert restated_op_slips(prompt, expert) == (3, 0)  # every think restates its rule, the redo too
+    # a wrong op in a restated rule counts even when the code's op (and so the check) is right
+    slipped = expert.replace("x2 = x1+915 [check 58]", "x2 = x1-915 [check 58]", 1)
+    assert slipped != expert and restated_op_slips(prompt, slipped) == (3, 1)
+    assert restated_op_slips(prompt, "x3 = x2+1 [check 1]\nx1 = 347*28, check 16") == (0, 0)  # no step 3; not a rule
     assert restated_op_slips("x1 = 592+271\nx2 = x1+517\nFind x2.", expert) is None  # another task's prompt
 
 
@@ -135,10 +132,6 @@ def test_failed_checks_are_real_sandbox_tracebacks_and_read_back():
                 assert text == f"{p.values[att.k]}\n"  # what print() wrote, as the agent shows it
             else:
                 assert text.startswith("Traceback (most recent call last):") and "AssertionError" in text
-                # the traceback echoes the failing assert alone: the miscopied step is not in it,
-                # so a redo that re-reads the step's line finds it only in the prompt
-                step, check = att.code().splitlines()[1:3]
-                assert check in text and step not in text and f"{att.op}{att.right}" not in text
         msgs = expert_messages(p, attempts, o)
         assert score(msgs[-1]["content"], p.answer)["acc"]
         weights = [m.get("weight", 1) for m in msgs if m["role"] == "assistant" and m.get("tool_calls")]
