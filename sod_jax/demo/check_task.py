@@ -9,26 +9,26 @@ a check value (the step's value mod 97), the rules listed in a shuffled order::
     x3 = x2+604 [check 17]
     Find x3.
 
-Each step is one ``code_interpreter`` call. Its think first finds the step's rule by name and
-restates it, then writes the step with the left operand's value (turn 1: ``a`` from the prompt;
-turn k >= 2: ``x_{k-1}`` from the previous ``<tool_response>``); the code asserts the check and
-prints the value::
+Each step is one ``code_interpreter`` call. Its think writes the step with the left operand's value
+(turn 1: ``a`` from the prompt; turn k >= 2: ``x_{k-1}`` from the previous ``<tool_response>``) and
+the operand and check of the step's rule, found by name among the shuffled lines; the code runs that
+line, asserts the check and prints the value::
 
     <think>
-    x2 = x1+915 [check 42]
     x2 = 9716+915, check 42
     </think>
     <tool_call>{"name": "code_interpreter", "arguments": {"code": "x2 = 9716+915\\nassert x2 % 97 == 42\\nprint(x2)"}}</tool_call>
 
-Every turn does the same work (find its rule among the shuffled lines, copy it, substitute the left
-operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1 could
-copy from a fixed place (line 2), which a small model learns long before it can find a later step's
-line, and its divergence from the teacher stays far below theirs.
+Every turn does the same work (find its rule among the shuffled lines, copy its fields, substitute
+the left operand's value), so turn 1's divergence is not structurally small. In a fixed order turn 1
+could copy from a fixed place (line 2), which a small model learns long before it can find a later
+step's line, and its divergence from the teacher stays far below theirs.
 
-The code writes the step in another form than the rule (the left operand's value, not its name), so
-a redo that re-reads the rule finds that form only in the prompt and in restated rules, never in a
-failed code or its traceback (which echoes ``assert x2 % 97 == 42``): layouts whose code repeated
-the prompt's own line had students that redid by copying their failed attempt (docs/demo.md).
+No first attempt writes the rule's own form (``x2 = x1+915 [check 42]``): the think and the code
+write the step with the left operand's value, and a failed check's traceback echoes ``assert x2 % 97
+== 42``. So a redo that re-reads the rule finds that form only in the prompt. In every layout whose
+first attempts wrote the prompt's form (the rule restated in the think, or the prompt's line in the
+code), students redid by copying their failed attempt, the most recent match (docs/demo.md).
 
 One op, ``+``: with ``+``, ``-`` and ``*`` the op was the field every model learned last, and a
 student restated the wrong op in its think while its code wrote the right one, a slip no check
@@ -202,17 +202,17 @@ class Attempt:
     redo: bool = False
 
     def think(self) -> str:
-        # the step's rule restated (found by name among the shuffled lines), then the step itself
-        rule = step_rule(self.k, self.op, self.right, self.check)
-        lines = [rule, f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
+        # the step with the left operand's value and the rule's operand and check
+        lines = [f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
         if self.redo:
-            # The redo first re-reads every copied field at its source: the step's line of the
-            # prompt (operand, op, check) and the left operand (the previous tool output; step 1:
+            # The redo first re-reads every copied field at its source: the step's rule as the
+            # prompt writes it (operand, op, check; no first attempt writes that form, so the
+            # prompt is its only source) and the left operand (the previous tool output; step 1:
             # the prompt's a). A student that redoes by copying its failed attempt repeats the
             # miscopy; one that copies from the sources recovers.
             k = self.k
             source = f"a = {self.left}" if k == 0 else f"x{k} = {self.left}"
-            lines = ["check failed, redo", rule, source, lines[-1]]
+            lines = ["check failed, redo", step_rule(k, self.op, self.right, self.check), source, lines[-1]]
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
     def code(self) -> str:
@@ -236,10 +236,11 @@ def miscopy(s: str, rng: random.Random) -> str:
 
 
 def error_attempt(p: Problem, k: int, rng: random.Random) -> Attempt:
-    """Step k with one miscopied digit (in an operand, or now and then in the check) that fails the check."""
+    """Step k with one miscopied digit that fails the check, in the left value, the operand or the
+    check alike: the students' own first errors fall on all three (the fields they look up)."""
     good = correct_attempt(p, k)
     for _ in range(100):
-        field = rng.choices(("left", "right", "check"), weights=(3, 2, 1))[0]
+        field = rng.choices(("left", "right", "check"), weights=(1, 1, 1))[0]
         bad = Attempt(**{**good.__dict__, field: miscopy(getattr(good, field), rng)})
         if not bad.passes():
             return bad
@@ -414,7 +415,7 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
 
 
 def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
-                  n_eval: int = 64, recover_fraction: float = 0.4, sandbox_factory: Any = None,
+                  n_eval: int = 64, recover_fraction: float = 0.5, sandbox_factory: Any = None,
                   progress: bool = True) -> dict[str, Any]:
     """Under ``out_dir``: ``train.parquet``, ``heldout.parquet`` and ``heldout_eval.parquet`` (its first
     ``n_eval`` rows; RL rows), ``sft_clean.parquet`` (the teacher's expert rows: every step right the

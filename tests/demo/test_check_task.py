@@ -87,14 +87,13 @@ def test_attempts_clean_miscopied_and_redo():
     first = Attempt(0, "347", "28", "16", "*", redo=True)  # step 1 re-reads its line and a from the prompt
     assert first.think() == ("<think>\ncheck failed, redo\nx1 = a*28 [check 16]\na = 347\nx1 = 347*28, "
                              "check 16\n</think>\n\n")
-    p = sample_problem(random.Random(3))  # the restated rule is the prompt's own line for that step
+    p = sample_problem(random.Random(3))  # the redo's re-read rule is the prompt's own line for that step
     for k in range(p.num_steps):
         rule = p.text().splitlines()[1 + p.order.index(k)]
         assert correct_attempt(p, k, redo=True).think().splitlines()[2] == rule
-        assert correct_attempt(p, k).think().splitlines()[1] == rule
-    # a step restates its rule, then writes it with the left operand's value
-    assert Attempt(1, "9716", "915", "58", "+").think() == ("<think>\nx2 = x1+915 [check 58]\nx2 = 9716+915, check 58"
-                                                            "\n</think>\n\n")
+        assert rule not in correct_attempt(p, k).think() + correct_attempt(p, k).code()
+    # a first attempt writes the step with the left operand's value alone, never the rule's form
+    assert Attempt(1, "9716", "915", "58", "+").think() == "<think>\nx2 = 9716+915, check 58\n</think>\n\n"
     assert a.code() == f"x2 = 9716+915\nassert x2 % {MOD} == 58\nprint(x2)"
 
 
@@ -103,10 +102,10 @@ def test_restated_op_slips_count_rule_lines_with_another_op():
     p = parse_problem(prompt)
     plan = [correct_attempt(p, 0), error_attempt(p, 1, random.Random(0)), correct_attempt(p, 1, redo=True)]
     expert = "".join(a.think() + a.code() + "\n" for a in plan)
-    assert restated_op_slips(prompt, expert) == (3, 0)  # every think restates its rule, the redo too
+    assert restated_op_slips(prompt, expert) == (1, 0)  # the redo re-reads its rule; first attempts do not
     # a wrong op in a restated rule counts even when the code's op (and so the check) is right
     slipped = expert.replace("x2 = x1+915 [check 58]", "x2 = x1-915 [check 58]", 1)
-    assert slipped != expert and restated_op_slips(prompt, slipped) == (3, 1)
+    assert slipped != expert and restated_op_slips(prompt, slipped) == (1, 1)
     assert restated_op_slips(prompt, "x3 = x2+1 [check 1]\nx1 = 347*28, check 16") == (0, 0)  # no step 3; not a rule
     assert restated_op_slips("x1 = 592+271\nx2 = x1+517\nFind x2.", expert) is None  # another task's prompt
 
@@ -140,6 +139,11 @@ def test_failed_checks_are_real_sandbox_tracebacks_and_read_back():
         assert calls == [a.code() for a in attempts]
         outcomes = turn_outcomes(p, [*o, None])
         bad = next(i for i, a in enumerate(attempts) if not a.passes())
+        # the failed step's rule, as the prompt writes it: nowhere in the failed attempt (think, code,
+        # real traceback), so a redo that re-reads it can only copy the prompt; the redo holds it
+        rule = p.text().splitlines()[1 + p.order.index(attempts[bad].k)]
+        failed_text = json.dumps(msgs[1 + 2 * bad]) + o[bad]
+        assert rule.split(" [")[0] not in failed_text and rule in msgs[3 + 2 * bad]["content"]
         assert outcomes[bad] == (attempts[bad].k, "failed_check") and outcomes[bad + 1] == (attempts[bad].k, "ok")
         assert outcomes[-1] == (None, "answer")
         assert failed_steps(p, [*o, None]) == [i == bad for i in range(len(o) + 1)]
