@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--n-train", type=int, default=4000, help="RL train prompts")
     k.add_argument("--n-heldout", type=int, default=512, help="held-out prompts")
     k.add_argument("--n-sft", type=int, default=4000, help="expert trajectories per set (from the first train prompts)")
-    k.add_argument("--recover-fraction", type=float, default=0.8,
+    k.add_argument("--recover-fraction", type=float, default=0.5,
                    help="share of the student's rows with one miscopied step and its redo")
     k.add_argument("--seed", type=int, default=0, help="train seed (held-out uses seed + 1)")
     pr = sub.add_parser("probe", help="the mechanism probe on a teacher/student pair (demo_check), before any RL: "

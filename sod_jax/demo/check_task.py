@@ -415,7 +415,7 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
 
 
 def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
-                  n_eval: int = 64, recover_fraction: float = 0.8, sandbox_factory: Any = None,
+                  n_eval: int = 64, recover_fraction: float = 0.5, sandbox_factory: Any = None,
                   progress: bool = True) -> dict[str, Any]:
     """Under ``out_dir``: ``train.parquet``, ``heldout.parquet`` and ``heldout_eval.parquet`` (its first
     ``n_eval`` rows; RL rows), ``sft_clean.parquet`` (the teacher's expert rows: every step right the
