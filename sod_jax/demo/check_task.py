@@ -38,7 +38,8 @@ is the check and the redo, not the op; the parser still reads all three.
 A miscopied digit fails the check: the sandbox answers with a real traceback (``AssertionError``),
 and the right action is to *redo* the step: ``check failed, redo`` in the think, every copied field
 re-read at its source (the step's rule ``x2 = x1+915 [check 42]``, then ``x1 = 9716`` from the last
-tool output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert trajectories are written:
+tool output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert
+trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
   never seen a failed check.
