@@ -106,15 +106,19 @@ class Problem:
         lines = [f"a = {self.a}"]
         for k in self.order:
             lines.append(step_rule(k, self.ops[k], str(self.operands[k]), str(self.check(k))))
-        lines.append(f"Find x{self.num_steps}.")
+        lines.append(f"Find {name(self.num_steps)}.")
         return "\n".join(lines)
+
+
+def name(k: int) -> str:
+    """The name of value k: ``a`` (the start, k = 0), then ``x1``, ``x2``, ... (step k's result)."""
+    return "a" if k == 0 else f"x{k}"
 
 
 def step_rule(k: int, op: str, right: str, check: str) -> str:
     """Step k's (0-based) line as the prompt writes it: ``x1 = a+28 [check 84]``, then
     ``x2 = x1+915 [check 58]`` (``right`` is the operand as written)."""
-    left = "a" if k == 0 else f"x{k}"
-    return f"x{k + 1} = {left}{op}{right} [check {check}]"
+    return f"{name(k + 1)} = {name(k)}{op}{right} [check {check}]"
 
 
 def _apply(x: int, op: str, y: int) -> int:
@@ -157,13 +161,13 @@ def parse_problem(text: str) -> Optional[Problem]:
     if not rules or any(m is None for m in rules):
         return None
     order = tuple(int(m.group(1)) - 1 for m in rules)
-    if sorted(order) != list(range(len(rules))) or lines[-1] != f"Find x{len(rules)}.":
+    if sorted(order) != list(range(len(rules))) or lines[-1] != f"Find {name(len(rules))}.":
         return None
     by_step = {k: m for k, m in zip(order, rules)}
     x, ops, operands, values = a, [], [], []
     for k in range(len(rules)):
         m = by_step[k]
-        if m.group(2) != ("a" if k == 0 else f"x{k}"):
+        if m.group(2) != name(k):
             return None
         y = int(m.group(4))
         x = _apply(x, m.group(3), y)
@@ -204,21 +208,24 @@ class Attempt:
 
     def think(self) -> str:
         # the step with the left operand's value and the rule's operand and check
-        lines = [f"x{self.k + 1} = {self.left}{self.op}{self.right}, check {self.check}"]
+        lines = [f"{self.step()}, check {self.check}"]
         if self.redo:
             # The redo first re-reads every copied field at its source: the step's rule as the
             # prompt writes it (operand, op, check; no first attempt writes that form, so the
             # prompt is its only source) and the left operand (the previous tool output; step 1:
             # the prompt's a). A student that redoes by copying its failed attempt repeats the
             # miscopy; one that copies from the sources recovers.
-            k = self.k
-            source = f"a = {self.left}" if k == 0 else f"x{k} = {self.left}"
-            lines = ["check failed, redo", step_rule(k, self.op, self.right, self.check), source, lines[-1]]
+            lines = ["check failed, redo", step_rule(self.k, self.op, self.right, self.check),
+                     f"{name(self.k)} = {self.left}", lines[-1]]
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\n"
 
+    def step(self) -> str:
+        """``x2 = 9716+915``: the step with the left operand's value, as the think and the code write it."""
+        return f"{name(self.k + 1)} = {self.left}{self.op}{self.right}"
+
     def code(self) -> str:
-        v = f"x{self.k + 1}"
-        return f"{v} = {self.left}{self.op}{self.right}\nassert {v} % {MOD} == {self.check}\nprint({v})"
+        v = name(self.k + 1)
+        return f"{self.step()}\nassert {v} % {MOD} == {self.check}\nprint({v})"
 
     def passes(self) -> bool:
         """The assert holds (what the sandbox will say)."""

@@ -11,6 +11,7 @@ from sod_jax.demo.check_task import (
     DATA_SOURCE,
     MAX_VALUE,
     MOD,
+    OPS,
     Attempt,
     correct_attempt,
     error_attempt,
@@ -40,6 +41,7 @@ def test_problems_and_their_text():
             x = eval(f"{x}{op}{c}")
             assert x == v and 0 <= v <= MAX_VALUE
         assert parse_problem(p.text()) == p
+    assert set(OPS) == {"+"}  # the generator writes one op; the parser reads all three
     p = parse_problem("a = 347\nx1 = a*28 [check 16]\nx2 = x1+915 [check 58]\nFind x2.")
     assert p.values == (9716, 10631) and (p.check(0), p.check(1)) == (16, 58) and p.operands == (28, 915)
     # every step's operand is on the step's own line: the prompt has no separate constant for it
