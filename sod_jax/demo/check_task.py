@@ -344,16 +344,21 @@ def rl_row(p: Problem, index: int, split: str) -> dict:
     return make_rl_row(DATA_SOURCE, p, index, split)
 
 
-def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[str]) -> list[dict]:
-    """The conversation of ``attempts`` with the sandbox's tool texts ``outputs``, then the answer."""
+def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[str],
+                    only_redo: bool = False) -> list[dict]:
+    """The conversation of ``attempts`` with the sandbox's tool texts ``outputs``, then the answer.
+    ``only_redo``: the redo turn is the only training target (every other assistant turn has weight
+    0, context)."""
     msgs: list[dict] = [{"role": "user", "content": p.text()}]
     for att, out in zip(attempts, outputs):
         msg = {"role": "assistant", "content": att.think(), "tool_calls": [tool_call(att.code())]}
-        if not att.passes():
+        if not att.passes() or (only_redo and not att.redo):
             msg["weight"] = 0  # a deliberate error: context to recover from, not a target to imitate
         msgs.append(msg)
         msgs.append({"role": "tool", "content": out})
     msgs.append({"role": "assistant", "content": f"<think>\ndone\n</think>\n\n\\boxed{{{p.answer}}}"})
+    if only_redo:
+        msgs[-1]["weight"] = 0
     return msgs
 
 
@@ -391,11 +396,12 @@ async def run_attempts(plans: Sequence[tuple[Problem, Sequence[Attempt]]], sandb
 
 
 def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], seed: int, sandbox_factory: Any = None,
-             progress: bool = True) -> dict[str, list[dict]]:
+             progress: bool = True, only_redo: Sequence[str] = ()) -> dict[str, list[dict]]:
     """Expert SFT rows per named set (``messages`` with ``tool_calls``, ``tools``, ``extra_info.kind``):
     in set ``name`` a ``recover_fractions[name]`` share of the problems (drawn by ``seed``) has one
-    miscopied step and its redo, the rest are clean. Every tool text is the local sandbox's real
-    output; a code shared by several sets runs once."""
+    miscopied step and its redo, the rest are clean; in the sets named in ``only_redo`` the redo turn
+    is the only target. Every tool text is the local sandbox's real output; a code shared by several
+    sets runs once."""
     if sandbox_factory is None:
         from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
 
@@ -418,7 +424,7 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
             await sandbox.close()
 
     outputs = iter(asyncio.run(run()))
-    return {name: [{"messages": expert_messages(p, a, next(outputs)), "tools": [CODE_INTERPRETER_TOOL],
+    return {name: [{"messages": expert_messages(p, a, next(outputs), name in only_redo), "tools": [CODE_INTERPRETER_TOOL],
                     "extra_info": {"kind": kind}} for p, a, kind in rows] for name, rows in sets.items()}
 
 
@@ -428,14 +434,17 @@ def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft
     """Under ``out_dir``: ``train.parquet``, ``heldout.parquet`` and ``heldout_eval.parquet`` (its first
     ``n_eval`` rows; RL rows), ``sft_clean.parquet`` (the teacher's expert rows: every step right the
     first time) and ``sft_recover.parquet`` (the student's: ``recover_fraction`` of them with one
-    miscopied step, its real traceback and the redo), both over the first ``n_sft`` train problems."""
+    miscopied step, its real traceback and the redo) and ``sft_redo.parquet`` (the student's second
+    stage: every row has a miscopied step and its redo, and the redo turn is the only target), all
+    over the first ``n_sft`` train problems."""
     from pathlib import Path
 
     out_dir = Path(out_dir)
     train, heldout = make_splits(n_train, n_heldout, seed)
     paths = write_rl_splits(out_dir, train, heldout, n_eval, rl_row)
     if n_sft:
-        rows = sft_rows(train[:n_sft], {"clean": 0.0, "recover": recover_fraction}, seed, sandbox_factory, progress)
+        rows = sft_rows(train[:n_sft], {"clean": 0.0, "recover": recover_fraction, "redo": 1.0}, seed, sandbox_factory,
+                        progress, only_redo=("redo",))
         for name, r in rows.items():
             paths[f"sft_{name}"] = write_parquet(r, out_dir / f"sft_{name}.parquet")
     return paths

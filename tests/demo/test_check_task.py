@@ -168,7 +168,7 @@ def test_turn_outcomes(outputs, expected):
     assert turn_outcomes(p, outputs) == expected
 
 
-def test_write_dataset_splits_and_both_sft_sets(tmp_path):
+def test_write_dataset_splits_and_the_sft_sets(tmp_path):
     import pyarrow.parquet as pq
 
     from sod_jax.data import load_rows
@@ -190,3 +190,15 @@ def test_write_dataset_splits_and_both_sft_sets(tmp_path):
     for r, row in zip(recover, train):
         assert r["messages"][0]["content"] == row["prompt"][0]["content"]
         assert score(r["messages"][-1]["content"], row["reward_model"]["ground_truth"])["acc"]
+    # The student's second stage: every row fails a check, and the redo after it is the only target.
+    redo, _ = load_rows([paths["sft_redo"]], "sft")
+    assert len(redo) == 10
+    for r, row in zip(redo, train):
+        msgs = r["messages"]
+        assert msgs[0]["content"] == row["prompt"][0]["content"]
+        assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        trained = [i for i in assistant if msgs[i].get("weight", 1) == 1]
+        assert len(trained) == 1, msgs
+        k = trained[0]
+        assert msgs[k]["content"].startswith("<think>\ncheck failed, redo\n")
+        assert "AssertionError" in msgs[k - 1]["content"]  # the tool turn just before it is the failed check
