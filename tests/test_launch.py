@@ -247,7 +247,7 @@ def _local(tmp_path: Path, n: int, *overrides: str, acts: dict | None = None, ex
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_ACT_")}
     env.update({"PYTHON": str(py), "FAKE_OUT": str(out), "LOG_DIR": str(tmp_path / "logs"), "KILL_GRACE_S": "5",
                 **{f"FAKE_ACT_{i}": a for i, a in (acts or {}).items()}, **(extra_env or {})})
-    cmd = ["bash", str(LAUNCH / "local_cpu.sh"), str(n), "configs/demo.yaml", *overrides]
+    cmd = ["bash", str(LAUNCH / "local_cpu.sh"), str(n), "configs/demo_chain.yaml", *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60), out
@@ -266,7 +266,7 @@ def test_local_cpu_starts_n_processes_of_one_cluster(tmp_path):
     for r in recs.values():
         assert r["env"]["JAX_PLATFORMS"] == "cpu"
         assert r["env"]["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=3"]
-        assert r["argv"] == ["-m", "sod_jax.train", "--config", "configs/demo.yaml", "train.total_steps=3",
+        assert r["argv"] == ["-m", "sod_jax.train", "--config", "configs/demo_chain.yaml", "train.total_steps=3",
                              "a.b=with space"]
     logs = tmp_path / "logs"
     for i in (0, 1):
@@ -329,7 +329,7 @@ def test_local_cpu_usage_and_log_dir_from_out_dir(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LOG_DIR"}
     py = _write_exe(tmp_path / "fake_python", FAKE_PYTHON)
     (tmp_path / "rec").mkdir()
-    cmd = ["bash", str(LAUNCH / "local_cpu.sh"), "1", "configs/demo.yaml", f"train.out_dir={tmp_path}/run"]
+    cmd = ["bash", str(LAUNCH / "local_cpu.sh"), "1", "configs/demo_chain.yaml", f"train.out_dir={tmp_path}/run"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
                        env={**env, "PYTHON": str(py), "FAKE_OUT": str(tmp_path / "rec")})
     assert p.returncode == 0, p.stderr

@@ -2,7 +2,7 @@
 compiled update), timed through :class:`sod_jax.rl.trainer.Trainer` and split into its parts.
 
 Student and teacher are random ``cpu-tiny`` models (4 layers, d=128) with the demo's tokenizer, on
-the demo's prompts and config (``configs/demo.yaml``): the cost of a step does not depend on what
+the demo's prompts and config (``configs/demo_chain.yaml``): the cost of a step does not depend on what
 the weights know, only on how many tokens the rollouts produce, so ``--max-response`` bounds it.
 The first step (compilation) is reported apart; the split is the mean over the later steps.
 There is no external baseline for a whole step; ``baseline`` is the update alone, so ``ratio`` is
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "checkpoint.resume=false", f"checkpoint.save_every={args.steps + 10}", "logging.plots=false",
                      f"rollout.max_response_length={args.max_response}",
                      f"train.length_buckets=[{args.max_response + 64}]"]
-        cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+        cfg = load_config(REPO / "configs" / "demo_chain.yaml", overrides)
         # The trainer's progress lines go to stderr: this command's stdout is JSON lines only.
         with contextlib.redirect_stdout(sys.stderr):
             trainer = Trainer(cfg, progress=False)

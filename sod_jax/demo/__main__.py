@@ -6,7 +6,7 @@ configs/demo_teacher_sft.yaml``: SFT stopped by held-out tool-using accuracy):
 
     python -m sod_jax.demo data --out DIR              # train / held-out splits + expert SFT rows
     python -m sod_jax.demo tokenizer --sft FILE --out DIR
-    python -m sod_jax.demo check-data --out DIR        # the demo_check task: splits, clean and error-and-redo rows
+    python -m sod_jax.demo check-data --out DIR        # the demo_check task: splits, clean, error-and-redo, redo-only rows
     python -m sod_jax.demo probe --student DIR --teacher DIR   # the mechanism probe, before any RL
     python -m sod_jax.demo recovery EVAL_DIR           # accuracy, recovery after a failed check, op slips
     python -m sod_jax.demo compare run --seeds 0,1,2 --out runs/demo_pilot          # the pilot
@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sft", default=str(ASSETS / "data" / "sft_train.parquet"), help="expert SFT parquet")
     t.add_argument("--out", default=str(ASSETS / "tokenizer"), help="output directory")
     t.add_argument("--vocab-size", type=int, default=512, help="vocabulary size (added tokens included)")
-    k = sub.add_parser("check-data", help="write the demo_check task's splits and its clean (teacher) and "
-                       "error-and-redo (student) expert SFT rows (real sandbox)")
+    k = sub.add_parser("check-data", help="write the demo_check task's splits and its clean (teacher), "
+                       "error-and-redo (student) and redo-only (the student's second stage) expert SFT rows "
+                       "(real sandbox)")
     k.add_argument("--out", default=str(ASSETS / "check" / "data"), help="output directory")
     k.add_argument("--n-train", type=int, default=4000, help="RL train prompts")
     k.add_argument("--n-heldout", type=int, default=512, help="held-out prompts")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out parquet (>= 256; default: the 512 demo_check prompts)")
     cp.add_argument("--bootstrap-reps", type=int, default=10000, help="bootstrap replicates")
     cp.add_argument("--config", default=None,
-                    help="base RL config (default: the pilot's, else configs/demo_check.yaml)")
+                    help="base RL config (default: the pilot's, else configs/demo.yaml)")
     cp.add_argument("--force", action="store_true", help="replace an existing rule.json")
     cp.add_argument("overrides", nargs="*", help="key=value overrides of every run (default: the pilot's)")
     cr = cs.add_parser("run", help="train, export and evaluate every arm x seed; complete runs are skipped")
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--arms", default=None, help="comma-separated arms of grpo,opd,sod,opd_control "
                     "(default: all four with --rule, sod,opd,grpo without)")
     cr.add_argument("--seeds", default=None, help="without --rule (a pilot): comma-separated seeds, e.g. 0,1,2")
-    cr.add_argument("--config", default=None, help="without --rule: base RL config (default configs/demo_check.yaml)")
+    cr.add_argument("--config", default=None, help="without --rule: base RL config (default configs/demo.yaml)")
     cr.add_argument("--eval-n", type=int, default=None, help="without --rule: samples per held-out prompt (default 4)")
     cr.add_argument("--heldout", default=None, help="without --rule: held-out parquet")
     cr.add_argument("overrides", nargs="*", help="key=value overrides passed to every run (recorded per run)")

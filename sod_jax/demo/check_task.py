@@ -38,7 +38,7 @@ is the check and the redo, not the op; the parser still reads all three.
 A miscopied digit fails the check: the sandbox answers with a real traceback (``AssertionError``),
 and the right action is to *redo* the step: ``check failed, redo`` in the think, every copied field
 re-read at its source (the step's rule ``x2 = x1+915 [check 42]``, then ``x1 = 9716`` from the last
-tool output; step 1: ``a = 347``), then the step again with the right digits. Two kinds of expert
+tool output; step 1: ``a = 347``), then the step again with the right digits. Three kinds of expert
 trajectories are written:
 
 * ``clean`` (the teacher's SFT data): every step right the first time; a model trained on them has
@@ -47,6 +47,9 @@ trajectories are written:
   its real traceback, then the redo. The miscopied turn has ``"weight": 0`` (context, not a loss
   target): the student learns to recover from errors, not to make them; its own errors are those of
   an under-trained model.
+* ``redo`` (the student's second SFT stage): every trajectory has a miscopied step, and the redo turn
+  is its only target (every other assistant turn has weight 0): one stage on ``recover`` rows learns
+  the redo later than the first attempts, so the second trains the redo alone.
 
 :func:`turn_outcomes` reads a trajectory's tool outputs back into what each turn did (a step done,
 a failed check, a wrong value, the answer), and :func:`error_recovery` says whether a trajectory

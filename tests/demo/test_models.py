@@ -84,7 +84,7 @@ def accuracies(tmp_path_factory):
         pq.write_table(table.slice(a, b - a), d / "rows.parquet")
         for name, model_dir in MODELS.items():
             ev = d / name
-            rc = eval_main(["--config", "configs/demo.yaml", "--no-progress", f"model.path={model_dir}",
+            rc = eval_main(["--config", "configs/demo_chain.yaml", "--no-progress", f"model.path={model_dir}",
                             f"eval.files=[{d / 'rows.parquet'}]", f"eval.out_dir={ev}", "eval.n=1", "eval.ks=[1]",
                             "eval.temperature=0", "eval.max_response_length=256", "rollout.max_assistant_turns=4",
                             "rollout.prefill_buckets=[64,128]"])

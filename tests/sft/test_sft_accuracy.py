@@ -75,7 +75,7 @@ def test_cli_stops_by_accuracy_and_eval_cli_agrees(tmp_path):
 
     # The eval CLI on the exported model, same rows, greedy: the same accuracy.
     ev = tmp_path / "eval"
-    rc = eval_main(["--config", "configs/demo.yaml", "--no-progress", f"model.path={out / 'model'}",
+    rc = eval_main(["--config", "configs/demo_chain.yaml", "--no-progress", f"model.path={out / 'model'}",
                     f"eval.files=[{DATA_DIR / 'heldout_eval.parquet'}]", f"eval.out_dir={ev}", "eval.n=1",
                     "eval.ks=[1]", "eval.temperature=0", "eval.max_response_length=256",
                     "rollout.max_assistant_turns=4", "rollout.prefill_buckets=[64,128]"])

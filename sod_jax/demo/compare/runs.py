@@ -19,7 +19,7 @@ from sod_jax.tracking import read_jsonl
 
 ARMS = ("grpo", "opd", "sod", "opd_control")
 PILOT_ARMS = ("sod", "opd", "grpo")
-DEFAULT_CONFIG = "configs/demo_check.yaml"  # demo_check: SOD RL from the shipped demo_check pair
+DEFAULT_CONFIG = "configs/demo.yaml"  # demo_check: SOD RL from the shipped demo_check pair
 DEFAULT_HELDOUT = "sod_jax/demo/assets/check/data/heldout.parquet"  # demo_check: 512 prompts
 EXPORT_DIR, EVAL_DIR = "model", "final_eval"
 EXPORT_MARK, RUN_RECORD = "model_export.json", "compare_run.json"
