@@ -356,7 +356,8 @@ def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[s
     for att, out in zip(attempts, outputs):
         msg = {"role": "assistant", "content": att.think(), "tool_calls": [tool_call(att.code())]}
         if not att.passes() or (only_redo and not att.redo):
-            msg["weight"] = 0  # a deliberate error: context to recover from, not a target to imitate
+            # a deliberate error (context to recover from), or in a redo-only row any turn but the redo
+            msg["weight"] = 0
         msgs.append(msg)
         msgs.append({"role": "tool", "content": out})
     msgs.append({"role": "assistant", "content": f"<think>\ndone\n</think>\n\n\\boxed{{{p.answer}}}"})
@@ -427,8 +428,9 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
             await sandbox.close()
 
     outputs = iter(asyncio.run(run()))
-    return {name: [{"messages": expert_messages(p, a, next(outputs), name in only_redo), "tools": [CODE_INTERPRETER_TOOL],
-                    "extra_info": {"kind": kind}} for p, a, kind in rows] for name, rows in sets.items()}
+    return {name: [{"messages": expert_messages(p, a, next(outputs), name in only_redo),
+                    "tools": [CODE_INTERPRETER_TOOL], "extra_info": {"kind": kind}} for p, a, kind in rows]
+            for name, rows in sets.items()}
 
 
 def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
