@@ -355,8 +355,9 @@ def expert_messages(p: Problem, attempts: Sequence[Attempt], outputs: Sequence[s
     msgs: list[dict] = [{"role": "user", "content": p.text()}]
     for att, out in zip(attempts, outputs):
         msg = {"role": "assistant", "content": att.think(), "tool_calls": [tool_call(att.code())]}
-        if not att.passes() or (only_redo and not att.redo):
-            # a deliberate error (context to recover from), or in a redo-only row any turn but the redo
+        # A deliberate error is context to recover from, not a target; in a redo-only row so is every
+        # turn but the redo.
+        if not (att.redo if only_redo else att.passes()):
             msg["weight"] = 0
         msgs.append(msg)
         msgs.append({"role": "tool", "content": out})
@@ -413,10 +414,10 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
             return LocalSandbox(LocalSandboxConfig(workers=4))
 
     sets = {}
-    for i, (name, fraction) in enumerate(sorted(recover_fractions.items())):
-        rng = random.Random(f"{seed}/{name}")
+    for set_name, fraction in sorted(recover_fractions.items()):
+        rng = random.Random(f"{seed}/{set_name}")
         kinds = ["recover" if rng.random() < fraction else "clean" for _ in problems]
-        sets[name] = [(p, plan_attempts(p, rng, kind == "recover"), kind) for p, kind in zip(problems, kinds)]
+        sets[set_name] = [(p, plan_attempts(p, rng, kind == "recover"), kind) for p, kind in zip(problems, kinds)]
     plans = [(p, a) for rows in sets.values() for p, a, _ in rows]
 
     async def run() -> list[list[str]]:
@@ -428,9 +429,9 @@ def sft_rows(problems: Sequence[Problem], recover_fractions: dict[str, float], s
             await sandbox.close()
 
     outputs = iter(asyncio.run(run()))
-    return {name: [{"messages": expert_messages(p, a, next(outputs), name in only_redo),
-                    "tools": [CODE_INTERPRETER_TOOL], "extra_info": {"kind": kind}} for p, a, kind in rows]
-            for name, rows in sets.items()}
+    return {set_name: [{"messages": expert_messages(p, a, next(outputs), set_name in only_redo),
+                        "tools": [CODE_INTERPRETER_TOOL], "extra_info": {"kind": kind}} for p, a, kind in rows]
+            for set_name, rows in sets.items()}
 
 
 def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft: int = 4000, seed: int = 0,
@@ -450,6 +451,6 @@ def write_dataset(out_dir: Any, n_train: int = 4000, n_heldout: int = 512, n_sft
     if n_sft:
         rows = sft_rows(train[:n_sft], {"clean": 0.0, "recover": recover_fraction, "redo": 1.0}, seed, sandbox_factory,
                         progress, only_redo=("redo",))
-        for name, r in rows.items():
-            paths[f"sft_{name}"] = write_parquet(r, out_dir / f"sft_{name}.parquet")
+        for set_name, r in rows.items():
+            paths[f"sft_{set_name}"] = write_parquet(r, out_dir / f"sft_{set_name}.parquet")
     return paths
