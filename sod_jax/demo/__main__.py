@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--eval-n", type=int, default=None, help="without --rule: samples per held-out prompt (default 4)")
     cr.add_argument("--heldout", default=None, help="without --rule: held-out parquet")
     cr.add_argument("overrides", nargs="*", help="key=value overrides passed to every run (recorded per run)")
-    ct = cs.add_parser("table", help="rebuild compare.md / compare.json / compare_acc.png from the run files")
+    ct = cs.add_parser("table", help="rebuild compare.md / compare.json / compare_acc.png / compare_weights.png "
+                                     "from the run files")
     ct.add_argument("--out", required=True, help="the comparison directory")
     return p
 

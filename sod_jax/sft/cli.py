@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import json as _json
 import logging
 import sys
 from pathlib import Path
@@ -97,7 +96,7 @@ def build_model(cfg: Any, tokenizer: Any, mesh: Any) -> Any:
         model = load_pretrained(m.path, mesh=mesh, **runtime)
     else:
         if Path(s.init).is_file():
-            arch = config_from_hf(_json.loads(Path(s.init).read_text()), s.init, **runtime)
+            arch = config_from_hf(json.loads(Path(s.init).read_text()), s.init, **runtime)
         else:
             arch = preset(s.init, **runtime)
         special = dict(eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.token_id("<|endoftext|>"))

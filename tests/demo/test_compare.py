@@ -88,14 +88,19 @@ def _train_files(rd, total=4, w_means=(0.9, 0.8, 0.7, 0.6), counts=(10, 10, 20, 
         for step in range(1, total + 1):
             rec = {"step": step}
             if w_means is not None:
-                rec.update(w_mean=w_means[step - 1], step_count_by_k=[counts[step - 1] // 2, counts[step - 1] // 2])
+                rec.update(w_mean=w_means[step - 1], step_count_by_k=[counts[step - 1] // 2, counts[step - 1] // 2],
+                           step_d_mean_by_k=[d1 + 0.01 * step, 0.5])
             f.write(json.dumps(rec) + "\n")
     with open(rd / "eval.jsonl", "w") as f:
         for i, a in enumerate(curve):
             f.write(json.dumps({"step": i * total, "demo_chain": {"acc": a}}) + "\n")
     sample = {"row": 0, "reward": 1.0, "tool_errors": 0, "d": [d1, 0.2], "w": [1.0, 0.5],
               "prompt": PROMPT0, "tool_outputs": ["863", "1380"]}
-    (rd / "step_weights.jsonl").write_text(json.dumps({"step": 1, "trajectories": [sample]}) + "\n")
+    # step 3's sample: turn 2 miscopied (x2 is 1380): its w is the wrong step's, not a correct one's
+    wrong = {**sample, "w": [1.0, 0.05], "tool_outputs": ["863", "1381"]}
+    with open(rd / "step_weights.jsonl", "w") as f:
+        for step, traj in ((1, [sample]), (2, [{**sample, "w": [1.0, 0.25]}]), (3, [wrong])):
+            f.write(json.dumps({"step": step, "trajectories": traj}) + "\n")
 
 
 def _final_eval(rd, correct, outputs=None):
@@ -324,7 +329,13 @@ def test_table_from_files(tmp_path, monkeypatch):
     finals = [per_prompt["sod", s].mean() for s in (3, 4, 5)]
     assert np.allclose(doc["arms"]["sod"]["final_acc"], finals)
     assert doc["runs"]["sod"]["4"]["d1_mean"] == pytest.approx(0.4)
-    assert doc["runs"]["sod"]["4"]["w_correct_tool_step"] == pytest.approx(0.5)
+    assert doc["runs"]["sod"]["4"]["w_correct_tool_step"] == pytest.approx(0.375)
+    assert doc["runs"]["sod"]["4"]["w_failed_tool_step"] == pytest.approx(0.05)
+    # over training: d_1 of the whole batch per step (metrics.jsonl), w_k at correct steps per step (samples;
+    # step 3 had none)
+    assert doc["runs"]["sod"]["4"]["d1_curve"] == [[k, pytest.approx(0.4 + 0.01 * k)] for k in (1, 2, 3, 4)]
+    assert doc["runs"]["sod"]["4"]["w_ok_curve"] == [[1, 0.5], [2, 0.25]]
+    assert doc["runs"]["grpo"]["4"]["d1_curve"] == [] and (out / "compare_weights.png").stat().st_size > 1000
     w_all = (0.9 * 10 + 0.8 * 10 + 0.7 * 20 + 0.6 * 20) / 60
     assert doc["runs"]["sod"]["4"]["w_mean_all"]["w_mean"] == pytest.approx(w_all)
     assert "0" not in doc["runs"]["sod"]

@@ -62,8 +62,9 @@ Everything reported is read back from the run directories (DESIGN §5):
   tool step is wrong when its output is not the step's true value, :func:`step_failures`).
 
 ``compare table`` writes ``compare.md`` (the rule, copied from ``rule.md``, next to the tables),
-``compare.json`` and ``compare_acc.png`` (held-out accuracy against step, mean with a ±1 std band
-per arm) into ``--out``.
+``compare.json``, ``compare_acc.png`` (held-out accuracy against step, mean with a ±1 std band
+per arm) and ``compare_weights.png`` (``d_1`` per RL step of every arm with a teacher, and SOD's
+mean ``w_k`` at correct tool steps) into ``--out``.
 
 The modules: :mod:`sod_jax.demo.compare.runs` (reading one run directory, and training, exporting
 and evaluating the arms x seeds), :mod:`sod_jax.demo.compare.rule` (``compare plan``: the rule),
@@ -74,7 +75,16 @@ from here; a test that replaces a function does so in the module that calls it (
 """
 
 from sod_jax.demo.compare.cli import cmd_plan, cmd_run, cmd_table, run_compare
-from sod_jax.demo.compare.report import build_report, collect, paired_comparison, plot, table, verdict, write_report
+from sod_jax.demo.compare.report import (
+    build_report,
+    collect,
+    paired_comparison,
+    plot,
+    plot_weights,
+    table,
+    verdict,
+    write_report,
+)
 from sod_jax.demo.compare.rule import (
     COMPARISONS,
     LEVEL,
@@ -132,7 +142,7 @@ __all__ = [
     "PRIMARY", "COMPARISONS", "MIN_HELDOUT_PROMPTS", "RULE_JSON", "RULE_MD", "LEVEL", "pilot_figures", "make_rule",
     "rule_markdown", "write_rule",
     # report
-    "table", "plot", "verdict", "paired_comparison", "collect", "build_report", "write_report",
+    "table", "plot", "plot_weights", "verdict", "paired_comparison", "collect", "build_report", "write_report",
     # cli
     "cmd_plan", "cmd_run", "cmd_table", "run_compare",
 ]

@@ -1,6 +1,7 @@
 """The comparison's table (``compare table``, :mod:`sod_jax.demo.compare`): everything from the files
 under the comparison directory: per-arm figures, the paired differences and the rule's verdicts
-(``compare.md``, ``compare.json``) and the accuracy plot (``compare_acc.png``)."""
+(``compare.md``, ``compare.json``), the accuracy plot (``compare_acc.png``) and the step-weight plot
+(``compare_weights.png``: ``d_1`` and SOD's mean ``w_k`` at correct tool steps against RL step)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,51 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> Path:
     ax.set_title("Demo: held-out accuracy of the student")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _band(ax, runs: Sequence[dict], key: str, label: str) -> bool:
+    """Plot the mean and ±1 std band over ``runs`` of their ``key`` curves (``(step, value)``);
+    False when no run has one."""
+    curves = [dict(r.get(key) or []) for r in runs]
+    steps = sorted({s for c in curves for s in c})
+    if not steps:
+        return False
+    vals = [[c[s] for c in curves if s in c] for s in steps]
+    mean = np.array([np.mean(v) for v in vals])
+    std = np.array([np.std(v) for v in vals])
+    ax.plot(steps, mean, label=f"{label} (n={sum(1 for c in curves if c)})")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    return True
+
+
+def plot_weights(summaries: dict[str, list[dict]], path: Path) -> Optional[Path]:
+    """The step-weight figures over training: ``d_1`` (batch mean per RL step) of every arm that has a
+    teacher, and SOD's mean ``w_k`` at correct tool steps (its step-weight samples); mean and ±1 std
+    band over seeds. None (no file) when no run logged either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_d, ax_w) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = [_band(ax_d, runs, "d1_curve", algo) for algo, runs in summaries.items()]
+    drawn.append(_band(ax_w, summaries.get("sod", []), "w_ok_curve", "sod"))
+    if not any(drawn):
+        plt.close(fig)
+        return None
+    ax_d.set_title("d_1: turn 1's student-teacher divergence")
+    ax_w.set_title("SOD: mean w_k at correct tool steps")
+    ax_w.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in (ax_d, ax_w):
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -236,6 +282,7 @@ def build_report(out: Path) -> tuple[str, dict]:
                          f"{format_figure(r['w_correct_tool_step'])} | {format_figure(r['w_failed_tool_step'])} | "
                          f"{format_figure(r['w_after_failed_tool'])} | {format_figure(wm['w_mean'] if wm else None)} |")
     lines += ["", "![held-out accuracy against RL step](compare_acc.png)", "",
+              "![d_1 and SOD's mean w_k at correct tool steps against RL step](compare_weights.png)", "",
               "Rebuilt from the run directories by `python -m sod_jax.demo compare table --out "
               f"{out}`.", ""]
     doc = {"rule": rule, "seeds": seeds, "arms": arms_json, "comparisons": comps,
@@ -256,11 +303,13 @@ def _json_safe(x: Any) -> Any:
 
 
 def write_report(out: Path) -> dict[str, Path]:
-    """Write ``compare.md``, ``compare.json`` and ``compare_acc.png`` into ``out``; their paths."""
+    """Write ``compare.md``, ``compare.json``, ``compare_acc.png`` and (when a run logged step weights)
+    ``compare_weights.png`` into ``out``; their paths."""
     out = Path(out)
     md, doc = build_report(out)
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps(_json_safe(doc), indent=1))
     curves = {arm: list(rs.values()) for arm, rs in doc["runs"].items()}
     png = plot(curves, out / "compare_acc.png")
-    return {"md": out / "compare.md", "json": out / "compare.json", "png": png}
+    weights_png = plot_weights(curves, out / "compare_weights.png")
+    return {"md": out / "compare.md", "json": out / "compare.json", "png": png, "weights_png": weights_png}

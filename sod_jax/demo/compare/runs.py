@@ -66,13 +66,17 @@ def run_summary(run_dir: Path) -> dict:
     """The training figures of one run directory (None where the run has no such record):
     periodic held-out accuracy (``curve`` of ``(step, acc)``, before / after), the final held-out
     KL, the mean ``w_k`` at the failed tool step / correct tool steps / after the failed step, and
-    the mean ``d_1`` (``d1_mean``) over the ``step_weights.jsonl`` samples."""
+    the mean ``d_1`` (``d1_mean``) over the ``step_weights.jsonl`` samples; over training,
+    ``d1_curve`` (``(step, d_1)``: the batch mean of ``metrics.jsonl``'s ``step_d_mean_by_k[0]``)
+    and ``w_ok_curve`` (``(step, mean w_k at correct tool steps)`` of that step's samples)."""
     run_dir = Path(run_dir)
     evals = read_jsonl(run_dir / "eval.jsonl")
     curve = [(int(r["step"]), eval_acc(r)) for r in evals if eval_acc(r) is not None]
     kl = [r["heldout_kl"] for r in evals if isinstance(r.get("heldout_kl"), (int, float))]
     at_fail, at_ok, after_fail, d1 = [], [], [], []
+    w_ok_curve = []  # (step, mean w_k at correct tool steps of that step's samples)
     for rec in read_jsonl(run_dir / "step_weights.jsonl"):
+        n_ok = len(at_ok)
         for t in rec.get("trajectories", []):
             w = t.get("w") or []
             d = t.get("d") or []
@@ -89,6 +93,12 @@ def run_summary(run_dir: Path) -> dict:
                     after_fail.append(w[k])
                 elif k < len(tool_turn) and tool_turn[k]:
                     at_ok.append(w[k])
+        if len(at_ok) > n_ok and isinstance(rec.get("step"), int):
+            w_ok_curve.append((rec["step"], float(np.mean(at_ok[n_ok:]))))
+    # d_1 of the whole batch per RL step (metrics.jsonl; the samples above are 8 trajectories a step)
+    d1_curve = [(int(m["step"]), float(m["step_d_mean_by_k"][0])) for m in read_jsonl(run_dir / "metrics.jsonl")
+                if isinstance(m.get("step_d_mean_by_k"), list) and m["step_d_mean_by_k"]
+                and isinstance(m.get("step"), int)]
     return {
         "acc_before": curve[0][1] if curve else None,
         "acc_after": curve[-1][1] if curve else None,
@@ -99,6 +109,8 @@ def run_summary(run_dir: Path) -> dict:
         "w_after_failed_tool": float(np.mean(after_fail)) if after_fail else None,
         "failed_tool_steps": len(at_fail),
         "d1_mean": float(np.mean(d1)) if d1 else None,
+        "d1_curve": d1_curve,
+        "w_ok_curve": w_ok_curve,
     }
 
 
