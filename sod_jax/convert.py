@@ -266,7 +266,7 @@ def orbax_to_hf(ckpt: Union[str, os.PathLike], out: Union[str, os.PathLike], *, 
                 max_shard_bytes: int = 4 * 1024**3, progress: bool = False) -> paths.AnyPath:
     """Export the params of checkpoint ``step`` (default: newest) in ``ckpt`` to an HF directory ``out``."""
 
-    step, step_dir = _step_dir(paths.as_path(ckpt), step)
+    step, step_dir = _step_dir(paths.absolute(ckpt), step)  # orbax reads only absolute local paths
     extra = _load_extra(step_dir)
     run_cfg = extra.get("config") or {}
     model_path = base_model or (run_cfg.get("model") or {}).get("path")

@@ -75,11 +75,13 @@ def test_orbax_to_hf_loads_in_transformers_with_our_logits(trained_ckpt, tmp_pat
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_bfloat16_export(trained_ckpt, tmp_path):
+def test_bfloat16_export(trained_ckpt, tmp_path, monkeypatch):
     import ml_dtypes
 
     root, model = trained_ckpt
-    orbax_to_hf(root, tmp_path, step=7, dtype="bfloat16")
+    # a relative --ckpt, as `demo compare` passes it (orbax itself reads only absolute local paths)
+    monkeypatch.chdir(root.parent)
+    orbax_to_hf(root.name, tmp_path, step=7, dtype="bfloat16")
     t = load_file(tmp_path / "model.safetensors")
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     want = np.asarray(model.embed[...]).astype(ml_dtypes.bfloat16)
