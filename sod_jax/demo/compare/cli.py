@@ -76,8 +76,12 @@ def cmd_run(args: Any) -> int:
     rc = run_arms(out, arms, seeds, control_coef=coef, **settings)
     if rc == 0:
         paths = write_report(out)
-        print(f"table: {paths['md']}; plot: {paths['png']}")
+        print(f"table: {paths['md']}; plots: {_plots(paths)}")
     return rc
+
+
+def _plots(paths: dict) -> str:
+    return ", ".join(str(p) for p in (paths["png"], paths["weights_png"]) if p is not None)
 
 
 def cmd_table(args: Any) -> int:
@@ -87,7 +91,7 @@ def cmd_table(args: Any) -> int:
         return 2
     paths = write_report(out)
     print(paths["md"].read_text())
-    print(f"table: {paths['md']}; data: {paths['json']}; plot: {paths['png']}")
+    print(f"table: {paths['md']}; data: {paths['json']}; plots: {_plots(paths)}")
     return 0
 
 

@@ -227,7 +227,8 @@ def build_report(out: Path) -> tuple[str, dict]:
               "Final held-out accuracy: the final student on the held-out set (mean ± sd over seeds). Before / "
               "last periodic: the RL loop's periodic evaluations. Recovery: of the final-eval samples with a failed "
               "check, the fraction that later produced the failed step's true value (pooled; recovered / with an "
-              "error). d_1 and w_k: over training, from the step-weight samples.", "",
+              "error). d_1 and w_k: over training, from the step-weight samples; every arm with a teacher logs the "
+              "step weights SOD would give, and only the SOD arm applies them (OPD's steps all weigh 1).", "",
               "| arm | seeds (final eval) | final held-out acc | acc before (periodic) | last periodic acc | "
               "final student-teacher KL | recovery after an error | mean d_1 | mean w_k at correct tool steps | "
               "mean w_k at the wrong step |", "|" + "---|" * 10]
