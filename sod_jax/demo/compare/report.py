@@ -62,19 +62,18 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for algo, runs in summaries.items():
-        steps = sorted({s for r in runs for s, _ in r["curve"]})
-        if not steps:
-            continue
-        by_step = [[dict(r["curve"]).get(s) for r in runs] for s in steps]
-        mean = np.array([np.mean([v for v in vs if v is not None]) for vs in by_step])
-        std = np.array([np.std([v for v in vs if v is not None]) for vs in by_step])
-        ax.plot(steps, mean, marker="o", label=f"{algo} (n={len(runs)})")
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        _band(ax, runs, "curve", algo, marker="o")
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out accuracy (avg@k)")
     ax.set_title("Demo: held-out accuracy of the student")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -82,7 +81,7 @@ def plot(summaries: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def _band(ax, runs: Sequence[dict], key: str, label: str) -> bool:
+def _band(ax, runs: Sequence[dict], key: str, label: str, **style: Any) -> bool:
     """Plot the mean and ±1 std band over ``runs`` of their ``key`` curves (``(step, value)``);
     False when no run has one."""
     curves = [dict(r.get(key) or []) for r in runs]
@@ -92,7 +91,7 @@ def _band(ax, runs: Sequence[dict], key: str, label: str) -> bool:
     vals = [[c[s] for c in curves if s in c] for s in steps]
     mean = np.array([np.mean(v) for v in vals])
     std = np.array([np.std(v) for v in vals])
-    ax.plot(steps, mean, label=f"{label} (n={sum(1 for c in curves if c)})")
+    ax.plot(steps, mean, label=f"{label} (n={sum(1 for c in curves if c)})", **style)
     ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
     return True
 
@@ -120,11 +119,7 @@ def plot_weights(summaries: dict[str, list[dict]], path: Path) -> Optional[Path]
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def verdict(t_ci: dict, min_effect: Optional[float], complete: bool) -> str:
