@@ -277,10 +277,11 @@ def build_report(out: Path) -> tuple[str, dict]:
             lines.append(f"| {s} | {format_figure(final)} | {format_figure(r['d1_mean'], '{:.4f}')} | "
                          f"{format_figure(r['w_correct_tool_step'])} | {format_figure(r['w_failed_tool_step'])} | "
                          f"{format_figure(r['w_after_failed_tool'])} | {format_figure(wm['w_mean'] if wm else None)} |")
-    lines += ["", "![held-out accuracy against RL step](compare_acc.png)", "",
-              "![d_1 and SOD's mean w_k at correct tool steps against RL step](compare_weights.png)", "",
-              "Rebuilt from the run directories by `python -m sod_jax.demo compare table --out "
-              f"{out}`.", ""]
+    lines += ["", "![held-out accuracy against RL step](compare_acc.png)", ""]
+    if any(r.get("d1_curve") or r.get("w_ok_curve") for rs in runs.values() for r in rs.values()):
+        # plot_weights draws compare_weights.png from these curves, and only when a run has one
+        lines += ["![d_1 and SOD's mean w_k at correct tool steps against RL step](compare_weights.png)", ""]
+    lines += [f"Rebuilt from the run directories by `python -m sod_jax.demo compare table --out {out}`.", ""]
     doc = {"rule": rule, "seeds": seeds, "arms": arms_json, "comparisons": comps,
            "runs": {arm: {str(s): r for s, r in rs.items()} for arm, rs in runs.items()}}
     return "\n".join(lines), doc
