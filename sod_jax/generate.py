@@ -111,6 +111,7 @@ def _run_agent(args, tok, model, sampling, messages) -> int:
         if args.json:
             print(json.dumps({"sample": t.sample_index, "text": t.text, "finish_reason": t.finish_reason,
                               "turns": t.num_turns, "tool_calls": t.num_tool_calls, "tool_errors": t.num_tool_errors,
+                              "tool_invalid_calls": t.num_invalid_calls,
                               "tokens": len(t.response_ids), "model_tokens": sum(t.response_mask)},
                              ensure_ascii=False))
             continue

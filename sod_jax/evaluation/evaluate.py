@@ -42,7 +42,7 @@ from sod_jax import parallel, paths
 from sod_jax.algo.advantages import overlong_penalty  # the one DAPO overlong penalty (also re-exported here)
 from sod_jax.evaluation import metrics as M
 from sod_jax.rewards import response_text
-from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy
+from sod_jax.rollout.agent import Agent, AgentRequest, EnginePolicy, tool_error_rate
 from sod_jax.rollout.sampling import SamplingParams
 from sod_jax.tracking import append_jsonl, read_jsonl, write_jsonl
 
@@ -103,7 +103,8 @@ def source_summary(prompts: dict[Any, list[dict]], ks: Sequence[int]) -> dict[st
     errors = sum(r["tool_errors"] for r in flat)
     out["tool_calls_mean"] = calls / len(flat)
     out["tool_errors_mean"] = errors / len(flat)
-    out["tool_error_rate"] = errors / max(calls, 1)
+    # records written before tool_invalid_calls existed count no call as invalid
+    out["tool_error_rate"] = tool_error_rate(errors, calls, sum(r.get("tool_invalid_calls", 0) for r in flat))
     out["turns_mean"] = _mean(r["turns"] for r in flat)
     out["response_tokens_mean"] = _mean(r["response_tokens"] for r in flat)
     out["model_tokens_mean"] = _mean(r["model_tokens"] for r in flat)
@@ -308,7 +309,8 @@ def evaluate(engine: Any, tokenizer: Any, sandbox: Any, rows: Sequence[dict], *,
                 "reward": float(s.get("score", 0.0)) + overlong_penalty(ntok, int(eval_cfg.max_response_length),
                                                                        buffer_len, factor),
                 "reward_error": s.get("error"), "turns": t.num_turns, "tool_calls": t.num_tool_calls,
-                "tool_errors": t.num_tool_errors, "finish_reason": t.finish_reason, "response_tokens": ntok,
+                "tool_errors": t.num_tool_errors, "tool_invalid_calls": t.num_invalid_calls,
+                "finish_reason": t.finish_reason, "response_tokens": ntok,
                 "model_tokens": int(sum(t.response_mask)),
             })
         if P > 1:

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sod_jax.rollout.agent import tool_error_rate
+
 
 @dataclass
 class StepRollouts:
@@ -42,13 +44,14 @@ FINISH_REASONS = ("stop", "length", "max_turns", "parse_error", "engine_error", 
 
 
 def trajectory_table(ro: StepRollouts) -> np.ndarray:
-    """One row of figures per trajectory (``[n, 8]`` float64): acc, score, response length, turns,
-    tool calls, tool errors, generated tokens, finish-reason code (index in :data:`FINISH_REASONS`,
-    -1 for another reason)."""
+    """One row of figures per trajectory (``[n, 9]`` float64): acc, score, response length, turns,
+    tool calls run, tool errors, generated tokens, finish-reason code (index in :data:`FINISH_REASONS`,
+    -1 for another reason), tool calls that could not run."""
     code = {r: i for i, r in enumerate(FINISH_REASONS)}
     return np.asarray([[bool(s.get("acc")), s["score"], len(t.response_ids), t.num_turns, t.num_tool_calls,
-                        t.num_tool_errors, sum(t.response_mask), code.get(t.finish_reason, -1)]
-                       for t, s in zip(ro.trajectories, ro.scores)], np.float64).reshape(-1, 8)
+                        t.num_tool_errors, sum(t.response_mask), code.get(t.finish_reason, -1),
+                        t.num_invalid_calls]
+                       for t, s in zip(ro.trajectories, ro.scores)], np.float64).reshape(-1, 9)
 
 
 def rollout_metrics(ro: StepRollouts, table: Optional[np.ndarray] = None) -> dict:
@@ -66,7 +69,7 @@ def rollout_metrics(ro: StepRollouts, table: Optional[np.ndarray] = None) -> dic
         "response_length_max": int(t[:, 2].max()),
         "turns_mean": float(t[:, 3].mean()),
         "tool_calls_mean": float(calls / n),
-        "tool_error_rate": float(errors / max(calls + errors, 1)),
+        "tool_error_rate": tool_error_rate(errors, calls, t[:, 8].sum()),
         "rollout_tokens_per_s": float(gen / max(ro.seconds, 1e-9)),
         "generated_tokens": int(gen),
     }

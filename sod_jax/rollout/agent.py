@@ -91,12 +91,24 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)  # sampler log-prob (0 on tool tokens)
     turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn
     num_turns: int = 0
-    num_tool_calls: int = 0
-    num_tool_errors: int = 0  # malformed calls, failed or timed-out runs
+    num_tool_calls: int = 0  # calls run in the sandbox
+    num_tool_errors: int = 0  # failed or timed-out runs, plus every call in num_invalid_calls
+    num_invalid_calls: int = 0  # calls written but not run: malformed, wrong name or arguments, dropped
     finish_reason: str = ""
     text: str = ""
     request_id: Any = None
     sample_index: int = 0
+
+    def invalid_calls(self, n: int = 1) -> None:
+        """Count ``n`` calls that could not run (each is also a tool error)."""
+        self.num_invalid_calls += n
+        self.num_tool_errors += n
+
+
+def tool_error_rate(errors: float, calls: float, invalid: float) -> float:
+    """Tool errors per call the model wrote: ``errors`` (failed runs plus calls that could not run)
+    over ``calls`` run plus ``invalid`` calls that could not run; in [0, 1], 0 when there were none."""
+    return float(errors / max(calls + invalid, 1))
 
 
 @dataclass
@@ -245,14 +257,14 @@ class Agent:
         for call in turn.calls:
             problem = call_problem(call.name, call.arguments, cfg.tool_name)
             if problem:
-                traj.num_tool_errors += 1
+                traj.invalid_calls()
                 notes.append(f"Error: {problem}.")
             elif len(runnable) < cfg.max_parallel_calls:
                 runnable.append(call)
             else:
                 notes.append(f"Not executed: at most {cfg.max_parallel_calls} tool call(s) run per turn.")
         for err in turn.errors:
-            traj.num_tool_errors += 1
+            traj.invalid_calls()
             notes.append(f"Error: malformed tool call ({err.kind}): {err.message}. Write "
                          f"<tool_call>{{\"name\": \"{cfg.tool_name}\", \"arguments\": {{\"code\": \"...\"}}}}</tool_call>.")
         codes = [prepare_code(c.arguments["code"], cfg.extract_code_block, cfg.print_last_expression) for c in runnable]
@@ -273,7 +285,7 @@ class Agent:
         """``on_parse_error: end``: the reference's handling of a turn that opened tool calls."""
         cfg = self.cfg
         calls = parse_tool_calls_reference(text)
-        traj.num_tool_errors += len(turn.calls) + len(turn.errors) - len(calls)  # dropped blocks
+        traj.invalid_calls(len(turn.calls) + len(turn.errors) - len(calls))  # dropped blocks
         if not calls:
             traj.finish_reason = "parse_error"
             return None
@@ -281,7 +293,7 @@ class Agent:
         for call in calls[: cfg.max_parallel_calls]:
             code, error = reference_call(call.name, call.arguments, cfg.tool_name)
             if error is not None:
-                traj.num_tool_errors += 1
+                traj.invalid_calls()
             slots.append(error if code is None else
                          self._run_call(prepare_code(code, cfg.extract_code_block, cfg.print_last_expression)))
         results = await asyncio.gather(*[s for s in slots if not isinstance(s, str)])

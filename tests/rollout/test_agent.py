@@ -8,7 +8,9 @@ import pytest
 from support.policies import ScriptedPolicy, turn
 
 from sod_jax.chat import CODE_INTERPRETER_TOOL
-from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy
+from sod_jax.evaluation.evaluate import source_summary
+from sod_jax.rl.rollouts import StepRollouts, rollout_metrics
+from sod_jax.rollout.agent import Agent, AgentConfig, AgentRequest, EnginePolicy, tool_error_rate
 from sod_jax.rollout.engine import EngineError
 from sod_jax.sandbox import LocalSandbox, LocalSandboxConfig
 from sod_jax.sandbox.fusion import FusionSandbox
@@ -96,6 +98,7 @@ def test_malformed_calls_observe_and_end(tok, sandbox, raw, problem):
     final = "<think>\nok\n</think>\n\nDone."
     (traj,), policy = run_agent(tok, sandbox, [[bad, final]])
     assert traj.finish_reason == "stop" and traj.num_turns == 2 and traj.num_tool_errors == 1
+    assert traj.num_invalid_calls == 1 and traj.num_tool_calls == 0
     observed = tok.decode(policy.appended[0][0])
     assert problem in observed and "Error" in observed
     (traj,), _ = run_agent(tok, sandbox, [[bad, final]], on_parse_error="end")
@@ -118,6 +121,25 @@ def test_sandbox_timeout_is_an_observation(tok, sandbox):
     (traj,), policy = run_agent(tok, sandbox, [[t1, "<think>\n\n</think>\n\nok"]], run_timeout=1)
     assert "timed out" in tok.decode(policy.appended[0][0])
     assert traj.num_tool_errors == 1 and traj.finish_reason == "stop"
+    assert traj.num_tool_calls == 1 and traj.num_invalid_calls == 0  # a failed run is a call that ran
+
+
+def test_tool_error_rate_counts_every_written_call_once(tok, sandbox):
+    """A failed run, a malformed call and a clean run: 2 errors over 3 calls written, in the RL step's
+    figures and in the evaluation's alike."""
+    t1 = turn("fail", "Failing.", "raise ValueError('x')")
+    t2 = turn("bad", "Again.", raw_calls=['{"name": "code_interpreter"}'])
+    t3 = turn("ok", "Now.", "print(1)")
+    (traj,), _ = run_agent(tok, sandbox, [[t1, t2, t3, "<think>\n\n</think>\n\nok"]])
+    assert (traj.num_tool_calls, traj.num_invalid_calls, traj.num_tool_errors) == (2, 1, 2)
+    assert tool_error_rate(2, 2, 1) == pytest.approx(2 / 3) and tool_error_rate(0, 0, 0) == 0.0
+    ro = StepRollouts([traj], [{}], [0], [{"score": 0.0}], [0.0], 1.0, 0.0)
+    assert rollout_metrics(ro)["tool_error_rate"] == pytest.approx(2 / 3)
+    rec = {"prompt_id": 0, "acc": False, "pred": "", "score": 0.0, "reward": 0.0, "turns": traj.num_turns,
+           "tool_calls": traj.num_tool_calls, "tool_errors": traj.num_tool_errors,
+           "tool_invalid_calls": traj.num_invalid_calls, "finish_reason": traj.finish_reason,
+           "response_tokens": len(traj.response_ids), "model_tokens": sum(traj.response_mask)}
+    assert source_summary({0: [rec]}, [1])["tool_error_rate"] == pytest.approx(2 / 3)
 
 
 def test_sandbox_server_down_is_an_observation(tok):

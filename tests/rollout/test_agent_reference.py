@@ -74,6 +74,7 @@ def test_unknown_tool_and_bad_arguments_are_answered_like_the_reference(tok, san
         tool_message_text(["Error when executing tool: 'bash'"]),
         tool_message_text(["Error when executing tool: 'str' object has no attribute 'get'"])]
     assert traj.finish_reason == "stop" and traj.num_tool_calls == 0 and traj.num_tool_errors == 2
+    assert traj.num_invalid_calls == 2
 
 
 def test_calls_beyond_the_limit_are_dropped_silently(tok, sandbox):
